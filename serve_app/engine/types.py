@@ -1,0 +1,66 @@
+"""Requests and results of the engine (pydantic, picklable, no torch)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve_app.engine.constraints import Constraint
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class SamplingParams(_Model):
+    """Left out = the model's configured default."""
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+
+class GenerationRequest(_Model):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    constraint: Constraint | None = None
+    sampling: SamplingParams = SamplingParams()
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerationRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        return self
+
+
+class Usage(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerationResult(_Model):
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    # None without a constraint; otherwise whether the text satisfies it (checked after
+    # generation with jsonschema / re.fullmatch / membership / a Lark parse).
+    valid: bool | None
+    backend: str | None = None
+    token_ids: list[int] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    def parsed(self) -> Any:
+        import json
+
+        return json.loads(self.text)

@@ -1,0 +1,72 @@
+"""The few exception classes the service raises, each carrying its HTTP status.
+
+They cross Ray actor boundaries, so they must pickle: every field is a plain
+constructor argument kept in ``args``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServeAppError(Exception):
+    """Base class: an error a client can be told about."""
+
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, param, code)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI-style error body: ``{"error": {message, type, param, code}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code or self.error_type,
+            }
+        }
+
+
+class InvalidRequestError(ServeAppError):
+    """The request is malformed or asks for something out of range."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ConstraintError(InvalidRequestError):
+    """A constraint (schema, regex, choice, grammar) is invalid or cannot be enforced."""
+
+    error_type = "invalid_constraint"
+
+
+class LimitExceededError(InvalidRequestError):
+    """A configured limit (size, tokens, compile time) was exceeded."""
+
+    error_type = "limit_exceeded"
+
+
+class ModelNotFoundError(ServeAppError):
+    status_code = 404
+    error_type = "model_not_found"
+
+
+class OverloadedError(ServeAppError):
+    status_code = 503
+    error_type = "overloaded"
+
+
+class ModelLoadError(ServeAppError):
+    """The model could not be loaded where the placement plan put it."""
+
+    status_code = 503
+    error_type = "model_unavailable"

@@ -1,0 +1,30 @@
+"""Shared fixtures: the tiny random Llama (built once, cached) and an engine on it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> str:
+    from serve_app.models import TINY, prepare
+
+    return str(prepare(TINY))
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_model_dir: str):
+    from serve_app.config import ModelConfig
+
+    return ModelConfig(name="tiny", source=tiny_model_dir, limits={"max_new_tokens": 128})
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_config):
+    from serve_app.engine.engine import Engine
+
+    return Engine.from_config(tiny_config)

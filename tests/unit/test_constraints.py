@@ -1,0 +1,100 @@
+import pytest
+
+from serve_app.config import LimitsConfig
+from serve_app.engine.constraints import check_limits, parse_constraint
+from serve_app.engine.schema_support import check_schema_supported, keyword_table_markdown
+from serve_app.errors import ConstraintError, LimitExceededError
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+
+
+def test_each_kind_parses_from_its_discriminator():
+    assert parse_constraint({"type": "json_schema", "schema": PERSON}).json_schema == PERSON
+    assert parse_constraint({"type": "regex", "pattern": r"\d+"}).pattern == r"\d+"
+    assert parse_constraint({"type": "choice", "choices": ["a", "b"]}).choices == ["a", "b"]
+    assert parse_constraint({"type": "grammar", "grammar": 'start: "a"+'}).type == "grammar"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"type": "json_schema", "schema": {"type": "strin"}}, "invalid JSON Schema at #/type"),
+    ({"type": "json_schema", "schema": {"properties": {"a": {"minLength": -1}}}},
+     "invalid JSON Schema at #/properties/a/minLength"),
+    ({"type": "regex", "pattern": "(abc"}, "invalid regex"),
+    ({"type": "regex", "pattern": "(?=a)b"}, "lookaround"),
+    ({"type": "regex", "pattern": r"(a)\1"}, "backreferences"),
+    ({"type": "choice", "choices": []}, "at least 1 item"),
+    ({"type": "choice", "choices": ["a", "a"]}, "distinct"),
+    ({"type": "choice", "choices": ["a", ""]}, "non-empty"),
+    ({"type": "grammar", "grammar": "start: missing_rule"}, "invalid Lark grammar"),
+    ({"type": "sql", "query": "x"}, "does not match any of the expected tags"),
+    ({"type": "regex", "pattern": "a", "flags": "i"}, "Extra inputs"),
+])
+def test_invalid_constraints_raise_a_typed_error_saying_what_is_wrong(data, message):
+    with pytest.raises(ConstraintError, match=message):
+        parse_constraint(data)
+
+
+def test_cache_key_is_canonical():
+    a = parse_constraint({"type": "json_schema", "schema": {"type": "object", "required": ["x"]}})
+    b = parse_constraint({"type": "json_schema", "schema": {"required": ["x"], "type": "object"}})
+    c = parse_constraint({"type": "json_schema", "schema": {"type": "object"}})
+    assert a.cache_key() == b.cache_key() != c.cache_key()
+    assert parse_constraint({"type": "choice", "choices": ["a", "b"]}).cache_key() == \
+        parse_constraint({"type": "choice", "choices": ["b", "a"]}).cache_key()
+
+
+def test_satisfaction_checks_per_kind():
+    schema = parse_constraint({"type": "json_schema", "schema": PERSON})
+    assert schema.is_satisfied_by('{"name": "Ada", "age": 36}')
+    assert not schema.is_satisfied_by('{"name": "Ada"}')
+    assert not schema.is_satisfied_by('{"name": "Ada", "age": ')
+    regex = parse_constraint({"type": "regex", "pattern": r"\d{3}"})
+    assert regex.is_satisfied_by("123") and not regex.is_satisfied_by("1234")
+    choice = parse_constraint({"type": "choice", "choices": ["yes", "no"]})
+    assert choice.is_satisfied_by("no") and not choice.is_satisfied_by("nope")
+    grammar = parse_constraint({"type": "grammar", "grammar": 'start: NUM "+" NUM\nNUM: /[0-9]+/'})
+    assert grammar.is_satisfied_by("1+2") and not grammar.is_satisfied_by("1+")
+
+
+def test_limits_name_the_limit_exceeded():
+    limits = LimitsConfig(max_schema_bytes=64, max_regex_length=5, max_choices=2)
+    big = parse_constraint({"type": "json_schema", "schema": {"description": "x" * 100}})
+    with pytest.raises(LimitExceededError, match="max_schema_bytes"):
+        check_limits(big, limits)
+    with pytest.raises(LimitExceededError, match="max_regex_length"):
+        check_limits(parse_constraint({"type": "regex", "pattern": "abcdef"}), limits)
+    with pytest.raises(LimitExceededError, match="max_choices"):
+        check_limits(parse_constraint({"type": "choice", "choices": ["a", "b", "c"]}), limits)
+    check_limits(parse_constraint({"type": "regex", "pattern": "abc"}), limits)
+
+
+@pytest.mark.parametrize(("schema", "keyword", "pointer"), [
+    ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "not", "#/properties/a"),
+    ({"type": "array", "uniqueItems": True}, "uniqueItems", "#/"),
+    ({"$defs": {"x": {"type": "object", "propertyNames": {"pattern": "^a"}}}}, "propertyNames", "#/$defs/x"),
+    ({"type": "string", "format": "credit-card"}, "format: credit-card", "#/"),
+    ({"anyOf": [{"type": "string"}, {"if": {"type": "string"}, "then": {}}]}, "if", "#/anyOf/1"),
+])
+def test_keywords_llguidance_cannot_enforce_are_named_with_their_pointer(schema, keyword, pointer):
+    with pytest.raises(ConstraintError) as error:
+        check_schema_supported(schema, "llguidance")
+    assert f"unsupported JSON Schema keyword '{keyword}' at {pointer}" in str(error.value)
+
+
+def test_outlines_core_numeric_bounds_are_rejected_not_ignored():
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}
+    check_schema_supported(schema, "llguidance")
+    with pytest.raises(ConstraintError, match="'minimum' at #/properties/n for backend outlines_core"):
+        check_schema_supported(schema, "outlines_core")
+
+
+def test_annotations_and_extension_keys_are_allowed():
+    check_schema_supported({"type": "string", "title": "t", "description": "d", "examples": ["x"],
+                            "x-vendor": {"not": 1}, "default": "x", "$comment": "c"}, "llguidance")
+
+
+def test_keyword_table_lists_every_backend():
+    table = keyword_table_markdown()
+    assert "| keyword | llguidance | outlines_core | xgrammar |" in table
+    assert "| `uniqueItems` | rejected | rejected | rejected |" in table

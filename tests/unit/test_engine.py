@@ -1,0 +1,175 @@
+"""The engine on the tiny random Llama: it loops and babbles freely, which makes it a good
+adversary for constraints."""
+
+import json
+
+import pytest
+
+from serve_app.engine.cache import CompileCache
+from serve_app.engine.constraints import parse_constraint
+from serve_app.engine.engine import Engine
+from serve_app.engine.types import GenerationRequest, SamplingParams
+from serve_app.errors import ConstraintError, InvalidRequestError, LimitExceededError
+
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 130},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age"], "additionalProperties": False}
+CONSTRAINTS = {
+    "json_schema": {"type": "json_schema", "schema": PERSON},
+    "regex": {"type": "regex", "pattern": r"[0-9]{3}-[a-z]{2,4}"},
+    "choice": {"type": "choice", "choices": ["red", "green", "blue"]},
+    "grammar": {"type": "grammar", "grammar": 'start: NUM OP NUM\nOP: "+" | "-"\nNUM: /[0-9]{1,3}/'},
+}
+
+
+def request(constraint=None, seed=0, temperature=1.0, max_new_tokens=96, **kw):
+    return GenerationRequest(
+        messages=[{"role": "user", "content": "Answer in the required format."}],
+        constraint=parse_constraint(constraint) if constraint else None,
+        sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed), **kw)
+
+
+@pytest.mark.parametrize("kind", list(CONSTRAINTS))
+def test_every_stop_output_satisfies_its_constraint(tiny_engine, kind):
+    results = tiny_engine.generate([request(CONSTRAINTS[kind], seed=s) for s in range(6)])
+    stops = [r for r in results if r.finish_reason == "stop"]
+    assert stops, "the tiny model should finish at least some of these"
+    for result in stops:
+        assert result.valid is True, result.text
+        assert parse_constraint(CONSTRAINTS[kind]).is_satisfied_by(result.text)
+    for result in results:
+        assert result.backend == "llguidance"
+
+
+def test_a_batch_mixing_all_four_kinds_satisfies_each_rows_own_constraint(tiny_engine):
+    requests = [request(CONSTRAINTS[k], temperature=0) for k in CONSTRAINTS] + [request(None, temperature=0)]
+    results = tiny_engine.generate(requests)
+    for kind, result in zip(CONSTRAINTS, results, strict=False):
+        assert result.finish_reason == "stop", (kind, result.text)
+        assert result.valid is True, (kind, result.text)
+    assert results[-1].valid is None
+    json.loads(results[0].text)
+
+
+def test_too_small_a_budget_gives_length_never_a_silently_invalid_stop(tiny_engine):
+    [result] = tiny_engine.generate([request(CONSTRAINTS["json_schema"], max_new_tokens=3)])
+    assert result.finish_reason == "length"
+    assert result.valid is False
+    assert result.usage.completion_tokens == 3
+
+
+def test_usage_counts_prompt_and_completion_tokens(tiny_engine):
+    [result] = tiny_engine.generate([request(CONSTRAINTS["choice"], temperature=0)])
+    assert result.usage.prompt_tokens > 5
+    assert result.usage.completion_tokens == len(result.token_ids) >= 1
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+def test_same_seed_same_output_different_seed_usually_differs(tiny_engine):
+    texts = [tiny_engine.generate([request(None, seed=s, max_new_tokens=20)])[0].text for s in (1, 1, 2, 3)]
+    assert texts[0] == texts[1]
+    assert len(set(texts[1:])) > 1
+
+
+def test_stop_sequences_cut_the_output(tiny_engine):
+    base = tiny_engine.generate([request(None, seed=5, max_new_tokens=30)])[0].text
+    assert len(base) > 4
+    stop = base[2:4]
+    req = request(None, seed=5, max_new_tokens=30)
+    req.sampling.stop.append(stop)
+    [cut] = tiny_engine.generate([req])
+    assert cut.finish_reason == "stop"
+    assert cut.text == base[:base.find(stop)]
+
+
+def test_plain_prompt_works_without_chat_template(tiny_engine):
+    [result] = tiny_engine.generate([GenerationRequest(
+        prompt="The answer is", constraint=parse_constraint(CONSTRAINTS["choice"]),
+        sampling=SamplingParams(temperature=0))])
+    assert result.text in {"red", "green", "blue"}
+
+
+def test_compile_cache_counts_hits_and_misses(tiny_engine):
+    schema = {"type": "object", "properties": {"unique_field_for_cache_test": {"type": "boolean"}}}
+    before = tiny_engine.cache.stats.as_dict()
+    first = tiny_engine.compile(parse_constraint({"type": "json_schema", "schema": schema}))
+    second = tiny_engine.compile(parse_constraint({"type": "json_schema", "schema": dict(schema)}))
+    after = tiny_engine.cache.stats.as_dict()
+    assert first is second
+    assert after["misses"] == before["misses"] + 1
+    assert after["hits"] == before["hits"] + 1
+    assert after["compile_seconds"] > before["compile_seconds"]
+
+
+def test_precompile_fills_the_cache(tiny_engine):
+    constraints = [parse_constraint({"type": "regex", "pattern": f"pre{i}[0-9]"}) for i in range(3)]
+    tiny_engine.precompile(constraints)
+    hits = tiny_engine.cache.stats.hits
+    tiny_engine.generate([GenerationRequest(prompt="x", constraint=constraints[0],
+                                            sampling=SamplingParams(max_new_tokens=5))])
+    assert tiny_engine.cache.stats.hits == hits + 1
+
+
+def test_unsupported_keyword_is_rejected_not_dropped(tiny_engine):
+    schema = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
+    with pytest.raises(ConstraintError, match="'uniqueItems' at #/"):
+        tiny_engine.generate([request({"type": "json_schema", "schema": schema})])
+
+
+def test_selecting_outlines_core_per_request_works_and_rejects_what_it_would_ignore(tiny_engine):
+    regex = {"type": "regex", "pattern": "[ab]{2}c", "backend": "outlines_core"}
+    [result] = tiny_engine.generate([request(regex, temperature=0)])
+    assert result.backend == "outlines_core"
+    assert result.finish_reason == "stop" and result.valid
+    bounded = {"type": "json_schema", "schema": PERSON, "backend": "outlines_core"}
+    with pytest.raises(ConstraintError, match="'minimum'.*outlines_core"):
+        tiny_engine.generate([request(bounded)])
+
+
+def test_grammar_on_a_backend_without_lark_is_rejected(tiny_engine):
+    with pytest.raises(ConstraintError, match="llguidance only"):
+        tiny_engine.generate([request({**CONSTRAINTS["grammar"], "backend": "outlines_core"})])
+
+
+def test_token_limits_are_enforced(tiny_engine):
+    with pytest.raises(LimitExceededError, match="exceeds this model's limit of 128"):
+        tiny_engine.generate([request(None, max_new_tokens=500)])
+    long_prompt = GenerationRequest(prompt="word " * 5000)
+    with pytest.raises(LimitExceededError, match="max_prompt_tokens|the limit is"):
+        tiny_engine.generate([long_prompt])
+
+
+def test_context_length_is_enforced(tiny_config):
+    config = tiny_config.model_copy(update={"limits": tiny_config.limits.model_copy(
+        update={"max_prompt_tokens": 4000, "max_new_tokens": 4000})})
+    engine = Engine(config, Engine.from_config(tiny_config).loaded)
+    with pytest.raises(InvalidRequestError, match="context length of 2048"):
+        engine.generate([GenerationRequest(prompt="word " * 1000, sampling=SamplingParams(max_new_tokens=1500))])
+
+
+def test_status_reports_plan_and_cache(tiny_engine):
+    status = tiny_engine.status()
+    assert status["plan"]["device"] == "cpu"
+    assert status["dtype"] == "float32"
+    assert status["fell_back_to_cpu"] is False
+    assert status["compile_cache"]["entries"] >= 1
+
+
+class _Item:
+    def __init__(self, size):
+        self.size_bytes = size
+        self.compile_seconds = 0.01
+
+
+def test_cache_is_bounded_in_entries_and_bytes():
+    cache = CompileCache(max_entries=3, max_bytes=1000)
+    for i in range(5):
+        cache.get_or_compile(f"k{i}", lambda: _Item(100))
+    assert len(cache) == 3 and "k0" not in cache and "k4" in cache
+    cache.get("k2")  # recently used survives
+    cache.get_or_compile("big", lambda: _Item(850))
+    assert cache.stats.bytes <= 1000
+    assert "big" in cache and "k2" not in cache or cache.stats.bytes <= 1000
+    assert cache.stats.evictions >= 3
