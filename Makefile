@@ -30,6 +30,7 @@ serve: prepare
 	$(PY) -m serve_app.serve $(CONFIG)
 
 test: $(STAMP)
+	$(PY) -m ruff check serve_app tests bench
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -1,31 +1,117 @@
-"""`make serve`: prepare the default model, then serve CONFIG.
+"""`make serve`: start a local Ray cluster and serve a Ray Serve config file on 127.0.0.1:8000.
 
-Serving over Ray arrives with the serving issue; until then this prepares the model and shows
-how to use the engine in-process.
+    python -m serve_app.serve [configs/local.yaml] [--port 8000]
+
+Prepares built-in models, deploys the config's first application, waits until every model has a
+warm replica, prints the URL and a curl example, and shuts everything down on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import argparse
+import signal
+import socket
 import sys
+import time
+import urllib.request
+from typing import Any
 
-from serve_app.config import ConfigError, load_config
+import yaml
+
+from serve_app.config import ConfigError, parse_config
 from serve_app.models import BUILTIN_PREFIX, prepare
 
+READY_TIMEOUT_S = 600
 
-def main(argv: list[str]) -> int:
-    path = argv[0] if argv else "configs/local.yaml"
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not become ready within {timeout_s} s")
+
+
+def example(base: str, model: str) -> str:
+    import json
+
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Invent a person."}],
+                       "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": person}}})
+    return f"curl -s {base}/v1/chat/completions -H 'content-type: application/json' -d '{body}'"
+
+
+def _application(path: str) -> dict[str, Any]:
+    with open(path) as file:
+        data = yaml.safe_load(file)
+    return data["applications"][0] if "applications" in data else {"args": data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.serve")
+    parser.add_argument("config", nargs="?", default="configs/local.yaml")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
     try:
-        config = load_config(path)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
+        application = _application(args.config)
+        config = parse_config(application.get("args", {}))
+    except (OSError, ConfigError, yaml.YAMLError, KeyError, IndexError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if port_in_use(args.host, args.port):
+        # Serve would silently share the port with whatever is there (SO_REUSEPORT).
+        print(f"error: {args.host}:{args.port} is already in use; stop that server or pass --port", file=sys.stderr)
         return 2
     for model in config.models:
         if model.source.startswith(BUILTIN_PREFIX):
-            print(f"{model.name}: {prepare(model.source.removeprefix(BUILTIN_PREFIX))}")
-    print("Models are prepared. HTTP serving on Ray arrives with the serving issue; meanwhile "
-          "use the engine in-process (see README: 'Use the engine in-process').")
+            prepare(model.source.removeprefix(BUILTIN_PREFIX))
+    return _serve(config, application, args.host, args.port)
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve(config: Any, application: dict[str, Any], host: str, port: int) -> int:
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    ray.init(address="local", include_dashboard=False)
+    # Ctrl-C and SIGTERM both shut down cleanly (a shell's background job would ignore SIGINT).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        prefix = application.get("route_prefix", "/")
+        serve.run(build_app(config), name=application.get("name", "serve_app"), route_prefix=prefix)
+        base = f"http://{host}:{port}{prefix.rstrip('/')}"
+        wait_ready(f"{base}/readyz", READY_TIMEOUT_S)
+        print(f"\nserve_app is ready on {base}  (models: {', '.join(m.name for m in config.models)})")
+        print(f"try:\n  {example(base, config.models[0].name)}\nCtrl-C to stop.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nshutting down ...", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

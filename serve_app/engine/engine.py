@@ -106,6 +106,10 @@ class Engine:
                 f"prompt ({prompt_tokens} tokens) + max_tokens ({max_new}) exceeds the model's "
                 f"context length of {self.context_length}", param="max_tokens", code="context_length")
 
+    def prepare(self, request: GenerationRequest) -> None:
+        """Check a request's limits and compile its constraint, raising what `generate` would."""
+        self._row(request)
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate for all requests, in batches no larger than the placement plan allows."""
         prepared = [self._row(request) for request in requests]
@@ -149,6 +153,7 @@ class Engine:
         return {
             "model": self.config.name,
             "plan": loaded.plan.summary(),
+            "gpu_plan": loaded.gpu_plan.summary() if loaded.gpu_plan else None,
             "device_map": {k: str(v) for k, v in loaded.device_map.items()},
             "dtype": loaded.plan.dtype,
             "fell_back_to_cpu": loaded.fell_back,

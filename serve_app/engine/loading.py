@@ -32,6 +32,7 @@ class LoadedModel:
     fallback_reason: str | None = None
     load_seconds: float = 0.0
     device_map: dict[str, Any] = field(default_factory=dict)
+    gpu_plan: PlacementPlan | None = None  # the GPU plan that was given up for the CPU fallback
 
 
 def resolve_source(model: ModelConfig) -> ModelSource:
@@ -114,7 +115,7 @@ def load_model(model_cfg: ModelConfig, plan: PlacementPlan, source: ModelSource 
     """Load per the plan. If the GPU plan cannot work (no CUDA, does not fit, OOM while loading)
     and `cpu_fallback` is on, load on CPU and record why."""
     source = source or resolve_source(model_cfg)
-    started = time.perf_counter()
+    started, planned = time.perf_counter(), plan
     tokenizer = load_tokenizer(source)
     fell_back, reason = False, _gpu_unusable_reason(plan)
     if reason is not None:
@@ -132,7 +133,7 @@ def load_model(model_cfg: ModelConfig, plan: PlacementPlan, source: ModelSource 
         model = _from_pretrained(source, plan)
     device_map = dict(getattr(model, "hf_device_map", None) or {"": str(model.device)})
     loaded = LoadedModel(model, tokenizer, plan, source, fell_back, reason if fell_back else None,
-                         time.perf_counter() - started, device_map)
+                         time.perf_counter() - started, device_map, planned if fell_back else None)
     logger.info("loaded %s (%s) device_map=%s fell_back=%s", model_cfg.name, plan.dtype, device_map, fell_back)
     return loaded
 

@@ -1,0 +1,57 @@
+"""The one place that turns an error into an HTTP response: ``{"error": {message, type, param, code}}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from serve_app.errors import InvalidRequestError, OverloadedError, ServeAppError
+
+logger = logging.getLogger(__name__)
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    # Pydantic names union members (e.g. "json_schema" of the constraint union) in the path.
+    return ".".join(parts) or "body"
+
+
+def from_validation_error(error: RequestValidationError | ValidationError) -> InvalidRequestError:
+    """FastAPI's 422 becomes our 400, naming the field and what is wrong with it."""
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError(f"malformed JSON body: {first.get('ctx', {}).get('error', 'cannot parse')}",
+                                   code="invalid_json")
+    where = _location(tuple(first.get("loc", ())))
+    if where == "body" and first.get("type") in ("model_attributes_type", "dict_type"):
+        return InvalidRequestError("the request body must be a JSON object", code="invalid_json")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        message = "unsupported parameter"
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
+    return InvalidRequestError(f"{where}: {message}{suffix}", param=where, code=first.get("type"))
+
+
+def as_serve_app_error(error: BaseException) -> ServeAppError:
+    """Map anything raised while handling a request to one of our errors."""
+    if isinstance(error, ServeAppError):
+        return error
+    if isinstance(error, RequestValidationError | ValidationError):
+        return from_validation_error(error)
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    if isinstance(error, ActorDiedError | ActorUnavailableError | RayActorError):
+        return OverloadedError("the model replica became unavailable; retry shortly", code="replica_unavailable")
+    logger.exception("unexpected error", exc_info=error)
+    return ServeAppError(f"internal error: {type(error).__name__}")
+
+
+def error_response(error: BaseException) -> JSONResponse:
+    mapped = as_serve_app_error(error)
+    headers = {"Retry-After": "1"} if mapped.status_code == 503 else None
+    return JSONResponse(mapped.to_dict(), status_code=mapped.status_code, headers=headers)

@@ -1,0 +1,207 @@
+"""HTTP request/response schemas: OpenAI-compatible and native. No torch here.
+
+Requests use ``extra="forbid"``: a parameter we do not implement is a 400 naming it, never
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.engine.constraints import Constraint, JsonSchemaConstraint, parse_constraint
+from serve_app.engine.types import ChatMessage, GenerationRequest, GenerationResult, SamplingParams
+from serve_app.errors import ConstraintError, InvalidRequestError
+
+MAX_N = 8
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JsonSchemaSpec(_Request):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class _OpenAIBase(_Request):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: Literal[False] = False
+    user: str | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return stop
+
+    def constraint(self) -> Constraint | None:
+        """The one constraint this request asks for, from response_format or a guided_* field."""
+        found = [c for c in (self._from_response_format(), *self._from_guided()) if c is not None]
+        if len(found) > 1:
+            raise ConstraintError("give one constraint: response_format or one guided_* field, not several",
+                                  param="response_format")
+        return found[0] if found else None
+
+    def _from_response_format(self) -> Constraint | None:
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return JsonSchemaConstraint.model_validate({"schema": {"type": "object"}})
+        if fmt.json_schema is None:
+            raise ConstraintError("response_format.json_schema is required when type is json_schema",
+                                  param="response_format.json_schema")
+        return _parse({"type": "json_schema", "schema": fmt.json_schema.schema_}, "response_format.json_schema")
+
+    def _from_guided(self) -> list[Constraint | None]:
+        import json
+
+        guided_json = self.guided_json
+        if isinstance(guided_json, str):
+            try:
+                guided_json = json.loads(guided_json)
+            except ValueError:
+                raise ConstraintError("guided_json is not valid JSON", param="guided_json") from None
+        return [
+            _parse({"type": "json_schema", "schema": guided_json}, "guided_json") if guided_json is not None else None,
+            _parse({"type": "regex", "pattern": self.guided_regex}, "guided_regex") if self.guided_regex else None,
+            _parse({"type": "choice", "choices": self.guided_choice}, "guided_choice")
+            if self.guided_choice is not None else None,
+            _parse({"type": "grammar", "grammar": self.guided_grammar}, "guided_grammar")
+            if self.guided_grammar else None,
+        ]
+
+    def sampling(self) -> SamplingParams:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(max_new_tokens=self.max_completion_tokens or self.max_tokens,
+                              temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stops)
+
+
+def _parse(data: dict[str, Any], param: str) -> Constraint:
+    try:
+        return parse_constraint(data)
+    except ConstraintError as error:
+        detail = error.message.split(": ", 1)[-1]
+        raise ConstraintError(f"{param}: {detail}", param=param, code=error.code) from None
+
+
+class ChatCompletionRequest(_OpenAIBase):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def generation_requests(self) -> list[GenerationRequest]:
+        return _n_requests(self, {"messages": self.messages})
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: str | list[str]
+
+    def generation_requests(self) -> list[GenerationRequest]:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise InvalidRequestError("prompt: give one prompt (a string or a list of one)", param="prompt")
+            prompt = prompt[0]
+        return _n_requests(self, {"prompt": prompt})
+
+
+def _n_requests(request: _OpenAIBase, inputs: dict[str, Any]) -> list[GenerationRequest]:
+    """n choices = n rows; with a seed, choice i uses seed + i so the choices differ."""
+    constraint, sampling = request.constraint(), request.sampling()
+    rows = []
+    for i in range(request.n):
+        seed = None if sampling.seed is None else sampling.seed + i
+        rows.append(GenerationRequest(**inputs, constraint=constraint,
+                                      sampling=sampling.model_copy(update={"seed": seed})))
+    return rows
+
+
+class NativeGenerateRequest(_Request):
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    constraint: Constraint | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> NativeGenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+    def generation_request(self) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=self.prompt, messages=self.messages, constraint=self.constraint,
+            sampling=SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
+                                    top_p=self.top_p, seed=self.seed, stop=self.stop))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def _usage(results: list[GenerationResult]) -> dict[str, int]:
+    prompt = results[0].usage.prompt_tokens if results else 0
+    completion = sum(r.usage.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_completion_response(model: str, results: list[GenerationResult]) -> dict[str, Any]:
+    return {
+        "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                     "finish_reason": r.finish_reason, "logprobs": None, "valid": r.valid}
+                    for i, r in enumerate(results)],
+        "usage": _usage(results),
+    }
+
+
+def completion_response(model: str, results: list[GenerationResult]) -> dict[str, Any]:
+    return {
+        "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None,
+                     "valid": r.valid} for i, r in enumerate(results)],
+        "usage": _usage(results),
+    }
+
+
+def native_response(model: str, result: GenerationResult, constraint: Constraint | None,
+                    router_s: float) -> dict[str, Any]:
+    parsed = None
+    if isinstance(constraint, JsonSchemaConstraint) and result.valid:
+        parsed = result.parsed()
+    return {
+        "id": new_id("gen"), "model": model, "text": result.text, "parsed": parsed,
+        "finish_reason": result.finish_reason, "valid": result.valid,
+        "constraint_type": constraint.type if constraint else None, "backend": result.backend,
+        "usage": result.usage.model_dump(), "timings": {**result.timings, "router_total_s": router_s},
+    }
+

@@ -1,0 +1,51 @@
+"""`build_app(args)`: typed config -> Ray Serve application (the YAMLs' ``import_path``).
+
+One deployment per model (`model-<name>`) plus the `router` ingress. Deployment options are
+derived from the config here, in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serve_app.config import AppConfig, ModelConfig, parse_config
+from serve_app.replica import ModelReplica, actor_options, deployment_name
+from serve_app.router import Router
+
+# A replica is busy with one batch at a time; more ongoing requests wait in its own queue.
+MAX_ONGOING_PER_REPLICA = 64
+
+
+def deployment_options(model: ModelConfig) -> dict[str, Any]:
+    scaling = model.autoscaling
+    options: dict[str, Any] = {
+        "name": deployment_name(model.name),
+        "ray_actor_options": actor_options(model),
+        "max_ongoing_requests": MAX_ONGOING_PER_REPLICA,
+        "health_check_period_s": 10,
+        "graceful_shutdown_timeout_s": 60,
+        "user_config": {"sampling": model.sampling.model_dump(), "limits": model.limits.model_dump()},
+    }
+    if scaling.min_replicas == scaling.max_replicas:
+        options["num_replicas"] = scaling.min_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+            "initial_replicas": max(1, scaling.min_replicas),
+            "target_ongoing_requests": scaling.target_queue_depth,
+            "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+        }
+    return options
+
+
+def build_app(args: dict[str, Any] | AppConfig) -> Application:
+    config = args if isinstance(args, AppConfig) else parse_config(args)
+    handles = {}
+    for model in config.models:
+        deployment = serve.deployment(ModelReplica).options(**deployment_options(model))  # type: ignore[attr-defined]
+        handles[model.name] = deployment.bind(model.model_dump(mode="json", by_alias=True))
+    router: Any = Router
+    return router.bind(config.model_dump(mode="json", by_alias=True), handles)

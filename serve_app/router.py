@@ -1,0 +1,120 @@
+"""The HTTP ingress: validates requests, dispatches them to the right model's replicas.
+
+It never imports torch or Outlines (a test checks this), so it starts fast and stays small.
+Route handlers are thin: parse -> validate against the model's config -> dispatch -> shape.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.api import schemas
+from serve_app.api.errors import error_response
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.engine.constraints import Constraint, JsonSchemaConstraint, check_limits
+from serve_app.engine.schema_support import check_schema_supported
+from serve_app.engine.types import GenerationRequest, GenerationResult
+from serve_app.errors import LimitExceededError, ModelNotFoundError, ServeAppError
+from serve_app.registry import get_registry
+
+app = FastAPI(title="serve_app", version="0.1.0")
+
+
+@app.exception_handler(RequestValidationError)
+@app.exception_handler(ServeAppError)
+@app.exception_handler(Exception)
+async def _error_handler(_: Request, error: Exception) -> JSONResponse:
+    return error_response(error)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error_handler(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    body = {"error": {"message": str(error.detail), "type": "not_found" if error.status_code == 404
+                      else "invalid_request_error", "param": None, "code": str(error.status_code)}}
+    return JSONResponse(body, status_code=error.status_code)
+
+
+def validate_for_model(model: ModelConfig, rows: list[GenerationRequest]) -> None:
+    """What can be checked without the tokenizer: limits, keyword support, max_tokens."""
+    constraint: Constraint | None = rows[0].constraint
+    if constraint is not None:
+        check_limits(constraint, model.limits)
+        if isinstance(constraint, JsonSchemaConstraint):
+            backend = constraint.backend or model.backends.json_schema
+            check_schema_supported(constraint.json_schema, backend)
+    max_new = rows[0].sampling.max_new_tokens
+    if max_new is not None and max_new > model.limits.max_new_tokens:
+        raise LimitExceededError(f"max_tokens {max_new} exceeds the limit of {model.limits.max_new_tokens} "
+                                 f"for model {model.name}", param="max_tokens", code="max_new_tokens")
+
+
+@serve.deployment(name="router", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1000)
+@serve.ingress(app)
+class Router:
+    def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
+        self.config = AppConfig.model_validate(config)
+        self.handles = handles
+        self.app_name = serve.get_replica_context().app_name
+        self.registry = get_registry()
+
+    def model(self, name: str) -> ModelConfig:
+        try:
+            return self.config.model(name)
+        except KeyError:
+            known = ", ".join(m.name for m in self.config.models)
+            raise ModelNotFoundError(f"model {name!r} not found; known models: {known}", param="model",
+                                     code="model_not_found") from None
+
+    async def dispatch(self, model: ModelConfig, rows: list[GenerationRequest]) -> list[GenerationResult]:
+        validate_for_model(model, rows)
+        payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
+        results = await self.handles[model.name].generate.remote(payload)
+        return [GenerationResult.model_validate(r) for r in results]
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: schemas.ChatCompletionRequest) -> dict[str, Any]:
+        model = self.model(body.model)
+        results = await self.dispatch(model, body.generation_requests())
+        return schemas.chat_completion_response(model.name, results)
+
+    @app.post("/v1/completions")
+    async def completions(self, body: schemas.CompletionRequest) -> dict[str, Any]:
+        model = self.model(body.model)
+        results = await self.dispatch(model, body.generation_requests())
+        return schemas.completion_response(model.name, results)
+
+    @app.post("/v1/generate")
+    async def generate(self, body: schemas.NativeGenerateRequest) -> dict[str, Any]:
+        started = time.perf_counter()
+        model = self.model(body.model)
+        row = body.generation_request()
+        [result] = await self.dispatch(model, [row])
+        return schemas.native_response(model.name, result, row.constraint, time.perf_counter() - started)
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "serve_app"} for m in self.config.models]}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        live = await self.registry.live.remote(self.app_name)
+        counts = {m.name: sum(1 for r in live if r["model"] == m.name) for m in self.config.models}
+        ready = all(counts.values())
+        return JSONResponse({"ready": ready, "replicas": counts}, status_code=200 if ready else 503)
+
+    @app.get("/v1/replicas")
+    async def replicas(self) -> dict[str, Any]:
+        live = await self.registry.live.remote(self.app_name)
+        return {"replicas": sorted(live, key=lambda r: (r["model"], r["replica_id"]))}

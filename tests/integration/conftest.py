@@ -1,0 +1,74 @@
+"""One real local Ray cluster (with 4 logical GPUs) and Serve on a private port, shared by the
+integration tests; the apps are deployed once per session."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+
+MAIN_APP = {"models": [
+    {"name": "tiny", "source": "builtin:tiny-random-llama",
+     "placement": {"num_cpus": 0.5},
+     "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+     "limits": {"max_new_tokens": 128},
+     "constraints": {"yes_no": {"type": "choice", "choices": ["yes", "no"]}}},
+    {"name": "tiny-small", "source": "builtin:tiny-random-llama",
+     "placement": {"num_cpus": 0.5},
+     "limits": {"max_new_tokens": 32, "max_schema_bytes": 256}},
+]}
+GPU_APP = {"models": [
+    {"name": "half", "source": "builtin:tiny-random-llama",
+     "placement": {"gpus_per_replica": 0.5, "num_cpus": 0.5},
+     "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+    {"name": "double", "source": "builtin:tiny-random-llama",
+     "placement": {"gpus_per_replica": 2, "num_cpus": 0.5}},
+]}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(tiny_model_dir):
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    # An isolated cluster: a bare ray.init() would join any `ray start` cluster on this machine,
+    # and two Serve instances on one port silently split traffic.
+    ray.init(address="local", num_cpus=8, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    serve.run(build_app(MAIN_APP), name="main", route_prefix="/", blocking=False)
+    serve.run(build_app(GPU_APP), name="gpus", route_prefix="/gpus", blocking=False)
+    wait_ready(f"{base}/readyz")
+    wait_ready(f"{base}/gpus/readyz")
+    yield base
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(serve_cluster):
+    with httpx.Client(base_url=serve_cluster, timeout=120) as http:
+        yield http

@@ -1,0 +1,232 @@
+"""The app on a real local Ray cluster over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import lark
+import openai
+import pytest
+
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 130}},
+          "required": ["name", "age"], "additionalProperties": False}
+GRAMMAR = 'start: NUM OP NUM\nOP: "+" | "-"\nNUM: /[0-9]{1,3}/'
+USER = [{"role": "user", "content": "Answer in the required format."}]
+
+
+def replicas(client, prefix=""):
+    return client.get(f"{prefix}/v1/replicas").json()["replicas"]
+
+
+def test_health_readiness_and_models(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "replicas": {"tiny": 2, "tiny-small": 1}}
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-small"]
+
+
+def test_openai_client_json_schema_returns_valid_json(serve_cluster):
+    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key="unused")
+    completion = oa.chat.completions.create(
+        model="tiny", messages=USER, temperature=0, max_tokens=96,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.message.content), PERSON)
+    assert completion.usage.completion_tokens > 0
+    assert completion.id.startswith("chatcmpl-") and completion.model == "tiny"
+
+
+def test_openai_completions_with_vllm_guided_choice(serve_cluster):
+    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key="unused")
+    completion = oa.completions.create(model="tiny", prompt="Pick a colour:", max_tokens=8, temperature=0,
+                                       extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert completion.object == "text_completion"
+    assert completion.choices[0].text in {"red", "green", "blue"}
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_each_satisfy_the_constraint(client):
+    body = {"model": "tiny", "messages": USER, "n": 3, "seed": 7, "max_tokens": 20,
+            "guided_regex": "[a-c]{2}[0-9]"}
+    choices = client.post("/v1/chat/completions", json=body).json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    for choice in choices:
+        assert choice["finish_reason"] == "stop" and choice["valid"] is True
+
+
+@pytest.mark.parametrize(("constraint", "check"), [
+    ({"type": "regex", "pattern": "[0-9]{3}-[a-z]{2}"}, lambda t: len(t) == 6 and t[3] == "-"),
+    ({"type": "choice", "choices": ["alpha", "beta"]}, lambda t: t in {"alpha", "beta"}),
+    ({"type": "grammar", "grammar": GRAMMAR}, lambda t: lark.Lark(GRAMMAR).parse(t) is not None),
+    ({"type": "json_schema", "schema": PERSON}, lambda t: jsonschema.validate(json.loads(t), PERSON) is None),
+])
+def test_native_generate_satisfies_each_constraint_kind(client, constraint, check):
+    body = {"model": "tiny", "messages": USER, "constraint": constraint, "temperature": 0, "max_tokens": 96}
+    result = client.post("/v1/generate", json=body).json()
+    assert result["finish_reason"] == "stop", result
+    assert result["valid"] is True
+    assert check(result["text"])
+    assert result["constraint_type"] == constraint["type"]
+    assert result["timings"]["router_total_s"] >= result["timings"]["total_s"] > 0
+    if constraint["type"] == "json_schema":
+        assert result["parsed"] == json.loads(result["text"])
+
+
+def test_native_generate_says_when_output_is_cut_off(client):
+    body = {"model": "tiny", "prompt": "x", "constraint": {"type": "json_schema", "schema": PERSON},
+            "max_tokens": 3}
+    result = client.post("/v1/generate", json=body).json()
+    assert result["finish_reason"] == "length"
+    assert result["valid"] is False and result["parsed"] is None
+
+
+def _misses_by_replica(client, model):
+    return {r["replica_id"]: r["compile_cache"]["misses"] for r in replicas(client) if r["model"] == model}
+
+
+def _wait_heartbeat():
+    time.sleep(5)  # replicas report every 2 s
+
+
+def test_two_models_are_routed_by_name(client):
+    before = _misses_by_replica(client, "tiny-small")
+    body = {"model": "tiny-small", "prompt": "x", "constraint": {"type": "regex", "pattern": "routed[0-9]"}}
+    assert client.post("/v1/generate", json=body).json()["valid"] is True
+    _wait_heartbeat()
+    after = _misses_by_replica(client, "tiny-small")
+    assert sum(after.values()) == sum(before.values()) + 1
+    # Each model keeps its own limits: 100 tokens is fine for tiny, too many for tiny-small.
+    for model, status in (("tiny", 200), ("tiny-small", 400)):
+        body = {"model": model, "prompt": "x", "max_tokens": 100}
+        assert client.post("/v1/generate", json=body).status_code == status
+
+
+def test_both_replicas_of_a_model_receive_traffic(client):
+    before = _misses_by_replica(client, "tiny")
+    assert len(before) == 2
+
+    def send(i):
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 4,
+                "constraint": {"type": "regex", "pattern": f"spread{i}[0-9]"}}
+        return client.post("/v1/generate", json=body).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert set(pool.map(send, range(24))) == {200}
+    _wait_heartbeat()
+    after = _misses_by_replica(client, "tiny")
+    assert sum(after.values()) - sum(before.values()) == 24
+    assert all(after[r] > before[r] for r in before), (before, after)
+
+
+def test_replicas_report_placement_and_cache(client):
+    for replica in replicas(client):
+        assert replica["plan"]["device"] == "cpu"
+        assert replica["dtype"] == "float32"
+        assert {"hits", "misses", "compile_seconds"} <= set(replica["compile_cache"])
+
+
+def test_fake_gpus_are_assigned_and_the_two_gpu_plan_spans_exactly_its_ids(client):
+    found = replicas(client, "/gpus")
+    half = [r for r in found if r["model"] == "half"]
+    [double] = [r for r in found if r["model"] == "double"]
+    assert len(half) == 2
+    for replica in half:
+        assert len(replica["assigned_gpu_ids"]) == 1
+        assert replica["gpu_plan"]["memory_fraction"] == 0.5
+        assert replica["gpu_plan"]["gpu_ids"] == replica["assigned_gpu_ids"]
+    assert len(double["assigned_gpu_ids"]) == 2
+    assert double["gpu_plan"]["gpu_ids"] == double["assigned_gpu_ids"]
+    assert double["gpu_plan"]["device_map"] == "auto"
+    assert sorted(int(k) for k in double["gpu_plan"]["max_memory"]) == [0, 1]
+    for replica in found:  # no CUDA here: every replica fell back to CPU and says why
+        assert replica["fell_back_to_cpu"] is True
+        assert "CUDA is not available" in replica["fallback_reason"]
+        assert replica["plan"]["device"] == "cpu"
+    half_ids = {r["assigned_gpu_ids"][0] for r in half}
+    assert not half_ids & set(double["assigned_gpu_ids"]) or len(half_ids) == 1
+
+
+def test_the_router_never_imports_torch_or_outlines():
+    code = ("import sys, serve_app.router, serve_app.app; "
+            "bad = [m for m in ('torch', 'outlines', 'transformers') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+BIG_SCHEMA = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(20)}}
+BAD_INPUTS = [
+    ("malformed JSON", "/v1/chat/completions", b'{"model": "tiny", "messages": [', 400, "malformed JSON body"),
+    ("body not an object", "/v1/chat/completions", b"[1, 2]", 400, "must be a JSON object"),
+    ("missing messages", "/v1/chat/completions", {"model": "tiny"}, 400, "messages: Field required"),
+    ("empty messages", "/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("missing model", "/v1/chat/completions", {"messages": USER}, 400, "model: Field required"),
+    ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": USER}, 404,
+     "known models: tiny, tiny-small"),
+    ("invalid JSON Schema", "/v1/chat/completions",
+     {"model": "tiny", "messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+         "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strng"}}}}}}, 400,
+     "invalid JSON Schema at #/properties/a/type"),
+    ("schema over the size limit", "/v1/chat/completions",
+     {"model": "tiny-small", "messages": USER, "guided_json": BIG_SCHEMA}, 400, "max_schema_bytes"),
+    ("unsupported keyword", "/v1/generate",
+     {"model": "tiny", "prompt": "x", "constraint": {"type": "json_schema", "schema": {
+         "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}, 400,
+     "unsupported JSON Schema keyword 'not' at #/properties/a"),
+    ("invalid regex", "/v1/chat/completions", {"model": "tiny", "messages": USER, "guided_regex": "(a"}, 400,
+     "guided_regex: invalid regex"),
+    ("invalid grammar", "/v1/generate",
+     {"model": "tiny", "prompt": "x", "constraint": {"type": "grammar", "grammar": "start: nothing"}}, 400,
+     "invalid Lark grammar"),
+    ("max_tokens zero", "/v1/chat/completions", {"model": "tiny", "messages": USER, "max_tokens": 0}, 400,
+     "max_tokens: Input should be greater than or equal to 1"),
+    ("max_tokens negative", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -5}, 400,
+     "max_tokens"),
+    ("max_tokens over the limit", "/v1/chat/completions",
+     {"model": "tiny", "messages": USER, "max_tokens": 100000}, 400, "exceeds the limit of 128"),
+    ("temperature wrong type", "/v1/chat/completions",
+     {"model": "tiny", "messages": USER, "temperature": "hot"}, 400, "temperature"),
+    ("messages wrong type", "/v1/chat/completions", {"model": "tiny", "messages": "hello"}, 400, "messages"),
+    ("unknown role", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ("n zero", "/v1/chat/completions", {"model": "tiny", "messages": USER, "n": 0}, 400, "n:"),
+    ("two constraints", "/v1/chat/completions",
+     {"model": "tiny", "messages": USER, "guided_regex": "a", "guided_choice": ["a"]}, 400, "give one constraint"),
+    ("unsupported parameter", "/v1/chat/completions",
+     {"model": "tiny", "messages": USER, "logprobs": True}, 400, "logprobs: unsupported parameter"),
+    ("streaming not yet supported", "/v1/chat/completions",
+     {"model": "tiny", "messages": USER, "stream": True}, 400, "stream"),
+    ("prompt and messages", "/v1/generate", {"model": "tiny", "prompt": "x", "messages": USER}, 400,
+     "exactly one of prompt or messages"),
+    ("prompt too long", "/v1/generate", {"model": "tiny", "prompt": "word " * 6000}, 400, "the limit is 4096"),
+    ("unknown route", "/v1/nothing", {"model": "tiny"}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), [case[1:] for case in BAD_INPUTS],
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_gets_a_clear_4xx_in_the_error_shape(client, path, body, status, message):
+    if isinstance(body, bytes):
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert message in error["message"], error
+
+
+def test_the_service_still_answers_after_bad_input(client):
+    body = {"model": "tiny", "prompt": "x", "constraint": {"type": "choice", "choices": ["ok"]}}
+    assert client.post("/v1/generate", json=body).json()["text"] == "ok"
