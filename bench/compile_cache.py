@@ -44,10 +44,10 @@ def main() -> None:
         cached = []
         for _ in range(args.repeats):
             started = time.perf_counter()
-            engine.compile(constraint).new_processor()
+            engine.compile(constraint).new_matcher()
             cached.append(time.perf_counter() - started)
         median = statistics.median(cached)
-        print(f"{backend:14s} first compile {first * 1000:8.2f} ms   cached lookup + processor "
+        print(f"{backend:14s} first compile {first * 1000:8.2f} ms   cached lookup + matcher "
               f"{median * 1000:6.3f} ms   ratio {first / median:8.0f}x")
 
 

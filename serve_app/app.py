@@ -12,11 +12,17 @@ from ray import serve
 from ray.serve import Application
 
 from serve_app.config import AppConfig, ModelConfig, parse_config
-from serve_app.replica import ModelReplica, actor_options, deployment_name
+from serve_app.replica import RECONFIGURABLE, ModelReplica, actor_options, deployment_name
 from serve_app.router import Router
 
 # A replica is busy with one batch at a time; more ongoing requests wait in its own queue.
 MAX_ONGOING_PER_REPLICA = 64
+
+
+def user_config(model: ModelConfig) -> dict[str, Any]:
+    """What a replica applies in place through `reconfigure`, without reloading the model."""
+    dumped = model.model_dump(mode="json", by_alias=True)
+    return {key: dumped[key] for key in RECONFIGURABLE}
 
 
 def deployment_options(model: ModelConfig) -> dict[str, Any]:
@@ -26,8 +32,8 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         "ray_actor_options": actor_options(model),
         "max_ongoing_requests": MAX_ONGOING_PER_REPLICA,
         "health_check_period_s": 10,
-        "graceful_shutdown_timeout_s": 60,
-        "user_config": {"sampling": model.sampling.model_dump(), "limits": model.limits.model_dump()},
+        "graceful_shutdown_timeout_s": model.graceful_shutdown_timeout_s,
+        "user_config": user_config(model),
     }
     if scaling.min_replicas == scaling.max_replicas:
         options["num_replicas"] = scaling.min_replicas

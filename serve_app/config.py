@@ -114,6 +114,9 @@ class ModelConfig(_Strict):
     constraints: dict[str, Constraint] = Field(
         default_factory=dict, description="named constraints compiled before the replica is ready"
     )
+    version: str = Field("1", description="bump to roll replicas (code or model changes) gradually")
+    graceful_shutdown_timeout_s: float = Field(
+        60.0, gt=0, description="how long a replica being replaced may finish in-flight requests")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ModelConfig:

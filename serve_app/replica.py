@@ -7,8 +7,10 @@ the constraint registry, and only then returns: Serve sends no traffic before th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray import serve
@@ -18,8 +20,8 @@ from serve_app.registry import HEARTBEAT_S, get_registry
 
 logger = logging.getLogger(__name__)
 
-# How long the batcher waits for company after the first request of a batch arrives.
-BATCH_WAIT_S = 0.005
+# Config sections a `user_config` change applies in place (no restart, no reload).
+RECONFIGURABLE = ("sampling", "limits", "constraints")
 
 
 def actor_options(model: ModelConfig) -> dict[str, Any]:
@@ -45,8 +47,6 @@ class ModelReplica:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         gpus = detect_gpus(self.gpu_ids, assumed_bytes=16 * GIB)
         self.engine = Engine.from_config(self.config, gpus)
-        self._queue: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] | None = None
-        self._batcher: asyncio.Task[None] | None = None
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.app_name = context.app_name
@@ -57,12 +57,18 @@ class ModelReplica:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply sampling defaults and limits in place: no reload, same process."""
-        update = {key: value for key, value in (user_config or {}).items() if key in ("sampling", "limits")}
+        """Apply sampling defaults, limits and the constraint registry in place: no reload, same
+        process. The new registry is compiled before this returns, so Serve routes no request to
+        this replica (at start) or finishes the rollout (later) before it is warm."""
+        unknown = set(user_config or {}) - set(RECONFIGURABLE)
+        if unknown:
+            raise ValueError(f"user_config keys not reconfigurable in place: {sorted(unknown)}")
+        update = {key: value for key, value in (user_config or {}).items() if key in RECONFIGURABLE}
         if update:
-            merged = self.config.model_dump(by_alias=True) | update
-            self.config = ModelConfig.model_validate(merged)
-            self.engine.config = self.config
+            config = ModelConfig.model_validate(self.config.model_dump(mode="json", by_alias=True) | update)
+            self.engine.reconfigure(config)
+            self.engine.precompile(config.constraints.values())
+            self.config = config
             logger.info("reconfigured %s: %s", self.config.name, sorted(update))
 
     def check_health(self) -> None:
@@ -72,9 +78,14 @@ class ModelReplica:
     def __del__(self) -> None:
         self._stop.set()
 
+    def served_by(self) -> dict[str, str]:
+        """Stamped on every result: which replica, code version and config answered."""
+        digest = hashlib.sha256(self.config.model_dump_json().encode()).hexdigest()[:12]
+        return {"replica_id": self.replica_id, "version": self.config.version, "config_hash": digest}
+
     def status(self) -> dict[str, Any]:
         return {"replica_id": self.replica_id, "app": self.app_name, "model": self.config.name,
-                "assigned_gpu_ids": self.gpu_ids, **self.engine.status()}
+                "assigned_gpu_ids": self.gpu_ids, **self.served_by(), **self.engine.status()}
 
     def _heartbeat(self) -> None:
         while not self._stop.is_set():
@@ -87,52 +98,51 @@ class ModelReplica:
     # -- requests ------------------------------------------------------------------------------
 
     async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Generate for one HTTP request's rows (n choices); concurrent calls share batches."""
+        """One HTTP request's rows (n choices); they join the running batch between steps."""
+        results: list[dict[str, Any] | None] = [None] * len(requests)
+        async for event in self.generate_stream(requests):
+            if "done" in event:
+                results[event["index"]] = event["done"]
+        return [r for r in results if r is not None]
+
+    async def generate_stream(self, requests: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        """Yield ``{"index", "delta"}`` as text is generated and ``{"index", "done"}`` per row.
+
+        If the caller goes away (client disconnect), the rows are cancelled in the decode loop."""
         from serve_app.engine.types import GenerationRequest
 
-        parsed = [GenerationRequest.model_validate(r) for r in requests]
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in parsed]
-        self._ensure_batcher()
-        assert self._queue is not None
-        for request, future in zip(parsed, futures, strict=True):
-            self._queue.put_nowait((request, future))
-        results = await asyncio.gather(*futures)
-        return [r.model_dump() for r in results]
+        events: asyncio.Queue[tuple[int, tuple[str, Any]]] = asyncio.Queue()
 
-    def _ensure_batcher(self) -> None:
-        if self._batcher is None or self._batcher.done():
-            self._queue = asyncio.Queue()
-            self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
+        def notifier(index: int) -> Callable[[tuple[str, Any]], None]:
+            def notify(event: tuple[str, Any]) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, (index, event))
+            return notify
 
-    async def _batch_loop(self) -> None:
-        assert self._queue is not None
-        while True:
-            batch = [await self._queue.get()]
-            await asyncio.sleep(BATCH_WAIT_S)
-            cap = max(1, self.engine.loaded.plan.max_batch_size)
-            while len(batch) < cap and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._run_batch(batch)
-
-    async def _run_batch(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
-        """Each row validates (tokens, compile) on its own, so one bad row fails alone."""
-        good = []
-        for request, future in batch:
-            try:
-                await asyncio.to_thread(self.engine.prepare, request)
-                good.append((request, future))
-            except Exception as error:
-                future.set_exception(error)
-        if not good:
-            return
+        parsed = [GenerationRequest.model_validate(r) for r in requests]
+        # Validation and compiling run off the event loop; a bad row raises before any starts.
+        submissions = await asyncio.to_thread(self._submit_all, parsed, [notifier(i) for i in range(len(parsed))])
+        pending, served_by = len(submissions), self.served_by()
         try:
-            results = await asyncio.to_thread(self.engine.generate, [r for r, _ in good])
-        except Exception as error:
-            for _, future in good:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        for (_, future), result in zip(good, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+            while pending:
+                index, (kind, value) = await events.get()
+                if kind == "delta":
+                    yield {"index": index, "delta": value}
+                elif kind == "error":
+                    raise value
+                else:
+                    pending -= 1
+                    result = self.engine.result(submissions[index], value)
+                    yield {"index": index, "done": result.model_copy(update={"served_by": served_by}).model_dump()}
+        finally:
+            for submission in submissions:
+                submission.stream.cancel()  # a no-op for finished rows
+
+    def _submit_all(self, requests: list[Any], notify: list[Callable[[tuple[str, Any]], None]]) -> list[Any]:
+        rows = [self.engine.prepare(request) for request in requests]
+        return [self.engine.submit_prepared(request, row, callback)
+                for request, row, callback in zip(requests, rows, notify, strict=True)]
+
+    def record_queue_depth(self) -> dict[str, int]:
+        waiting, running = self.engine.queue_depth()
+        return {"waiting": waiting, "running": running}

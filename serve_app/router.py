@@ -6,17 +6,19 @@ Route handlers are thin: parse -> validate against the model's config -> dispatc
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.api import schemas
-from serve_app.api.errors import error_response
+from serve_app.api.errors import as_serve_app_error, error_response
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine.constraints import Constraint, JsonSchemaConstraint, check_limits
 from serve_app.engine.schema_support import check_schema_supported
@@ -39,6 +41,16 @@ async def _http_error_handler(_: Request, error: StarletteHTTPException) -> JSON
     body = {"error": {"message": str(error.detail), "type": "not_found" if error.status_code == 404
                       else "invalid_request_error", "param": None, "code": str(error.status_code)}}
     return JSONResponse(body, status_code=error.status_code)
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _chain(first: Any, rest: Any) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 def validate_for_model(model: ModelConfig, rows: list[GenerationRequest]) -> None:
@@ -78,25 +90,89 @@ class Router:
         results = await self.handles[model.name].generate.remote(payload)
         return [GenerationResult.model_validate(r) for r in results]
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: schemas.ChatCompletionRequest) -> dict[str, Any]:
+    async def open_stream(self, model: ModelConfig, rows: list[GenerationRequest]) -> tuple[Any, Any]:
+        """Start a replica stream and wait for its first event, so that errors raised before any
+        token (prompt too long, a constraint that does not compile) still get a 4xx response."""
+        validate_for_model(model, rows)
+        payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
+        stream = self.handles[model.name].options(stream=True).generate_stream.remote(payload)
+        try:
+            first = await stream.__anext__()
+        except BaseException:
+            stream.cancel()
+            raise
+        return stream, first
+
+    async def openai_stream(self, model: ModelConfig, rows: list[GenerationRequest], chat: bool) -> StreamingResponse:
+        stream, first = await self.open_stream(model, rows)
+        formatter = schemas.ChunkFormatter(model.name, chat, len(rows))
+
+        async def chunks() -> AsyncIterator[str]:
+            results: dict[int, GenerationResult] = {}
+            try:
+                for chunk in formatter.start():
+                    yield _sse(chunk)
+                async for event in _chain(first, stream):
+                    if "delta" in event:
+                        yield _sse(formatter.delta(event["index"], event["delta"]))
+                        continue
+                    results[event["index"]] = GenerationResult.model_validate(event["done"])
+                    last = len(results) == len(rows)
+                    usage = schemas.usage_of(list(results.values())) if last else None
+                    yield _sse(formatter.finish(event["index"], results[event["index"]], usage))
+                yield "data: [DONE]\n\n"
+            except Exception as error:  # after the 200 has been sent: report in the stream itself
+                yield _sse(as_serve_app_error(error).to_dict())
+            finally:
+                stream.cancel()  # the client went away or we are done: stop generating
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(self, body: schemas.ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
         model = self.model(body.model)
+        if body.stream:
+            return await self.openai_stream(model, body.generation_requests(), chat=True)
         results = await self.dispatch(model, body.generation_requests())
         return schemas.chat_completion_response(model.name, results)
 
-    @app.post("/v1/completions")
-    async def completions(self, body: schemas.CompletionRequest) -> dict[str, Any]:
+    @app.post("/v1/completions", response_model=None)
+    async def completions(self, body: schemas.CompletionRequest) -> dict[str, Any] | StreamingResponse:
         model = self.model(body.model)
+        if body.stream:
+            return await self.openai_stream(model, body.generation_requests(), chat=False)
         results = await self.dispatch(model, body.generation_requests())
         return schemas.completion_response(model.name, results)
 
-    @app.post("/v1/generate")
-    async def generate(self, body: schemas.NativeGenerateRequest) -> dict[str, Any]:
+    @app.post("/v1/generate", response_model=None)
+    async def generate(self, body: schemas.NativeGenerateRequest) -> dict[str, Any] | StreamingResponse:
         started = time.perf_counter()
         model = self.model(body.model)
         row = body.generation_request()
+        if body.stream:
+            return await self.native_stream(model, row, started)
         [result] = await self.dispatch(model, [row])
         return schemas.native_response(model.name, result, row.constraint, time.perf_counter() - started)
+
+    async def native_stream(self, model: ModelConfig, row: GenerationRequest, started: float) -> StreamingResponse:
+        stream, first = await self.open_stream(model, [row])
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for event in _chain(first, stream):
+                    if "delta" in event:
+                        yield _sse({"delta": event["delta"]})
+                    else:
+                        result = GenerationResult.model_validate(event["done"])
+                        elapsed = time.perf_counter() - started
+                        yield _sse({"done": schemas.native_response(model.name, result, row.constraint, elapsed)})
+                yield "data: [DONE]\n\n"
+            except Exception as error:
+                yield _sse(as_serve_app_error(error).to_dict())
+            finally:
+                stream.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:

@@ -35,6 +35,10 @@ class ResponseFormat(_Request):
     json_schema: JsonSchemaSpec | None = None
 
 
+class StreamOptions(_Request):
+    include_usage: bool = True
+
+
 class _OpenAIBase(_Request):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -44,7 +48,8 @@ class _OpenAIBase(_Request):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
-    stream: Literal[False] = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -150,6 +155,7 @@ class NativeGenerateRequest(_Request):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, max_length=16)
+    stream: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> NativeGenerateRequest:
@@ -203,5 +209,43 @@ def native_response(model: str, result: GenerationResult, constraint: Constraint
         "finish_reason": result.finish_reason, "valid": result.valid,
         "constraint_type": constraint.type if constraint else None, "backend": result.backend,
         "usage": result.usage.model_dump(), "timings": {**result.timings, "router_total_s": router_s},
+        "served_by": result.served_by,
     }
 
+
+
+def usage_of(results: list[GenerationResult]) -> dict[str, int]:
+    return _usage(results)
+
+
+class ChunkFormatter:
+    """OpenAI streaming chunks for chat (``chat.completion.chunk``) or completions."""
+
+    def __init__(self, model: str, chat: bool, n: int) -> None:
+        self.model, self.chat, self.n = model, chat, n
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def _choice(self, index: int, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        if self.chat:
+            delta = {} if text is None else {"content": text}
+            return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+
+    def start(self) -> list[dict[str, Any]]:
+        if not self.chat:
+            return []
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                              "logprobs": None} for i in range(self.n)])]
+
+    def delta(self, index: int, text: str) -> dict[str, Any]:
+        return self._chunk([self._choice(index, text, None)])
+
+    def finish(self, index: int, result: GenerationResult, usage: dict[str, int] | None) -> dict[str, Any]:
+        choice = {**self._choice(index, None, result.finish_reason), "valid": result.valid}
+        return self._chunk([choice], **({"usage": usage} if usage is not None else {}))

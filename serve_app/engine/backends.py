@@ -1,8 +1,10 @@
-"""Compiling constraints with Outlines' backends, and one fresh logits processor per request.
+"""Compiling constraints with Outlines' backends, and one fresh matcher per request.
 
 Outlines compiles per Generator and its processors keep per-row state, so a server cannot share
 them. Here the compiled artifact (llguidance matcher, outlines_core `Index`, xgrammar
-`CompiledGrammar`) is cached, and every request gets a cheap processor built from it.
+`CompiledGrammar`) is cached, and every request gets a cheap matcher built from it. Matchers
+write their allowed tokens into one row of a shared int32 bitmask (the format all three
+backends use), so the decode loop masks the whole batch with one tensor op.
 """
 
 from __future__ import annotations
@@ -33,12 +35,72 @@ OUTLINES_CORE_WHITESPACE = r"[ ]?"
 _COMPILE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="compile")
 
 
+class RowMatcher:
+    """One request's position in its constraint: fills its bitmask row, advances by tokens."""
+
+    width: int  # int32 words in this backend's bitmask row
+
+    def fill(self, bitmask: Any, row: int) -> None:
+        raise NotImplementedError
+
+    def advance(self, token: int) -> bool:
+        """Consume a generated token; False if the constraint rejects it."""
+        raise NotImplementedError
+
+
+class _LLGuidanceMatcher(RowMatcher):
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
+        self.matcher = matcher
+        self.width = (vocab_size + 31) // 32
+
+    def fill(self, bitmask: Any, row: int) -> None:
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, row)
+
+    def advance(self, token: int) -> bool:
+        return bool(self.matcher.consume_token(token))
+
+
+class _OutlinesCoreMatcher(RowMatcher):
+    def __init__(self, index: Any, vocab_size: int) -> None:
+        from outlines_core import Guide
+
+        self.guide = Guide(index)
+        self.width = (vocab_size + 31) // 32
+
+    def fill(self, bitmask: Any, row: int) -> None:
+        from outlines_core.kernels.torch import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self.guide, bitmask[row:row + 1])
+
+    def advance(self, token: int) -> bool:
+        if self.guide.is_finished() and not self.guide.accepts_tokens([token]):
+            return False
+        self.guide.advance(token_id=token, return_tokens=False)
+        return True
+
+
+class _XGrammarMatcher(RowMatcher):
+    def __init__(self, compiled: Any, vocab_size: int) -> None:
+        import xgrammar
+
+        self.matcher = xgrammar.GrammarMatcher(compiled)
+        self.width = (vocab_size + 31) // 32
+
+    def fill(self, bitmask: Any, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def advance(self, token: int) -> bool:
+        return bool(self.matcher.accept_token(token))
+
+
 @dataclass
 class CompiledConstraint:
     key: str
     kind: str
     backend: str
-    new_processor: Callable[[], Any]
+    new_matcher: Callable[[], RowMatcher]
     size_bytes: int
     compile_seconds: float
 
@@ -77,6 +139,7 @@ class ConstraintCompiler:
         self.defaults = defaults
         self.limits = limits
         self.outlines_model = outlines.from_transformers(hf_model, tokenizer)
+        self.vocab_size = int(hf_model.config.get_text_config().vocab_size)
         self._backends: dict[str, Any] = {}
 
     def backend(self, name: str) -> Any:
@@ -99,21 +162,21 @@ class ConstraintCompiler:
         started = time.perf_counter()
         future = _COMPILE_POOL.submit(self._compile_with, backend, constraint)
         try:
-            new_processor, size = future.result(timeout=self.limits.compile_timeout_s)
+            new_matcher, size = future.result(timeout=self.limits.compile_timeout_s)
         except concurrent.futures.TimeoutError:
             raise LimitExceededError(
                 f"compiling the {constraint.type} constraint took longer than "
                 f"limits.compile_timeout_s ({self.limits.compile_timeout_s:g} s)",
                 param=constraint.type, code="compile_timeout_s") from None
-        return CompiledConstraint(constraint.cache_key(), constraint.type, backend, new_processor,
+        return CompiledConstraint(constraint.cache_key(), constraint.type, backend, new_matcher,
                                   size, time.perf_counter() - started)
 
-    def _compile_with(self, backend: str, constraint: AnyConstraint) -> tuple[Callable[[], Any], int]:
+    def _compile_with(self, backend: str, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
         compile_fn = {"llguidance": self._llguidance, "outlines_core": self._outlines_core,
                       "xgrammar": self._xgrammar}[backend]
         return compile_fn(constraint)
 
-    def _llguidance(self, constraint: AnyConstraint) -> tuple[Callable[[], Any], int]:
+    def _llguidance(self, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
         import llguidance
 
         backend = self.backend("llguidance")
@@ -127,10 +190,10 @@ class ConstraintCompiler:
         if warnings:
             raise ConstraintError(f"llguidance would only approximate this {constraint.type}: "
                                   f"{'; '.join(warnings)}", param=constraint.type, code="approximated")
-        return _llguidance_factory(matcher, grammar, backend), len(grammar) * 8 + 64 * 1024
+        vocab = backend.llg_tokenizer.vocab_size
+        return (lambda: _LLGuidanceMatcher(matcher.deep_copy(), vocab)), len(grammar) * 8 + 64 * 1024
 
-    def _outlines_core(self, constraint: AnyConstraint) -> tuple[Callable[[], Any], int]:
-        from outlines.backends.outlines_core import OutlinesCoreLogitsProcessor
+    def _outlines_core(self, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
         from outlines_core import Index
         from outlines_core.json_schema import build_regex_from_schema
 
@@ -145,18 +208,18 @@ class ConstraintCompiler:
             raise ConstraintError(f"outlines_core cannot compile this {constraint.type}: {error}",
                                   param=constraint.type, code="unsupported") from None
         size = sum(len(t) for t in index.get_transitions().values()) * 16 + len(regex)
-        return (lambda: OutlinesCoreLogitsProcessor(index, "torch")), size
+        vocab = self.vocab_size
+        return (lambda: _OutlinesCoreMatcher(index, vocab)), size
 
-    def _xgrammar(self, constraint: AnyConstraint) -> tuple[Callable[[], Any], int]:
-        from outlines.backends.xgrammar import XGrammarLogitsProcessor
-
+    def _xgrammar(self, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
         compiler = self.backend("xgrammar").grammar_compiler
         if isinstance(constraint, JsonSchemaConstraint):
             compiled = compiler.compile_json_schema(json.dumps(constraint.json_schema), any_whitespace=False)
         else:
             compiled = compiler.compile_regex(_regex_of(constraint))
         size = int(getattr(compiled, "memory_size_bytes", 0) or 1024 * 1024)
-        return (lambda: XGrammarLogitsProcessor(compiled, "torch")), size
+        vocab = self.vocab_size
+        return (lambda: _XGrammarMatcher(compiled, vocab)), size
 
 
 def _regex_of(constraint: AnyConstraint) -> str:
@@ -176,17 +239,3 @@ def _llguidance_source(constraint: AnyConstraint) -> tuple[str, str]:
         return "lark", constraint.grammar
     return "regex", _regex_of(constraint)
 
-
-def _llguidance_factory(matcher: Any, grammar: str, backend: Any) -> Callable[[], Any]:
-    """Processors that start from copies of one compiled matcher, not a recompile per request."""
-    from outlines.backends.llguidance import LLGuidanceLogitsProcessor
-
-    class _Processor(LLGuidanceLogitsProcessor):
-        def _setup(self, batch_size: int) -> None:
-            super()._setup(0)
-            import llguidance.torch
-
-            self.ll_matchers = [matcher.deep_copy() for _ in range(batch_size)]
-            self.bitmask = llguidance.torch.allocate_token_bitmask(batch_size, self.llg_tokenizer.vocab_size)
-
-    return lambda: _Processor(grammar, backend.llg_tokenizer, "torch")

@@ -1,14 +1,32 @@
-"""The decode loop: a batch of rows, each with its own prompt length, constraint processor and
-sampling parameters. Left padding + attention mask + explicit position ids; one KV cache."""
+"""Continuous batching: one decode loop per engine, rows joining between steps and leaving when
+done, each row with its own prompt length, constraint matcher and sampling parameters.
+
+Layout: the batch's KV cache is left-padded to a common width; an attention mask hides the
+padding, and each row keeps its own position ids. A newly admitted group is prefilled on its
+own, then its cache is padded and concatenated to the batch's. Masks for every constrained row
+are written into one int32 bitmask and applied to the batch's logits in one tensor op; they are
+computed in a worker thread while the model runs the next forward pass.
+"""
 
 from __future__ import annotations
 
 import inspect
+import queue
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from serve_app.engine.backends import RowMatcher
+
+# Decoded text that ends in U+FFFD is an incomplete UTF-8 sequence: hold it back from streams.
+_PARTIAL = "\ufffd"
 
 
 @dataclass
@@ -19,34 +37,83 @@ class Row:
     top_p: float
     seed: int | None
     stop: list[str]
-    processor: Any = None  # an Outlines logits processor for this row alone, or None
+    matcher: RowMatcher | None = None
 
 
 @dataclass
 class RowOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "running"  # then "stop" or "length"
+    finish_reason: str = "running"  # then "stop", "length" or "cancelled"
     first_token_s: float | None = None
+    total_s: float = 0.0
 
 
-def _left_padded(rows: list[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+class Stream:
+    """A submitted row: text deltas as they are generated, then the final output.
+
+    ``events`` yields ``("delta", str)`` items and one final ``("done", RowOutput)`` (or
+    ``("error", exception)``). ``notify`` (optional) is called from the decode thread for each
+    event, e.g. to wake an asyncio loop."""
+
+    def __init__(self, row: Row, notify: Callable[[tuple[str, Any]], None] | None = None) -> None:
+        self.row = row
+        self.output = RowOutput()
+        self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._notify = notify
+        self._sent = 0  # characters of text already emitted as deltas
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self.submitted_at = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def emit(self, kind: str, value: Any) -> None:
+        self.events.put((kind, value))
+        if self._notify is not None:
+            self._notify((kind, value))
+        if kind in ("done", "error"):
+            self.done.set()
+
+    def emit_text(self, final: bool) -> None:
+        """Emit new text, holding back what a stop string or a partial character may change."""
+        text = self.output.text
+        hold = 0 if final else max((len(s) - 1 for s in self.row.stop), default=0)
+        end = len(text) - hold
+        while not final and end > self._sent and text[end - 1] == _PARTIAL:
+            end -= 1
+        if end > self._sent:
+            self.emit("delta", text[self._sent:end])
+            self._sent = end
+
+    def result(self, timeout: float | None = None) -> RowOutput:
+        if not self.done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        while True:
+            kind, value = self.events.get()
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
+
+
+def sample_tokens(logits: torch.Tensor, rows: list[Row], generators: list[torch.Generator]) -> list[int | None]:
+    """One token per row; None where every token is masked out. Greedy rows in one argmax."""
+    finite = torch.isfinite(logits).any(dim=-1).tolist()
+    greedy = torch.argmax(logits, dim=-1).tolist()
+    out: list[int | None] = []
     for i, row in enumerate(rows):
-        ids[i, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids, dtype=torch.long)
-        mask[i, width - len(row.prompt_ids):] = 1
-    return ids.to(device), mask.to(device)
+        if not finite[i]:
+            out.append(None)
+        elif row.temperature == 0:
+            out.append(int(greedy[i]))
+        else:
+            out.append(_sample_row(logits[i], row.temperature, row.top_p, generators[i]))
+    return out
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator | None) -> int | None:
-    """One token id from a 1-D row of logits; None when every token is masked out."""
-    if not torch.isfinite(logits).any():
-        return None
-    if temperature == 0:
-        return int(torch.argmax(logits))
+def _sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
@@ -56,7 +123,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def _generator(seed: int | None) -> torch.Generator:
+def new_generator(seed: int | None) -> torch.Generator:
     generator = torch.Generator()
     if seed is None:
         generator.seed()
@@ -70,66 +137,251 @@ def _stop_hit(text: str, stops: list[str]) -> int | None:
     return min(positions) if positions else None
 
 
-def _cache_keyword(model: Any) -> str:
+def cache_keyword(model: Any) -> str:
     """transformers 5 renamed ``past_key_values`` to ``cache``; accept both."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@torch.inference_mode()
-def decode_batch(model: Any, decode_text: Callable[[list[int]], str], rows: list[Row], pad_id: int,
-                 eos_ids: set[int], vocab_size: int, clock: Callable[[], float]) -> list[RowOutput]:
-    """Generate for every row until each hits EOS, a stop string or its token budget."""
-    device = model.device
-    ids, mask = _left_padded(rows, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    history = ids.cpu()  # what each row's processor sees as "the sequence so far"
-    outputs = [RowOutput() for _ in rows]
-    active = set(range(len(rows)))
-    generators = [_generator(r.seed) for r in rows]
-    started, cache, step_ids = clock(), None, ids
-    cache_kw = _cache_keyword(model)
-    for _step in range(max(r.max_new_tokens for r in rows)):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                    use_cache=True, **{cache_kw: cache})
-        cache = out[cache_kw]  # the output names the cache like the input does
+class _Batch:
+    """The running rows and their shared, left-padded KV cache."""
+
+    def __init__(self) -> None:
+        self.streams: list[Stream] = []
+        self.generators: list[torch.Generator] = []
+        self.positions: list[int] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def clear(self) -> None:
+        self.streams, self.generators, self.positions = [], [], []
+        self.cache, self.mask = None, None
+
+    def merge(self, streams: list[Stream], cache: Any, mask: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+        else:
+            assert self.mask is not None
+            width = max(self.mask.shape[1], mask.shape[1])
+            for old, new in zip(self.cache.layers, cache.layers, strict=True):
+                old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)])
+                old.values = torch.cat([_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)])
+            self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+        self.streams += streams
+        self.generators += [new_generator(s.row.seed) for s in streams]
+        self.positions += [len(s.row.prompt_ids) for s in streams]
+
+    def keep(self, indices: list[int]) -> None:
+        """Drop finished rows, then the padding columns no remaining row needs."""
+        if not indices:
+            self.clear()
+            return
+        index = torch.tensor(indices, device=self.mask.device if self.mask is not None else None)
+        assert self.mask is not None
+        self.mask = self.mask.index_select(0, index)
+        start = int((self.mask.sum(0) > 0).nonzero()[0])
+        self.mask = self.mask[:, start:]
+        for layer in getattr(self.cache, "layers", []):
+            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[:, :, start:]
+            layer.values = layer.values.index_select(0, index.to(layer.values.device))[:, :, start:]
+        self.streams = [self.streams[i] for i in indices]
+        self.generators = [self.generators[i] for i in indices]
+        self.positions = [self.positions[i] for i in indices]
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - dim - 1) + [missing, 0]
+    return F.pad(tensor, pad)
+
+
+def joinable_cache(cache: Any) -> bool:
+    """Rows can join a running batch only with plain per-layer key/value tensors."""
+    layers = list(getattr(cache, "layers", None) or [])
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+class DecodeLoop:
+    """Runs in one background thread per engine; `submit` is thread-safe."""
+
+    def __init__(self, model: Any, decode_text: Callable[[list[int]], str], pad_id: int, eos_ids: set[int],
+                 vocab_size: int, max_batch_size: Callable[[], int]) -> None:
+        self.model = model
+        self.decode_text = decode_text
+        self.pad_id = pad_id
+        self.eos_ids = eos_ids
+        self.vocab_size = vocab_size
+        self.max_batch_size = max_batch_size
+        self.cache_kw = cache_keyword(model)
+        self.device = model.device
+        self.waiting: queue.SimpleQueue[Stream] = queue.SimpleQueue()
+        self.batch = _Batch()
+        self.joinable = True
+        self._wake = threading.Event()
+        self._masker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="masks")
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.steps = 0
+        self.finished: Counter[str] = Counter()  # rows by finish reason
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def submit(self, stream: Stream) -> Stream:
+        self.waiting.put(stream)
+        self._wake.set()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True, name="decode-loop")
+                self._thread.start()
+        return stream
+
+    def queue_depth(self) -> tuple[int, int]:
+        """(waiting, running) rows."""
+        return self.waiting.qsize(), len(self.batch)
+
+    # -- loop ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._admit()
+            if not len(self.batch):
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception as error:  # fail the rows, keep the loop alive for the next ones
+                for stream in self.batch.streams:
+                    stream.emit("error", error)
+                self.batch.clear()
+
+    def _admit(self) -> None:
+        if len(self.batch) and not self.joinable:
+            return
+        room = self.max_batch_size() - len(self.batch)
+        group: list[Stream] = []
+        while room > len(group) and not self.waiting.empty():
+            stream = self.waiting.get()
+            if not stream.cancelled.is_set():
+                group.append(stream)
+            else:
+                self._finish(stream, "cancelled")
+        if group:
+            try:
+                self._prefill(group)
+            except Exception as error:
+                for stream in group:
+                    stream.emit("error", error)
+
+    @torch.inference_mode()
+    def _prefill(self, group: list[Stream]) -> None:
+        width = max(len(s.row.prompt_ids) for s in group)
+        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, stream in enumerate(group):
+            n = len(stream.row.prompt_ids)
+            ids[i, width - n:] = torch.tensor(stream.row.prompt_ids, dtype=torch.long)
+            mask[i, width - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = out[self.cache_kw]
+        self.joinable = joinable_cache(cache)
+        first = len(self.batch)
+        self.batch.merge(group, cache, mask)
         logits = out.logits[:, -1, :].float()
-        if logits.shape[-1] > vocab_size:  # padded embedding rows are not real tokens
-            logits[:, vocab_size:] = -torch.inf
-        next_ids = torch.full((len(rows),), pad_id, dtype=torch.long)
-        for i in sorted(active):
-            next_ids[i] = _advance_row(rows[i], outputs[i], logits[i:i + 1], history[i:i + 1],
-                                       generators[i], decode_text, eos_ids, clock() - started)
-            if outputs[i].finish_reason != "running":
-                active.discard(i)
-        if not active:
-            break
-        history = torch.cat([history, next_ids[:, None]], dim=1)
-        step_ids = next_ids[:, None].to(device)
-        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
-        positions = positions[:, -1:] + 1
-    return outputs
+        bitmask = self._masks(group)
+        self._sample_and_advance(logits, bitmask, range(first, first + len(group)))
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        batch = self.batch
+        assert batch.mask is not None
+        tokens = torch.tensor([s.output.token_ids[-1] for s in batch.streams], dtype=torch.long)
+        # The masks for this step depend only on the tokens already sampled: compute them while
+        # the model runs.
+        pending = self._masker.submit(self._masks, list(batch.streams))
+        batch.mask = torch.cat([batch.mask, torch.ones((len(batch), 1), dtype=batch.mask.dtype,
+                                                        device=batch.mask.device)], dim=1)
+        positions = torch.tensor(batch.positions, dtype=torch.long)[:, None].to(self.device)
+        out = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=batch.mask,
+                         position_ids=positions, use_cache=True, **{self.cache_kw: batch.cache})
+        batch.cache = out[self.cache_kw]
+        batch.positions = [p + 1 for p in batch.positions]
+        self.steps += 1
+        self._sample_and_advance(out.logits[:, -1, :].float(), pending.result(), range(len(batch)))
+
+    def _masks(self, streams: list[Stream]) -> torch.Tensor | None:
+        """One int32 bitmask row per stream (all ones for unconstrained rows)."""
+        if all(s.row.matcher is None for s in streams):
+            return None
+        width = (self.vocab_size + 31) // 32
+        bitmask = torch.full((len(streams), width), -1, dtype=torch.int32)
+        for i, stream in enumerate(streams):
+            matcher = stream.row.matcher
+            if matcher is None:
+                continue
+            if matcher.width == width:
+                matcher.fill(bitmask, i)
+            else:  # the backend's vocabulary is narrower or wider than the model's logits
+                scratch = torch.zeros((1, matcher.width), dtype=torch.int32)
+                matcher.fill(scratch, 0)
+                bitmask[i] = 0
+                n = min(width, matcher.width)
+                bitmask[i, :n] = scratch[0, :n]
+        return bitmask
+
+    def _sample_and_advance(self, logits: torch.Tensor, bitmask: torch.Tensor | None, rows: range) -> None:
+        if logits.shape[-1] > self.vocab_size:  # padded embedding rows are not real tokens
+            logits[:, self.vocab_size:] = -torch.inf
+        if bitmask is not None:
+            _apply_bitmask(logits, bitmask.to(logits.device))
+        streams = self.batch.streams[rows.start:rows.stop]
+        tokens = sample_tokens(logits, [s.row for s in streams], self.batch.generators[rows.start:rows.stop])
+        for stream, token in zip(streams, tokens, strict=True):
+            self._advance(stream, token)
+        keep = [i for i, s in enumerate(self.batch.streams) if not s.done.is_set()]
+        if len(keep) != len(self.batch):
+            self.batch.keep(keep)
+
+    def _advance(self, stream: Stream, token: int | None) -> None:
+        out, row = stream.output, stream.row
+        if out.first_token_s is None:
+            out.first_token_s = time.perf_counter() - stream.submitted_at
+        if stream.cancelled.is_set():
+            return self._finish(stream, "cancelled")
+        if token is None or (row.matcher is not None and token not in self.eos_ids and not row.matcher.advance(token)):
+            return self._finish(stream, "length")  # the constraint allows nothing more: incomplete
+        if token in self.eos_ids:
+            return self._finish(stream, "stop")
+        out.token_ids.append(token)
+        out.text = self.decode_text(out.token_ids)
+        cut = _stop_hit(out.text, row.stop)
+        if cut is not None:
+            out.text = out.text[:cut]
+            return self._finish(stream, "stop")
+        if len(out.token_ids) >= row.max_new_tokens:
+            return self._finish(stream, "length")
+        stream.emit_text(final=False)
+        return None
+
+    def _finish(self, stream: Stream, reason: str) -> None:
+        self.finished[reason] += 1
+        stream.output.finish_reason = reason
+        stream.output.total_s = time.perf_counter() - stream.submitted_at
+        stream.emit_text(final=True)
+        stream.emit("done", stream.output)
 
 
-def _advance_row(row: Row, out: RowOutput, logits: torch.Tensor, history: torch.Tensor,
-                 generator: torch.Generator, decode_text: Callable[[list[int]], str],
-                 eos_ids: set[int], elapsed: float) -> int:
-    """Pick this row's next token and update its output; returns the token fed back."""
-    if row.processor is not None:
-        logits = row.processor(history.to(logits.device), logits)
-    token = sample_token(logits[0], row.temperature, row.top_p, generator)
-    if out.first_token_s is None:
-        out.first_token_s = elapsed
-    if token is None:  # the constraint allows nothing: the output is incomplete
-        out.finish_reason = "length"
-        return 0
-    if token in eos_ids:
-        out.finish_reason = "stop"
-        return token
-    out.token_ids.append(token)
-    out.text = decode_text(out.token_ids)
-    cut = _stop_hit(out.text, row.stop)
-    if cut is not None:
-        out.text, out.finish_reason = out.text[:cut], "stop"
-    elif len(out.token_ids) >= row.max_new_tokens:
-        out.finish_reason = "length"
-    return token
+def _apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set every token a row's bitmask disallows to -inf, for the whole batch at once."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().view(bitmask.shape[0], -1)
+    width = min(allowed.shape[1], logits.shape[1])
+    logits[:, :width].masked_fill_(~allowed[:, :width], -torch.inf)
+    if logits.shape[1] > width:
+        logits[:, width:] = -torch.inf

@@ -9,16 +9,16 @@ It knows nothing about Ray; replicas and benchmarks use it the same way.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from serve_app.config import ModelConfig
 from serve_app.engine.backends import AnyConstraint, CompiledConstraint, ConstraintCompiler, choose_backend
 from serve_app.engine.cache import CompileCache
 from serve_app.engine.constraints import ChoiceConstraint
-from serve_app.engine.decode import Row, RowOutput, decode_batch
+from serve_app.engine.decode import DecodeLoop, Row, RowOutput, Stream
 from serve_app.engine.loading import LoadedModel, load_hf_config, load_model, resolve_source
 from serve_app.engine.placement import GpuInfo, plan_placement
 from serve_app.engine.types import GenerationRequest, GenerationResult, SamplingParams, Usage
@@ -26,6 +26,13 @@ from serve_app.errors import InvalidRequestError, LimitExceededError
 from serve_app.models import CHATML_TEMPLATE
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Submission:
+    request: GenerationRequest
+    stream: Stream
+    backend: str | None
 
 
 class Engine:
@@ -38,7 +45,8 @@ class Engine:
         self.cache = CompileCache(config.compile_cache.max_entries, config.compile_cache.max_bytes)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
-        self._decode_lock = threading.Lock()
+        self.loop = DecodeLoop(self.model, self._decode, self.tokenizer.pad_token_id, self.eos_ids,
+                               self.compiler.vocab_size, lambda: max(1, self.loaded.plan.max_batch_size))
 
     @classmethod
     def from_config(cls, config: ModelConfig, gpus: Sequence[GpuInfo] = ()) -> Engine:
@@ -93,7 +101,7 @@ class Engine:
         row = Row(ids, max_new,
                   defaults.temperature if sampling.temperature is None else sampling.temperature,
                   sampling.top_p or defaults.top_p, sampling.seed, list(sampling.stop),
-                  compiled.new_processor() if compiled else None)
+                  compiled.new_matcher() if compiled else None)
         return row, compiled
 
     def _check_prompt(self, prompt_tokens: int, max_new: int) -> None:
@@ -106,44 +114,56 @@ class Engine:
                 f"prompt ({prompt_tokens} tokens) + max_tokens ({max_new}) exceeds the model's "
                 f"context length of {self.context_length}", param="max_tokens", code="context_length")
 
-    def prepare(self, request: GenerationRequest) -> None:
+    def reconfigure(self, config: ModelConfig) -> None:
+        """Swap sampling defaults, limits and the registry; the model and cache stay."""
+        if config.name != self.config.name or config.source != self.config.source:
+            raise ValueError("a different model or source needs new replicas, not a reconfigure")
+        self.config = config
+        self.compiler.limits = config.limits
+
+    def prepare(self, request: GenerationRequest) -> tuple[Row, CompiledConstraint | None]:
         """Check a request's limits and compile its constraint, raising what `generate` would."""
-        self._row(request)
+        return self._row(request)
+
+    def submit_prepared(self, request: GenerationRequest, prepared: tuple[Row, CompiledConstraint | None],
+                        notify: Callable[[tuple[str, Any]], None] | None = None) -> Submission:
+        return self._submit(request, *prepared, notify)
+
+    def submit(self, request: GenerationRequest,
+               notify: Callable[[tuple[str, Any]], None] | None = None) -> Submission:
+        """Queue one request for the decode loop; it joins the running batch between steps."""
+        row, compiled = self._row(request)
+        return self._submit(request, row, compiled, notify)
+
+    def _submit(self, request: GenerationRequest, row: Row, compiled: CompiledConstraint | None,
+                notify: Callable[[tuple[str, Any]], None] | None = None) -> Submission:
+        stream = self.loop.submit(Stream(row, notify))
+        return Submission(request, stream, compiled.backend if compiled else None)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate for all requests, in batches no larger than the placement plan allows."""
+        """Generate for all requests together (validated first: one bad request fails the call)."""
         prepared = [self._row(request) for request in requests]
-        cap = max(1, self.loaded.plan.max_batch_size)
-        results: list[GenerationResult] = []
-        for start in range(0, len(prepared), cap):
-            chunk = prepared[start:start + cap]
-            results.extend(self._generate_batch(requests[start:start + cap], chunk))
-        return results
+        submissions = [self._submit(request, row, compiled)
+                       for request, (row, compiled) in zip(requests, prepared, strict=True)]
+        return [self.result(s, s.stream.result()) for s in submissions]
 
-    def _generate_batch(self, requests: Sequence[GenerationRequest],
-                        prepared: list[tuple[Row, CompiledConstraint | None]]) -> list[GenerationResult]:
-        rows = [row for row, _ in prepared]
-        started = time.perf_counter()
-        with self._decode_lock:
-            outputs = decode_batch(self.model, self._decode, rows, self.tokenizer.pad_token_id,
-                                   self.eos_ids, len(self.tokenizer), time.perf_counter)
-        elapsed = time.perf_counter() - started
-        return [self._result(req, row, compiled, out, elapsed)
-                for req, (row, compiled), out in zip(requests, prepared, outputs, strict=True)]
+    def queue_depth(self) -> tuple[int, int]:
+        """(waiting, running) requests in the decode loop."""
+        return self.loop.queue_depth()
 
     def _decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
-    def _result(self, request: GenerationRequest, row: Row, compiled: CompiledConstraint | None,
-                out: RowOutput, elapsed: float) -> GenerationResult:
+    def result(self, submission: Submission, out: RowOutput) -> GenerationResult:
+        request, row = submission.request, submission.stream.row
         valid = None if request.constraint is None else request.constraint.is_satisfied_by(out.text)
         prompt_tokens, completion_tokens = len(row.prompt_ids), len(out.token_ids)
         return GenerationResult(
             text=out.text, finish_reason=out.finish_reason,
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens),
-            valid=valid, backend=compiled.backend if compiled else None, token_ids=out.token_ids,
-            timings={"total_s": elapsed, "first_token_s": out.first_token_s or 0.0},
+            valid=valid, backend=submission.backend, token_ids=out.token_ids,
+            timings={"total_s": out.total_s, "first_token_s": out.first_token_s or 0.0},
         )
 
     # -- status --------------------------------------------------------------------------------
@@ -160,6 +180,9 @@ class Engine:
             "fallback_reason": loaded.fallback_reason,
             "load_seconds": round(loaded.load_seconds, 3),
             "compile_cache": self.cache.stats.as_dict(),
+            "queue": dict(zip(("waiting", "running"), self.queue_depth(), strict=True)),
+            "finished": dict(self.loop.finished),
+            "decode_steps": self.loop.steps,
         }
 
 

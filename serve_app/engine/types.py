@@ -51,7 +51,7 @@ class Usage(_Model):
 
 class GenerationResult(_Model):
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "cancelled"]
     usage: Usage
     # None without a constraint; otherwise whether the text satisfies it (checked after
     # generation with jsonschema / re.fullmatch / membership / a Lark parse).
@@ -59,6 +59,7 @@ class GenerationResult(_Model):
     backend: str | None = None
     token_ids: list[int] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    served_by: dict[str, str] = Field(default_factory=dict)  # replica id, version, config hash
 
     def parsed(self) -> Any:
         import json

@@ -205,8 +205,9 @@ BAD_INPUTS = [
      {"model": "tiny", "messages": USER, "guided_regex": "a", "guided_choice": ["a"]}, 400, "give one constraint"),
     ("unsupported parameter", "/v1/chat/completions",
      {"model": "tiny", "messages": USER, "logprobs": True}, 400, "logprobs: unsupported parameter"),
-    ("streaming not yet supported", "/v1/chat/completions",
-     {"model": "tiny", "messages": USER, "stream": True}, 400, "stream"),
+    ("streaming a too-long prompt", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": "word " * 6000}], "stream": True}, 400,
+     "the limit is 4096"),
     ("prompt and messages", "/v1/generate", {"model": "tiny", "prompt": "x", "messages": USER}, 400,
      "exactly one of prompt or messages"),
     ("prompt too long", "/v1/generate", {"model": "tiny", "prompt": "word " * 6000}, 400, "the limit is 4096"),
@@ -230,3 +231,58 @@ def test_bad_input_gets_a_clear_4xx_in_the_error_shape(client, path, body, statu
 def test_the_service_still_answers_after_bad_input(client):
     body = {"model": "tiny", "prompt": "x", "constraint": {"type": "choice", "choices": ["ok"]}}
     assert client.post("/v1/generate", json=body).json()["text"] == "ok"
+
+
+def test_streaming_chat_chunks_concatenate_to_the_non_streaming_text(serve_cluster):
+    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key="unused")
+    kwargs = {"model": "tiny", "messages": USER, "temperature": 0, "max_tokens": 96,
+              "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}}
+    whole = oa.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(oa.chat.completions.create(stream=True, **kwargs))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 3
+    assert "".join(pieces) == whole
+    jsonschema.validate(json.loads(whole), PERSON)
+    final = chunks[-1]
+    assert final.choices[0].finish_reason == "stop"
+    assert final.usage.completion_tokens > 0
+
+
+def test_streaming_completions_and_native(serve_cluster, client):
+    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key="unused")
+    stream = oa.completions.create(model="tiny", prompt="Colour:", stream=True, temperature=0,
+                                   extra_body={"guided_choice": ["crimson", "teal"]})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) in {"crimson", "teal"}
+    body = {"model": "tiny", "prompt": "x", "stream": True, "temperature": 0,
+            "constraint": {"type": "regex", "pattern": "[0-9]{6}"}}
+    with client.stream("POST", "/v1/generate", json=body) as response:
+        lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    deltas = "".join(e["delta"] for e in events if "delta" in e)
+    done = events[-1]["done"]
+    assert deltas == done["text"] and len(done["text"]) == 6 and done["valid"] is True
+
+
+def _tiny_counters(client):
+    found = [r for r in replicas(client) if r["model"] == "tiny"]
+    return sum(r["finished"].get("cancelled", 0) for r in found), sum(r["queue"]["running"] for r in found)
+
+
+def test_a_disconnect_mid_stream_stops_the_replicas_generation(client):
+    cancelled_before, _ = _tiny_counters(client)
+    body = {"model": "tiny", "prompt": "x", "stream": True, "max_tokens": 128,
+            "constraint": {"type": "regex", "pattern": "[a-z]{1000}"}}
+    with client.stream("POST", "/v1/generate", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and "delta" in line:
+                break  # leave after the first token: closing the response drops the connection
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        cancelled, running = _tiny_counters(client)
+        if cancelled > cancelled_before and running == 0:
+            break
+    assert cancelled == cancelled_before + 1
+    assert running == 0

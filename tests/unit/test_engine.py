@@ -2,6 +2,7 @@
 adversary for constraints."""
 
 import json
+import time
 
 import pytest
 
@@ -173,3 +174,49 @@ def test_cache_is_bounded_in_entries_and_bytes():
     assert cache.stats.bytes <= 1000
     assert "big" in cache and "k2" not in cache or cache.stats.bytes <= 1000
     assert cache.stats.evictions >= 3
+
+
+def _solo(engine, req):
+    return engine.generate([req])[0]
+
+
+def test_rows_joining_a_running_batch_get_the_same_greedy_output_as_alone(tiny_engine):
+    long_req = GenerationRequest(prompt="The story begins", sampling=SamplingParams(max_new_tokens=60, temperature=0))
+    late_req = request(CONSTRAINTS["json_schema"], temperature=0)
+    other_req = request(CONSTRAINTS["regex"], temperature=0)
+    alone = [_solo(tiny_engine, r) for r in (long_req, late_req, other_req)]
+    first = tiny_engine.submit(long_req)
+    while len(first.stream.output.token_ids) < 5:
+        time.sleep(0.001)
+    joined = [tiny_engine.submit(late_req), tiny_engine.submit(other_req)]
+    results = [tiny_engine.result(s, s.stream.result(timeout=60)) for s in (first, *joined)]
+    assert [r.text for r in results] == [r.text for r in alone]
+    assert [r.finish_reason for r in results] == [r.finish_reason for r in alone]
+
+
+def test_streamed_deltas_concatenate_to_the_final_text(tiny_engine):
+    submission = tiny_engine.submit(request(CONSTRAINTS["json_schema"], temperature=0))
+    deltas = []
+    while True:
+        kind, value = submission.stream.events.get(timeout=60)
+        if kind == "delta":
+            deltas.append(value)
+        else:
+            break
+    assert kind == "done"
+    assert len(deltas) > 3
+    assert "".join(deltas) == value.text
+    json.loads(value.text)
+
+
+def test_cancelling_a_row_stops_its_generation_and_the_loop_goes_on(tiny_engine):
+    long_req = GenerationRequest(prompt="x", sampling=SamplingParams(max_new_tokens=128, temperature=0.8, seed=3))
+    submission = tiny_engine.submit(long_req)
+    while len(submission.stream.output.token_ids) < 3:
+        time.sleep(0.001)
+    submission.stream.cancel()
+    out = submission.stream.result(timeout=30)
+    assert out.finish_reason == "cancelled"
+    assert len(out.token_ids) < 128
+    assert tiny_engine.queue_depth() == (0, 0)
+    assert _solo(tiny_engine, request(CONSTRAINTS["choice"], temperature=0)).valid
