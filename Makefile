@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 
-.PHONY: serve test lint prepare clean
+.PHONY: serve test lint prepare bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ serve: prepare
 test: $(STAMP)
 	$(PY) -m ruff check serve_app tests bench
 	$(PY) -m pytest -q
+
+# Ratios measured side by side in one run on SmolLM2; table + JSON + PNGs in bench/out/.
+bench: prepare
+	$(PIP) install --quiet -e ".[bench]"
+	$(PY) bench/throughput.py
+	$(PY) bench/compile_cache.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check serve_app tests bench

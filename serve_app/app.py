@@ -11,6 +11,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from serve_app.autoscaling import POLICY_PATH
 from serve_app.config import AppConfig, ModelConfig, parse_config
 from serve_app.replica import RECONFIGURABLE, ModelReplica, actor_options, deployment_name
 from serve_app.router import Router
@@ -41,8 +42,10 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         options["autoscaling_config"] = {
             "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
             "initial_replicas": max(1, scaling.min_replicas),
-            "target_ongoing_requests": scaling.target_queue_depth,
             "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+            "look_back_period_s": scaling.look_back_period_s, "metrics_interval_s": scaling.metrics_interval_s,
+            "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {
+                "target_queue_depth": scaling.target_queue_depth, "smoothing": scaling.smoothing}},
         }
     return options
 

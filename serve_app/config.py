@@ -55,6 +55,8 @@ class LimitsConfig(_Strict):
     max_grammar_bytes: int = Field(64 * 1024, ge=16)
     max_choices: int = Field(1024, ge=1)
     compile_timeout_s: float = Field(30.0, gt=0)
+    max_pending_requests: int = Field(
+        256, ge=1, description="requests accepted and not finished per model; more get 429 + Retry-After")
 
 
 class SamplingDefaults(_Strict):
@@ -82,11 +84,18 @@ class CacheConfig(_Strict):
 
 
 class AutoscalingConfig(_Strict):
+    """Queue-depth autoscaling (see serve_app/autoscaling.py for the formula). min == max gives a
+    fixed replica count and no autoscaler."""
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
-    target_queue_depth: float = Field(4.0, gt=0, description="waiting requests per replica to aim for")
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
+    target_queue_depth: float = Field(
+        4.0, gt=0, description="rows waiting or running per replica to aim for (about max_batch_size / 2)")
+    upscale_delay_s: float = Field(5.0, ge=0, description="how long the signal must ask for more")
+    downscale_delay_s: float = Field(60.0, ge=0, description="how long it must ask for fewer")
+    smoothing: float = Field(0.5, gt=0, le=1, description="EMA weight of the newest queue-depth sample")
+    look_back_period_s: float = Field(10.0, gt=0, description="window Serve averages replica metrics over")
+    metrics_interval_s: float = Field(2.0, gt=0, description="how often replicas report their queue")
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:

@@ -63,6 +63,19 @@ class ModelNotFoundError(ServeAppError):
 class OverloadedError(ServeAppError):
     status_code = 503
     error_type = "overloaded"
+    retry_after_s = 1
+
+
+class QueueFullError(ServeAppError):
+    """The model's bounded queue is full; `retry_after_s` comes from the observed drain rate."""
+
+    status_code = 429
+    error_type = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, param, code)
+        self.args = (message, retry_after_s, param, code)
+        self.retry_after_s = retry_after_s
 
 
 class ModelLoadError(ServeAppError):

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from ray import serve
@@ -47,6 +47,7 @@ class ModelReplica:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         gpus = detect_gpus(self.gpu_ids, assumed_bytes=16 * GIB)
         self.engine = Engine.from_config(self.config, gpus)
+        self._preparing = 0  # rows being validated/compiled, not yet in the decode loop
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.app_name = context.app_name
@@ -100,12 +101,16 @@ class ModelReplica:
     async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One HTTP request's rows (n choices); they join the running batch between steps."""
         results: list[dict[str, Any] | None] = [None] * len(requests)
-        async for event in self.generate_stream(requests):
-            if "done" in event:
-                results[event["index"]] = event["done"]
+        events = self.generate_stream(requests)
+        try:
+            async for event in events:
+                if "done" in event:
+                    results[event["index"]] = event["done"]
+        finally:
+            await events.aclose()  # on cancellation (client gone) this cancels the rows now
         return [r for r in results if r is not None]
 
-    async def generate_stream(self, requests: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    async def generate_stream(self, requests: list[dict[str, Any]]) -> AsyncGenerator[dict[str, Any], None]:
         """Yield ``{"index", "delta"}`` as text is generated and ``{"index", "done"}`` per row.
 
         If the caller goes away (client disconnect), the rows are cancelled in the decode loop."""
@@ -121,7 +126,11 @@ class ModelReplica:
 
         parsed = [GenerationRequest.model_validate(r) for r in requests]
         # Validation and compiling run off the event loop; a bad row raises before any starts.
-        submissions = await asyncio.to_thread(self._submit_all, parsed, [notifier(i) for i in range(len(parsed))])
+        self._preparing += len(parsed)
+        try:
+            submissions = await asyncio.to_thread(self._submit_all, parsed, [notifier(i) for i in range(len(parsed))])
+        finally:
+            self._preparing -= len(parsed)
         pending, served_by = len(submissions), self.served_by()
         try:
             while pending:
@@ -143,6 +152,8 @@ class ModelReplica:
         return [self.engine.submit_prepared(request, row, callback)
                 for request, row, callback in zip(requests, rows, notify, strict=True)]
 
-    def record_queue_depth(self) -> dict[str, int]:
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Polled by Serve; `queue_depth` drives serve_app.autoscaling.QueueDepthPolicy."""
         waiting, running = self.engine.queue_depth()
-        return {"waiting": waiting, "running": running}
+        waiting += self._preparing
+        return {"queue_depth": float(waiting + running), "waiting": float(waiting), "running": float(running)}

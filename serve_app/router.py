@@ -7,23 +7,28 @@ Route handlers are thin: parse -> validate against the model's config -> dispatc
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app import metrics as metrics_module
 from serve_app.api import schemas
 from serve_app.api.errors import as_serve_app_error, error_response
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine.constraints import Constraint, JsonSchemaConstraint, check_limits
 from serve_app.engine.schema_support import check_schema_supported
 from serve_app.engine.types import GenerationRequest, GenerationResult
-from serve_app.errors import LimitExceededError, ModelNotFoundError, ServeAppError
+from serve_app.errors import LimitExceededError, ModelNotFoundError, QueueFullError, ServeAppError
+from serve_app.metrics import RouterMetrics
 from serve_app.registry import get_registry
 
 app = FastAPI(title="serve_app", version="0.1.0")
@@ -34,6 +39,17 @@ app = FastAPI(title="serve_app", version="0.1.0")
 @app.exception_handler(Exception)
 async def _error_handler(_: Request, error: Exception) -> JSONResponse:
     return error_response(error)
+
+
+@app.middleware("http")
+async def _count_requests(request: Request, call_next: Any) -> Any:
+    labels = {"model": "unknown"}
+    metrics_module.REQUEST_LABELS.set(labels)
+    response = await call_next(request)
+    metrics: RouterMetrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None and request.url.path.startswith("/v1/") and request.method == "POST":
+        metrics.requests.labels(labels["model"], request.url.path, str(response.status_code)).inc()
+    return response
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -51,6 +67,46 @@ async def _chain(first: Any, rest: Any) -> AsyncIterator[Any]:
     yield first
     async for item in rest:
         yield item
+
+
+class ModelQueue:
+    """A model's bounded queue at the router: requests accepted and not finished, and how fast
+    they drain (completions per second over a recent window), for an honest Retry-After."""
+
+    WINDOW_S = 30.0
+    MAX_RETRY_AFTER_S = 60
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pending = 0
+        self._done: deque[float] = deque(maxlen=1000)
+
+    def drain_rate(self) -> float:
+        now = time.monotonic()
+        while self._done and now - self._done[0] > self.WINDOW_S:
+            self._done.popleft()
+        if len(self._done) < 2:
+            return 0.0
+        return len(self._done) / max(now - self._done[0], 1e-3)
+
+    def retry_after_s(self) -> int:
+        rate = self.drain_rate()
+        if rate <= 0:
+            return self.MAX_RETRY_AFTER_S // 6
+        excess = self.pending - self.limit + 1
+        return max(1, min(self.MAX_RETRY_AFTER_S, math.ceil(excess / rate)))
+
+    def enter(self) -> None:
+        if self.pending >= self.limit:
+            retry = self.retry_after_s()
+            raise QueueFullError(f"the queue for this model is full ({self.pending} requests pending, limit "
+                                 f"{self.limit}); retry after {retry} s", retry_after_s=retry, code="queue_full")
+        self.pending += 1
+
+    def leave(self, finished: bool) -> None:
+        self.pending -= 1
+        if finished:
+            self._done.append(time.monotonic())
 
 
 def validate_for_model(model: ModelConfig, rows: list[GenerationRequest]) -> None:
@@ -75,8 +131,13 @@ class Router:
         self.handles = handles
         self.app_name = serve.get_replica_context().app_name
         self.registry = get_registry()
+        self.metrics = app.state.metrics = RouterMetrics()
+        self.queues = {m.name: ModelQueue(m.limits.max_pending_requests) for m in self.config.models}
 
     def model(self, name: str) -> ModelConfig:
+        labels = metrics_module.REQUEST_LABELS.get(None)
+        if labels is not None and name in self.queues:
+            labels["model"] = name
         try:
             return self.config.model(name)
         except KeyError:
@@ -84,27 +145,47 @@ class Router:
             raise ModelNotFoundError(f"model {name!r} not found; known models: {known}", param="model",
                                      code="model_not_found") from None
 
-    async def dispatch(self, model: ModelConfig, rows: list[GenerationRequest]) -> list[GenerationResult]:
+    def admit(self, model: ModelConfig, rows: list[GenerationRequest]) -> ModelQueue:
+        """Validate, then take a place in the model's bounded queue (429 when it is full)."""
         validate_for_model(model, rows)
-        payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
-        results = await self.handles[model.name].generate.remote(payload)
-        return [GenerationResult.model_validate(r) for r in results]
+        queue = self.queues[model.name]
+        queue.enter()
+        self.metrics.pending.labels(model.name).set(queue.pending)
+        return queue
 
-    async def open_stream(self, model: ModelConfig, rows: list[GenerationRequest]) -> tuple[Any, Any]:
+    def leave(self, model: ModelConfig, queue: ModelQueue, results: list[GenerationResult]) -> None:
+        queue.leave(finished=bool(results))
+        self.metrics.pending.labels(model.name).set(queue.pending)
+        for result in results:
+            self.metrics.observe_result(model.name, result)
+
+    async def dispatch(self, model: ModelConfig, rows: list[GenerationRequest]) -> list[GenerationResult]:
+        queue = self.admit(model, rows)
+        results: list[GenerationResult] = []
+        try:
+            payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
+            results = [GenerationResult.model_validate(r)
+                       for r in await self.handles[model.name].generate.remote(payload)]
+            return results
+        finally:  # also when the client disconnected and Serve cancelled this request
+            self.leave(model, queue, results)
+
+    async def open_stream(self, model: ModelConfig, rows: list[GenerationRequest]) -> tuple[Any, Any, ModelQueue]:
         """Start a replica stream and wait for its first event, so that errors raised before any
         token (prompt too long, a constraint that does not compile) still get a 4xx response."""
-        validate_for_model(model, rows)
+        queue = self.admit(model, rows)
         payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
         stream = self.handles[model.name].options(stream=True).generate_stream.remote(payload)
         try:
             first = await stream.__anext__()
         except BaseException:
             stream.cancel()
+            self.leave(model, queue, [])
             raise
-        return stream, first
+        return stream, first, queue
 
     async def openai_stream(self, model: ModelConfig, rows: list[GenerationRequest], chat: bool) -> StreamingResponse:
-        stream, first = await self.open_stream(model, rows)
+        stream, first, queue = await self.open_stream(model, rows)
         formatter = schemas.ChunkFormatter(model.name, chat, len(rows))
 
         async def chunks() -> AsyncIterator[str]:
@@ -125,6 +206,7 @@ class Router:
                 yield _sse(as_serve_app_error(error).to_dict())
             finally:
                 stream.cancel()  # the client went away or we are done: stop generating
+                self.leave(model, queue, list(results.values()))
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
@@ -155,15 +237,17 @@ class Router:
         return schemas.native_response(model.name, result, row.constraint, time.perf_counter() - started)
 
     async def native_stream(self, model: ModelConfig, row: GenerationRequest, started: float) -> StreamingResponse:
-        stream, first = await self.open_stream(model, [row])
+        stream, first, queue = await self.open_stream(model, [row])
 
         async def events() -> AsyncIterator[str]:
+            results: list[GenerationResult] = []
             try:
                 async for event in _chain(first, stream):
                     if "delta" in event:
                         yield _sse({"delta": event["delta"]})
                     else:
                         result = GenerationResult.model_validate(event["done"])
+                        results.append(result)
                         elapsed = time.perf_counter() - started
                         yield _sse({"done": schemas.native_response(model.name, result, row.constraint, elapsed)})
                 yield "data: [DONE]\n\n"
@@ -171,6 +255,7 @@ class Router:
                 yield _sse(as_serve_app_error(error).to_dict())
             finally:
                 stream.cancel()
+                self.leave(model, queue, results)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -189,6 +274,11 @@ class Router:
         counts = {m.name: sum(1 for r in live if r["model"] == m.name) for m in self.config.models}
         ready = all(counts.values())
         return JSONResponse({"ready": ready, "replicas": counts}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Response:
+        live = await self.registry.live.remote(self.app_name)
+        return Response(self.metrics.render(live), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/replicas")
     async def replicas(self) -> dict[str, Any]:

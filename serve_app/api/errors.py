@@ -53,5 +53,6 @@ def as_serve_app_error(error: BaseException) -> ServeAppError:
 
 def error_response(error: BaseException) -> JSONResponse:
     mapped = as_serve_app_error(error)
-    headers = {"Retry-After": "1"} if mapped.status_code == 503 else None
+    retry_after = getattr(mapped, "retry_after_s", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse(mapped.to_dict(), status_code=mapped.status_code, headers=headers)

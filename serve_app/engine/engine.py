@@ -20,6 +20,7 @@ from serve_app.engine.cache import CompileCache
 from serve_app.engine.constraints import ChoiceConstraint
 from serve_app.engine.decode import DecodeLoop, Row, RowOutput, Stream
 from serve_app.engine.loading import LoadedModel, load_hf_config, load_model, resolve_source
+from serve_app.engine.memory import gpu_memory
 from serve_app.engine.placement import GpuInfo, plan_placement
 from serve_app.engine.types import GenerationRequest, GenerationResult, SamplingParams, Usage
 from serve_app.errors import InvalidRequestError, LimitExceededError
@@ -183,6 +184,7 @@ class Engine:
             "queue": dict(zip(("waiting", "running"), self.queue_depth(), strict=True)),
             "finished": dict(self.loop.finished),
             "decode_steps": self.loop.steps,
+            "gpu_memory": gpu_memory(),
         }
 
 

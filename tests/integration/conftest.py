@@ -17,7 +17,7 @@ MAIN_APP = {"models": [
      "constraints": {"yes_no": {"type": "choice", "choices": ["yes", "no"]}}},
     {"name": "tiny-small", "source": "builtin:tiny-random-llama",
      "placement": {"num_cpus": 0.5},
-     "limits": {"max_new_tokens": 32, "max_schema_bytes": 256}},
+     "limits": {"max_new_tokens": 32, "max_schema_bytes": 256, "max_pending_requests": 2}},
 ]}
 GPU_APP = {"models": [
     {"name": "half", "source": "builtin:tiny-random-llama",

@@ -1,0 +1,483 @@
+"""`serve-app`: thin commands over Ray's own tools for running this app on a Ray cluster.
+
+    serve-app run CONFIG [--port 8000]              local Ray + Serve in the foreground (`make serve`)
+    serve-app build CONFIG                          print the complete Ray Serve config `serve deploy` takes
+    serve-app deploy CONFIG --address URL [--wait]  build, then PUT it to the dashboard as `serve deploy` does
+    serve-app status --address URL [--json]         apps, deployments, replicas: placement and CPU fallback
+    serve-app submit CONFIG --address URL           run cluster/job_entrypoint.py as a Ray job
+    serve-app kuberay CONFIG                        print a KubeRay RayService manifest
+
+CONFIG is one of `configs/*.yaml` (a Ray Serve config whose `args` are ours) or a bare ``models:``
+file. Under `serve deploy`, Ray Serve takes an application's code version from its ``import_path``,
+``runtime_env`` and ``args``: any change of ``args`` rebuilds the app and replaces every replica,
+while a change of a deployment's ``user_config`` alone is applied in place by ``reconfigure``. So
+`build` moves what replicas apply in place (sampling defaults, the constraint registry) out of
+``args`` into each model deployment's ``user_config``; ``limits`` are in both, because the router
+validates requests against them too (changing a limit rolls the app).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import re
+import shlex
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve_app.config import AppConfig, ConfigError, ModelConfig, parse_config
+
+IMPORT_PATH = "serve_app.app:build_app"
+DEFAULT_APPLICATION = {"name": "serve_app", "route_prefix": "/", "import_path": IMPORT_PATH}
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+# Kept out of `args`: replicas apply them in place, and an `args` change would replace replicas.
+IN_PLACE_ONLY = frozenset({"sampling", "constraints"})
+ENTRYPOINT = "cluster/job_entrypoint.py"
+# Never uploaded with a job's working dir (virtualenvs alone can be gigabytes).
+UPLOAD_EXCLUDES = [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".mypy_cache",
+                   ".ruff_cache", "bench/out"]
+HTTP_TIMEOUT_S = 10
+POLL_S = 1.0
+# KubeRay's Serve service targets the proxies on 8000; inside a pod they must listen on all interfaces.
+KUBERAY_HTTP_OPTIONS = {"host": "0.0.0.0", "port": 8000}
+HEAD_RESOURCES = {"cpu": "2", "memory": "8Gi"}
+# A common cloud ratio (4 GiB per vCPU); GPU pods also hold the weights in RAM while loading.
+MEMORY_GIB_PER_CPU = 4
+
+
+class CliError(Exception):
+    """Shown to the user as one line, exit code 1."""
+
+
+# -- build -------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping (a Ray Serve config or `models:`)")
+    return data
+
+
+def app_args(config: AppConfig) -> dict[str, Any]:
+    """What replicas and router need at construction; unset fields stay unset, so `args` read like the input."""
+    dumped = config.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    dumped["models"] = [{key: value for key, value in model.items() if key not in IN_PLACE_ONLY}
+                        for model in dumped["models"]]
+    return dumped
+
+
+def deployment_override(model: ModelConfig) -> dict[str, Any]:
+    """Serve's per-deployment options for one model, in the config schema's terms."""
+    from serve_app.app import deployment_options  # here: `status` and `submit` need none of the app's code
+
+    options = deployment_options(model)
+    # Under `serve deploy` the code version comes from `args` (where ModelConfig.version is), not from
+    # the deployment's `version` option, which the config schema does not even accept.
+    options.pop("version", None)
+    return options
+
+
+def merge_overrides(derived: list[dict[str, Any]], given: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The config file's own `deployments` entries win, key by key, over what we derive."""
+    by_name = {entry["name"]: entry for entry in given}
+    merged = [{**entry, **by_name.pop(entry["name"], {})} for entry in derived]
+    return merged + list(by_name.values())
+
+
+def build_application(application: dict[str, Any]) -> dict[str, Any]:
+    if application.get("import_path", IMPORT_PATH) != IMPORT_PATH:
+        return application  # someone else's app in the same file: pass it through untouched
+    config = parse_config(application.get("args", {}))
+    derived = [deployment_override(model) for model in config.models]
+    return {**DEFAULT_APPLICATION, **application,
+            "args": app_args(config),
+            "deployments": merge_overrides(derived, application.get("deployments", []))}
+
+
+def serve_config(data: dict[str, Any]) -> dict[str, Any]:
+    """Ours or a Ray Serve config file -> a complete Ray Serve config, validated by Ray's own schema."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    top = dict(data) if "applications" in data else {"applications": [{**DEFAULT_APPLICATION, "args": data}]}
+    top["applications"] = [build_application(app) for app in top["applications"]]
+    try:
+        ServeDeploySchema.model_validate(top)
+    except ValidationError as error:
+        raise ConfigError(f"not a valid Ray Serve config: {error}") from None
+    return top
+
+
+def our_configs(built: dict[str, Any]) -> list[AppConfig]:
+    return [parse_config(app["args"]) for app in built["applications"] if app.get("import_path") == IMPORT_PATH]
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (RayService's serveConfigV2) as readable `|` blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_BlockDumper.add_representer(str, _represent_str)
+
+
+# -- the cluster: dashboard REST API (what `serve deploy` / `serve status` use) ------------------
+
+
+def use_local_token() -> None:
+    """Send the local Ray auth token (~/.ray/auth_token) as `ray start` uses it: `ray start` turns
+    token auth on whenever that file exists, but Ray's HTTP clients send the token only when this
+    process is in token mode. An explicit RAY_AUTH_MODE is respected."""
+    try:
+        from ray._private.authentication import authentication_token_setup as setup
+    except ImportError:  # a Ray without token auth
+        return
+    logger = logging.getLogger(setup.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its "token auth is enabled" notice would break our one-line output
+    try:
+        setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        logger.setLevel(level)
+
+
+def serve_client(address: str) -> Any:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    use_local_token()
+    return ServeSubmissionClient(address)
+
+
+def deploy_config(address: str, built: dict[str, Any]) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    # Exactly what `serve deploy` sends: Ray's schema, dumped without the defaults it filled in.
+    serve_client(address).deploy_applications(ServeDeploySchema.model_validate(built).model_dump(exclude_unset=True))
+
+
+def wait_running(address: str, names: list[str], timeout_s: float) -> None:
+    """Until every named app is RUNNING; a failed deploy or the timeout is an error."""
+    client, deadline = serve_client(address), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = client.get_serve_details().get("applications", {})
+        states = {name: apps.get(name, {}).get("status", "NOT_STARTED") for name in names}
+        failed = [name for name, state in states.items() if state == "DEPLOY_FAILED"]
+        if failed:
+            raise CliError(f"app {failed[0]} failed to deploy: {one_line(apps[failed[0]].get('message', ''))}")
+        if all(state == "RUNNING" for state in states.values()):
+            return
+        time.sleep(POLL_S)
+    raise CliError(f"apps {', '.join(names)} not RUNNING after {timeout_s:.0f} s: {states}")
+
+
+def http_base(details: dict[str, Any], dashboard: str, route_prefix: str) -> str:
+    options = details.get("http_options") or {}
+    host = options.get("host") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = dashboard.split("://", 1)[-1].rsplit(":", 1)[0]  # the proxies run on the head node too
+    return f"http://{host}:{options.get('port', 8000)}{route_prefix.rstrip('/')}"
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+        return json.loads(response.read())
+
+
+def wait_http_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(POLL_S)
+    raise CliError(f"{url} not ready after {timeout_s:.0f} s")
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+def app_replicas(details: dict[str, Any], dashboard: str, app: dict[str, Any]) -> list[dict[str, Any]] | str:
+    """Our app's own view of its replicas (placement, GPU ids, fallback), or why it is unavailable."""
+    if app.get("route_prefix") is None:
+        return "no HTTP route"
+    try:
+        return list(get_json(f"{http_base(details, dashboard, app['route_prefix'])}/v1/replicas")["replicas"])
+    except (OSError, ValueError, KeyError) as error:
+        return f"unavailable ({one_line(str(error))})"
+
+
+def collect_status(address: str) -> dict[str, Any]:
+    details = serve_client(address).get_serve_details()
+    apps = details.get("applications", {})
+    return {"http_options": details.get("http_options"),
+            "applications": {name: {**app, "app_replicas": app_replicas(details, address, app)}
+                             for name, app in apps.items()}}
+
+
+def replica_line(replica: dict[str, Any]) -> str:
+    gpus = ",".join(replica.get("assigned_gpu_ids") or []) or "-"
+    plan = replica.get("plan") or {}
+    fallback = f"yes ({replica.get('fallback_reason')})" if replica.get("fell_back_to_cpu") else "no"
+    return (f"    replica {replica.get('replica_id')} model={replica.get('model')} version={replica.get('version')} "
+            f"config={replica.get('config_hash')} device={plan.get('device', '?')} dtype={replica.get('dtype')} "
+            f"gpus={gpus} cpu_fallback={fallback}")
+
+
+def deployment_lines(name: str, deployment: dict[str, Any]) -> list[str]:
+    states: dict[str, int] = {}
+    for replica in deployment.get("replicas", []):
+        states[replica.get("state", "?")] = states.get(replica.get("state", "?"), 0) + 1
+    counts = ", ".join(f"{count} {state.lower()}" for state, count in sorted(states.items())) or "no replicas"
+    lines = [f"  deployment {name}: {deployment.get('status')} ({counts})"]
+    if deployment.get("message"):
+        # e.g. replicas waiting for GPUs the cluster does not have: Serve only says so here.
+        lines.append(f"    note: {one_line(deployment['message'])}")
+    return lines
+
+
+def format_status(status: dict[str, Any]) -> str:
+    if not status["applications"]:
+        return "no Serve applications on this cluster"
+    lines = []
+    for name, app in status["applications"].items():
+        lines.append(f"app {name}: {app.get('status')}  route {app.get('route_prefix')}")
+        if app.get("message"):
+            lines.append(f"  note: {one_line(app['message'])}")
+        for deployment_name, deployment in app.get("deployments", {}).items():
+            lines += deployment_lines(deployment_name, deployment)
+        replicas = app["app_replicas"]
+        lines += [replica_line(r) for r in replicas] if isinstance(replicas, list) else [f"  replicas: {replicas}"]
+    return "\n".join(lines)
+
+
+# -- submit ------------------------------------------------------------------------------------
+
+
+def job_request(config: str, working_dir: str) -> tuple[str, dict[str, Any]]:
+    """The entrypoint and runtime_env: the working dir travels with the job (uploaded to the head)."""
+    root = Path(working_dir).resolve()
+    if not (root / ENTRYPOINT).is_file():
+        raise CliError(f"{root / ENTRYPOINT} not found; run from the repository or pass --working-dir")
+    try:
+        relative = Path(config).resolve().relative_to(root)
+    except ValueError:
+        raise CliError(f"config {config} must be inside the working dir {root} (it is uploaded with it)") from None
+    # `python` is the cluster's interpreter, not ours: the job runs on the head node.
+    entrypoint = f"python {ENTRYPOINT} {shlex.quote(relative.as_posix())}"
+    return entrypoint, {"working_dir": str(root), "excludes": UPLOAD_EXCLUDES}
+
+
+async def follow_logs(client: Any, job_id: str) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        print(chunk, end="", flush=True)
+
+
+def submit(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    serve_config(read_yaml(args.config))  # a bad config fails here, not minutes later on the cluster
+    entrypoint, runtime_env = job_request(args.config, args.working_dir)
+    use_local_token()
+    client = JobSubmissionClient(args.address)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    print(job_id, flush=True)
+    if args.no_wait:
+        return 0
+    asyncio.run(follow_logs(client, job_id))
+    status = client.get_job_status(job_id)
+    print(f"job {job_id}: {status.value}", file=sys.stderr)
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+# -- kuberay -----------------------------------------------------------------------------------
+
+
+def pod_shape(model: ModelConfig) -> tuple[int, int]:
+    """(GPUs per pod, replicas per pod): a GPU share packs replicas onto one card, N GPUs take a pod."""
+    gpus = model.placement.gpus_per_replica
+    if gpus == 0:
+        return 0, 1
+    if gpus < 1:
+        return 1, math.floor(1 / gpus)
+    return int(gpus), 1
+
+
+def worker_group(model: ModelConfig, image: str) -> dict[str, Any]:
+    gpus, per_pod = pod_shape(model)
+    cpus = model.placement.num_cpus * per_pod
+    limits: dict[str, Any] = {"cpu": f"{cpus:g}", "memory": f"{math.ceil(cpus * MEMORY_GIB_PER_CPU)}Gi"}
+    if gpus:
+        limits["nvidia.com/gpu"] = gpus
+    scaling = model.autoscaling
+    return {
+        "groupName": (re.sub(r"[^a-z0-9-]+", "-", model.name.lower()).strip("-")[:40] or "model") + "-workers",
+        "replicas": math.ceil(scaling.min_replicas / per_pod),
+        "minReplicas": math.ceil(scaling.min_replicas / per_pod),
+        "maxReplicas": math.ceil(scaling.max_replicas / per_pod),
+        "rayStartParams": {},
+        "template": {"spec": {"containers": [
+            {"name": "ray-worker", "image": image, "resources": {"limits": limits, "requests": dict(limits)}}]}},
+    }
+
+
+def head_group(image: str) -> dict[str, Any]:
+    ports = [{"containerPort": port, "name": name} for name, port in
+             (("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))]
+    return {
+        # No replicas on the head: it keeps the GCS, dashboard, Serve controller and a proxy.
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "template": {"spec": {"containers": [
+            {"name": "ray-head", "image": image, "ports": ports,
+             "resources": {"limits": HEAD_RESOURCES, "requests": dict(HEAD_RESOURCES)}}]}},
+    }
+
+
+def rayservice(built: dict[str, Any], name: str, image: str) -> dict[str, Any]:
+    models = [model for config in our_configs(built) for model in config.models]
+    serve_v2 = {**built, "http_options": KUBERAY_HTTP_OPTIONS}
+    autoscales = any(m.autoscaling.min_replicas != m.autoscaling.max_replicas for m in models)
+    return {
+        "apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": name},
+        "spec": {
+            "serveConfigV2": dump_yaml(serve_v2),
+            "rayClusterConfig": {
+                "rayVersion": ray_version(), "enableInTreeAutoscaling": autoscales,
+                "headGroupSpec": head_group(image),
+                "workerGroupSpecs": [worker_group(model, image) for model in models],
+            },
+        },
+    }
+
+
+def kuberay_manifest(config: str, name: str, image: str) -> str:
+    header = (f"# Generated by `serve-app kuberay {config}`; regenerate instead of editing.\n"
+              f"# The image must contain serve_app (e.g. FROM {image} + `pip install .`) and the model source.\n")
+    return header + dump_yaml(rayservice(serve_config(read_yaml(config)), name, image))
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    from serve_app.serve import main as serve_main
+
+    return serve_main([args.config, "--host", args.host, "--port", str(args.port)])
+
+
+def build(args: argparse.Namespace) -> int:
+    print(dump_yaml(serve_config(read_yaml(args.config))), end="")
+    return 0
+
+
+def deploy(args: argparse.Namespace) -> int:
+    built = serve_config(read_yaml(args.config))
+    deploy_config(args.address, built)
+    names = [app["name"] for app in built["applications"]]
+    print(f"deploy request for {', '.join(names)} accepted by {args.address}", file=sys.stderr)
+    if args.wait:
+        wait_running(args.address, names, args.timeout_s)
+        print(f"{', '.join(names)} RUNNING", file=sys.stderr)
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    result = collect_status(args.address)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_status(result))
+    return 0
+
+
+def kuberay(args: argparse.Namespace) -> int:
+    print(kuberay_manifest(args.config, args.name, args.image), end="")
+    return 0
+
+
+def ray_version() -> str:
+    from importlib.metadata import version
+
+    return version("ray")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="serve-app", description=__doc__.split("\n", 1)[0])
+    commands = root.add_subparsers(dest="command", required=True)
+    sub = commands.add_parser("run", help="serve CONFIG on a local Ray cluster, in the foreground")
+    sub.add_argument("config")
+    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--port", type=int, default=8000)
+    sub.set_defaults(handler=run)
+    sub = commands.add_parser("build", help="print the complete Ray Serve config built from CONFIG")
+    sub.add_argument("config")
+    sub.set_defaults(handler=build)
+    sub = commands.add_parser("deploy", help="deploy CONFIG to a running cluster (as `serve deploy`)")
+    sub.add_argument("config")
+    _address(sub)
+    sub.add_argument("--wait", action="store_true", help="return once every app is RUNNING")
+    sub.add_argument("--timeout-s", type=float, default=600)
+    sub.set_defaults(handler=deploy)
+    sub = commands.add_parser("status", help="apps, deployments and replicas (placement, CPU fallback)")
+    _address(sub)
+    sub.add_argument("--json", action="store_true")
+    sub.set_defaults(handler=status)
+    sub = commands.add_parser("submit", help=f"run {ENTRYPOINT} CONFIG as a Ray job")
+    sub.add_argument("config")
+    _address(sub)
+    sub.add_argument("--working-dir", default=".", help="uploaded with the job; must hold CONFIG and the entrypoint")
+    sub.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sub.set_defaults(handler=submit)
+    sub = commands.add_parser("kuberay", help="print a KubeRay RayService manifest for CONFIG")
+    sub.add_argument("config")
+    sub.add_argument("--name", default="serve-app")
+    sub.add_argument("--image", default=f"rayproject/ray:{ray_version()}-py311-gpu")
+    sub.set_defaults(handler=kuberay)
+    return root
+
+
+def _address(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--address", default=DEFAULT_DASHBOARD, help="the Ray dashboard's HTTP address")
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as error:
+        head, *problems = str(error).split("\n")
+        message = one_line(f"{head} {'; '.join(p.strip() for p in problems)}")
+    except CliError as error:
+        message = str(error)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # cluster unreachable, HTTP errors from Ray's clients: one line, no traceback
+        lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        message = f"{type(error).__name__}: {one_line(lines[0])}"
+    print(f"serve-app: error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""`serve-app` without a cluster: build, kuberay, and one-line errors."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ray.serve._private.deploy_utils import get_app_code_version
+from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+from serve_app.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SERVE_APP = str(Path(sys.executable).parent / "serve-app")
+TINY = {"name": "tiny", "source": "builtin:tiny-random-llama", "limits": {"max_new_tokens": 16},
+        "sampling": {"max_new_tokens": 8}, "constraints": {"yn": {"type": "choice", "choices": ["yes", "no"]}}}
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write(tmp_path: Path, data: Any, name: str = "config.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def built(capsys: pytest.CaptureFixture[str], path: str) -> dict[str, Any]:
+    code, out, err = run_cli(capsys, "build", path)
+    assert code == 0, err
+    return dict(yaml.safe_load(out))
+
+
+def code_version(config: dict[str, Any]) -> str:
+    return get_app_code_version(ServeApplicationSchema.model_validate(config["applications"][0]))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_build_output_is_a_ray_serve_config_with_derived_deployment_options(capsys, config):
+    output = built(capsys, str(config))
+    schema = ServeDeploySchema.model_validate(output)
+    [app] = schema.applications
+    assert app.import_path == "serve_app.app:build_app"
+    models = yaml.safe_load(config.read_text())["applications"][0]["args"]["models"]
+    overrides = {d.name: d for d in app.deployments}
+    for model in models:
+        override = overrides[f"model-{model['name']}"]
+        assert override.ray_actor_options.num_cpus == model["placement"]["num_cpus"]
+        assert (override.ray_actor_options.num_gpus or 0) == model["placement"].get("gpus_per_replica", 0)
+        assert set(override.user_config) == {"sampling", "limits", "constraints"}
+        assert override.graceful_shutdown_timeout_s == 60
+    # what `serve deploy` itself sends validates again
+    ServeDeploySchema.model_validate(schema.model_dump(exclude_unset=True))
+
+
+def test_build_wraps_a_bare_models_file_into_one_application(capsys, tmp_path):
+    output = built(capsys, write(tmp_path, {"models": [TINY]}))
+    [app] = output["applications"]
+    assert (app["name"], app["route_prefix"]) == ("serve_app", "/")
+    assert app["args"]["models"][0]["name"] == "tiny"
+    assert "sampling" not in app["args"]["models"][0] and "constraints" not in app["args"]["models"][0]
+    [deployment] = app["deployments"]
+    assert deployment["user_config"]["sampling"]["max_new_tokens"] == 8
+    assert deployment["user_config"]["constraints"]["yn"]["choices"] == ["yes", "no"]
+
+
+def test_sampling_change_keeps_the_code_version_so_serve_reconfigures_in_place(capsys, tmp_path):
+    changed = {**TINY, "sampling": {"max_new_tokens": 2}}
+    before = built(capsys, write(tmp_path, {"models": [TINY]}, "a.yaml"))
+    after = built(capsys, write(tmp_path, {"models": [changed]}, "b.yaml"))
+    assert code_version(before) == code_version(after)
+    assert before["applications"][0]["deployments"] != after["applications"][0]["deployments"]
+
+
+def test_version_change_changes_the_code_version_so_serve_replaces_replicas(capsys, tmp_path):
+    before = built(capsys, write(tmp_path, {"models": [TINY]}, "a.yaml"))
+    after = built(capsys, write(tmp_path, {"models": [{**TINY, "version": "2"}]}, "c.yaml"))
+    assert code_version(before) != code_version(after)
+
+
+def test_config_file_deployment_overrides_win_over_derived_ones(capsys, tmp_path):
+    config = {"applications": [{"name": "x", "import_path": "serve_app.app:build_app", "args": {"models": [TINY]},
+                                "deployments": [{"name": "model-tiny", "max_ongoing_requests": 7},
+                                                {"name": "router", "num_replicas": 2}]}]}
+    deployments = {d["name"]: d for d in built(capsys, write(tmp_path, config))["applications"][0]["deployments"]}
+    assert deployments["model-tiny"]["max_ongoing_requests"] == 7
+    assert "user_config" in deployments["model-tiny"]
+    assert deployments["router"] == {"name": "router", "num_replicas": 2}
+
+
+def manifest(capsys: pytest.CaptureFixture[str], config: str) -> dict[str, Any]:
+    code, out, err = run_cli(capsys, "kuberay", config)
+    assert code == 0, err
+    return dict(yaml.safe_load(out))
+
+
+def test_kuberay_manifest_is_a_rayservice_with_gpu_workers_matching_placement(capsys):
+    service = manifest(capsys, "configs/multi_gpu.yaml")
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    serve_v2 = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_v2)
+    assert serve_v2["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    cluster = service["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    [group] = cluster["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 2  # gpus_per_replica: 2, one replica per pod
+    assert limits["cpu"] == "4" and limits["memory"].endswith("Gi")
+    assert (group["minReplicas"], group["maxReplicas"]) == (1, 2)
+    assert cluster["enableInTreeAutoscaling"] is True
+
+
+def test_kuberay_packs_gpu_shares_onto_one_card_per_pod(capsys):
+    cluster = manifest(capsys, "configs/fractional_gpu.yaml")["spec"]["rayClusterConfig"]
+    [group] = cluster["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 1  # four replicas of 0.25 share one card
+    assert limits["cpu"] == "4"
+    assert (group["replicas"], group["maxReplicas"]) == (1, 1)
+
+
+def test_committed_rayservice_manifest_is_what_kuberay_generates(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, out, _ = run_cli(capsys, "kuberay", "configs/multi_gpu.yaml")
+    assert code == 0
+    assert (ROOT / "cluster" / "rayservice.yaml").read_text() == out
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("serve-app: error:") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_invalid_config_is_one_line_naming_the_field(capsys, tmp_path):
+    bad = write(tmp_path, {"models": [{**TINY, "dtype": "fp8"}]})
+    for command in ("build", "kuberay"):
+        code, out, err = run_cli(capsys, command, bad)
+        assert out == ""
+        assert_one_line_error(code, err, "models.0.dtype", "fp8")
+
+
+def test_missing_config_file_is_one_line(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "build", str(tmp_path / "nope.yaml"))[::2], "nope.yaml")
+
+
+def test_submit_refuses_a_config_outside_the_working_dir(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, _, err = run_cli(capsys, "submit", write(tmp_path, {"models": [TINY]}), "--address", "http://127.0.0.1:1")
+    assert_one_line_error(code, err, "must be inside the working dir")
+
+
+def test_unreachable_cluster_is_one_line_from_the_installed_script(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    config = write(tmp_path, {"models": [TINY]})
+    for args in (["deploy", config], ["status"]):
+        done = subprocess.run([SERVE_APP, *args, "--address", f"http://127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=120)
+        assert_one_line_error(done.returncode, done.stderr)
+        assert done.stdout == ""
