@@ -51,6 +51,9 @@ class LimitsConfig(_Strict):
     max_prompt_tokens: int = Field(4096, ge=1)
     max_batch_size: int = Field(8, ge=1, description="rows generated together (also capped by memory)")
     max_schema_bytes: int = Field(64 * 1024, ge=16)
+    max_schema_depth: int = Field(32, ge=1, description="nesting of subschemas")
+    max_ref_expansion: int = Field(
+        10_000, ge=1, description="subschemas after inlining local $refs (recursion counted once)")
     max_regex_length: int = Field(4096, ge=1)
     max_grammar_bytes: int = Field(64 * 1024, ge=16)
     max_choices: int = Field(1024, ge=1)
@@ -141,8 +144,17 @@ class ModelConfig(_Strict):
         return self
 
 
+class ServerConfig(_Strict):
+    """The router's HTTP guard rails."""
+
+    api_keys: list[str] = Field(default_factory=list, description="accepted bearer tokens (prefer the env var)")
+    api_keys_env: str = Field("SERVE_APP_API_KEYS", description="env var with comma-separated keys")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger request bodies get 413")
+
+
 class AppConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
+    server: ServerConfig = ServerConfig()
 
     @field_validator("models")
     @classmethod

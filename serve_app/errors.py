@@ -55,6 +55,16 @@ class LimitExceededError(InvalidRequestError):
     error_type = "limit_exceeded"
 
 
+class UnauthorizedError(ServeAppError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PayloadTooLargeError(ServeAppError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
 class ModelNotFoundError(ServeAppError):
     status_code = 404
     error_type = "model_not_found"

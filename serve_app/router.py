@@ -6,8 +6,10 @@ Route handlers are thin: parse -> validate against the model's config -> dispatc
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -23,15 +25,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app import metrics as metrics_module
 from serve_app.api import schemas
 from serve_app.api.errors import as_serve_app_error, error_response
-from serve_app.config import AppConfig, ModelConfig
+from serve_app.config import AppConfig, ModelConfig, ServerConfig
 from serve_app.engine.constraints import Constraint, JsonSchemaConstraint, check_limits
 from serve_app.engine.schema_support import check_schema_supported
 from serve_app.engine.types import GenerationRequest, GenerationResult
-from serve_app.errors import LimitExceededError, ModelNotFoundError, QueueFullError, ServeAppError
+from serve_app.errors import (
+    LimitExceededError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    QueueFullError,
+    ServeAppError,
+    UnauthorizedError,
+)
 from serve_app.metrics import RouterMetrics
 from serve_app.registry import get_registry
 
 app = FastAPI(title="serve_app", version="0.1.0")
+REPLICA_ATTEMPTS = 2
 
 
 @app.exception_handler(RequestValidationError)
@@ -39,6 +49,46 @@ app = FastAPI(title="serve_app", version="0.1.0")
 @app.exception_handler(Exception)
 async def _error_handler(_: Request, error: Exception) -> JSONResponse:
     return error_response(error)
+
+
+# Routes anyone may call: probes and the metrics scrape.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class Guard:
+    """API keys (``Authorization: Bearer``) and the request body size limit. Keys are compared in
+    constant time and never logged or echoed."""
+
+    def __init__(self, server: ServerConfig) -> None:
+        from_env = os.environ.get(server.api_keys_env, "")
+        self.keys = [k for k in [*server.api_keys, *from_env.split(",")] if k.strip()]
+        self.max_body_bytes = server.max_body_bytes
+
+    def check(self, path: str, headers: Any) -> None:
+        if self.keys and path not in OPEN_PATHS:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in self.keys):
+                raise UnauthorizedError("missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                        code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            raise PayloadTooLargeError(f"request body over {self.max_body_bytes} bytes", code="max_body_bytes")
+
+
+@app.middleware("http")
+async def _guard(request: Request, call_next: Any) -> Any:
+    guard: Guard | None = getattr(request.app.state, "guard", None)
+    if guard is not None:
+        try:
+            guard.check(request.url.path, request.headers)
+            if request.method == "POST" and "content-length" not in request.headers:
+                body = await request.body()  # chunked upload: count what actually arrived
+                if len(body) > guard.max_body_bytes:
+                    raise PayloadTooLargeError(f"request body over {guard.max_body_bytes} bytes",
+                                               code="max_body_bytes")
+        except ServeAppError as error:
+            return error_response(error)
+    return await call_next(request)
 
 
 @app.middleware("http")
@@ -132,6 +182,7 @@ class Router:
         self.app_name = serve.get_replica_context().app_name
         self.registry = get_registry()
         self.metrics = app.state.metrics = RouterMetrics()
+        app.state.guard = Guard(self.config.server)
         self.queues = {m.name: ModelQueue(m.limits.max_pending_requests) for m in self.config.models}
 
     def model(self, name: str) -> ModelConfig:
@@ -164,11 +215,23 @@ class Router:
         results: list[GenerationResult] = []
         try:
             payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
-            results = [GenerationResult.model_validate(r)
-                       for r in await self.handles[model.name].generate.remote(payload)]
+            results = [GenerationResult.model_validate(r) for r in await self.call_replica(model, payload)]
             return results
         finally:  # also when the client disconnected and Serve cancelled this request
             self.leave(model, queue, results)
+
+    async def call_replica(self, model: ModelConfig, payload: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A replica that dies under a request (killed, crashed) gets it retried once on another;
+        a second failure is a 503 with Retry-After (see api/errors.py)."""
+        from ray.exceptions import RayActorError
+
+        for attempt in range(REPLICA_ATTEMPTS):
+            try:
+                return await self.handles[model.name].generate.remote(payload)
+            except RayActorError:
+                if attempt + 1 == REPLICA_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     async def open_stream(self, model: ModelConfig, rows: list[GenerationRequest]) -> tuple[Any, Any, ModelQueue]:
         """Start a replica stream and wait for its first event, so that errors raised before any

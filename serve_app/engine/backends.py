@@ -194,20 +194,13 @@ class ConstraintCompiler:
         return (lambda: _LLGuidanceMatcher(matcher.deep_copy(), vocab)), len(grammar) * 8 + 64 * 1024
 
     def _outlines_core(self, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
-        from outlines_core import Index
-        from outlines_core.json_schema import build_regex_from_schema
-
+        """Built in a forked child that is killed on timeout: outlines_core turns a regex into a
+        DFA eagerly, which can blow up (and would keep burning CPU in a discarded thread)."""
         backend = self.backend("outlines_core")
-        if isinstance(constraint, JsonSchemaConstraint):
-            regex = build_regex_from_schema(json.dumps(constraint.json_schema), OUTLINES_CORE_WHITESPACE)
-        else:
-            regex = _regex_of(constraint)
-        try:
-            index = Index(regex, backend.vocabulary)
-        except Exception as error:  # outlines_core raises plain exceptions for unbuildable regexes
-            raise ConstraintError(f"outlines_core cannot compile this {constraint.type}: {error}",
-                                  param=constraint.type, code="unsupported") from None
-        size = sum(len(t) for t in index.get_transitions().values()) * 16 + len(regex)
+        is_schema = isinstance(constraint, JsonSchemaConstraint)
+        source = json.dumps(constraint.json_schema) if is_schema else _regex_of(constraint)  # type: ignore[union-attr]
+        index = build_index_in_child(source, is_schema, backend.vocabulary, self.limits.compile_timeout_s)
+        size = sum(len(t) for t in index.get_transitions().values()) * 16 + len(source)
         vocab = self.vocab_size
         return (lambda: _OutlinesCoreMatcher(index, vocab)), size
 
@@ -239,3 +232,45 @@ def _llguidance_source(constraint: AnyConstraint) -> tuple[str, str]:
         return "lark", constraint.grammar
     return "regex", _regex_of(constraint)
 
+
+
+def _index_child(conn: Any, source: str, is_schema: bool, vocabulary: Any) -> None:
+    import pickle
+
+    from outlines_core import Index
+    from outlines_core.json_schema import build_regex_from_schema
+
+    try:
+        regex = build_regex_from_schema(source, OUTLINES_CORE_WHITESPACE) if is_schema else source
+        conn.send(("ok", pickle.dumps(Index(regex, vocabulary))))
+    except Exception as error:  # outlines_core raises plain exceptions for unbuildable input
+        conn.send(("error", str(error)))
+    finally:
+        conn.close()
+
+
+def build_index_in_child(source: str, is_schema: bool, vocabulary: Any, timeout_s: float) -> Any:
+    import multiprocessing
+    import pickle
+
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_index_child, args=(sender, source, is_schema, vocabulary), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            raise LimitExceededError(f"compiling with outlines_core took longer than limits.compile_timeout_s "
+                                     f"({timeout_s:g} s)", param="constraint", code="compile_timeout_s")
+        status, payload = receiver.recv()
+    except EOFError:
+        status, payload = "error", f"the compiler process died (exit code {child.exitcode})"
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receiver.close()
+    if status != "ok":
+        raise ConstraintError(f"outlines_core cannot compile this constraint: {payload}", param="constraint",
+                              code="unsupported")
+    return pickle.loads(payload)

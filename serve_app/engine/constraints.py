@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve_app.errors import ConstraintError, LimitExceededError
 
+REGEX_CHECK_TIMEOUT_S = 0.5
 # Regex features no token-level automaton can enforce: lookaround and backreferences.
 _UNSUPPORTED_REGEX = re.compile(r"\(\?[=!]|\(\?<[=!]|\\[1-9]|\\k<|\(\?P=")
 
@@ -94,8 +95,15 @@ class RegexConstraint(_Base):
     def _canonical(self) -> Any:
         return self.pattern
 
-    def is_satisfied_by(self, text: str) -> bool:
-        return re.fullmatch(self.pattern, text) is not None
+    def is_satisfied_by(self, text: str) -> bool | None:
+        """None when the check itself ran out of time: a backtracking checker can take
+        exponential time on patterns like ``(a+)+$`` that token automata handle fine."""
+        import regex
+
+        try:
+            return regex.fullmatch(self.pattern, text, timeout=REGEX_CHECK_TIMEOUT_S) is not None
+        except TimeoutError:
+            return None
 
     def to_outlines(self) -> Any:
         from outlines.types import Regex
@@ -204,9 +212,19 @@ def check_limits(constraint: Any, limits: Any) -> None:
         "choice": ("max_choices", len(getattr(constraint, "choices", []))),
     }
     name, value = checks[constraint.type]
+    _check_limit(constraint, limits, name, value)
+    if isinstance(constraint, JsonSchemaConstraint):
+        from serve_app.engine.schema_support import schema_size
+
+        depth, nodes = schema_size(constraint.json_schema, limits.max_ref_expansion)
+        _check_limit(constraint, limits, "max_schema_depth", depth)
+        _check_limit(constraint, limits, "max_ref_expansion", nodes)
+
+
+def _check_limit(constraint: Any, limits: Any, name: str, value: int) -> None:
     limit = getattr(limits, name)
     if value > limit:
+        shown = f"more than {limit}" if name == "max_ref_expansion" else str(value)
         raise LimitExceededError(
-            f"constraint is too large: {value} > limits.{name} ({limit})", param=constraint.type, code=name
-        )
+            f"constraint is too large: {shown} > limits.{name} ({limit})", param=constraint.type, code=name)
 

@@ -14,7 +14,7 @@ import inspect
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ class RowOutput:
     finish_reason: str = "running"  # then "stop", "length" or "cancelled"
     first_token_s: float | None = None
     total_s: float = 0.0
+    accepted: bool = False  # ended on EOS while constrained: the matcher allowed EOS, so it accepts
 
 
 class Stream:
@@ -68,6 +69,11 @@ class Stream:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def context_ids(self) -> list[int]:
+        """What a (re-)prefill feeds: the prompt and every token generated so far. A row
+        preempted on out-of-memory resumes from here with its matcher state intact."""
+        return self.row.prompt_ids + self.output.token_ids
 
     def emit(self, kind: str, value: Any) -> None:
         self.events.put((kind, value))
@@ -128,7 +134,7 @@ def new_generator(seed: int | None) -> torch.Generator:
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        generator.manual_seed(seed % 2**63)  # torch takes [0, 2**64); negatives map into it
     return generator
 
 
@@ -160,6 +166,7 @@ class _Batch:
         self.cache, self.mask = None, None
 
     def merge(self, streams: list[Stream], cache: Any, mask: torch.Tensor) -> None:
+        """Add prefilled rows: pad both caches on the left to a common width, then concatenate."""
         if self.cache is None:
             self.cache, self.mask = cache, mask
         else:
@@ -171,7 +178,7 @@ class _Batch:
             self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
         self.streams += streams
         self.generators += [new_generator(s.row.seed) for s in streams]
-        self.positions += [len(s.row.prompt_ids) for s in streams]
+        self.positions += [len(s.context_ids()) for s in streams]
 
     def keep(self, indices: list[int]) -> None:
         """Drop finished rows, then the padding columns no remaining row needs."""
@@ -219,6 +226,13 @@ class DecodeLoop:
         self.cache_kw = cache_keyword(model)
         self.device = model.device
         self.waiting: queue.SimpleQueue[Stream] = queue.SimpleQueue()
+        self.preempted: deque[Stream] = deque()  # rows split off on out-of-memory, resumed first
+        self.cap_after_oom: int | None = None
+        self.oom_events: Counter[str] = Counter()  # split, cpu_fallback, failed
+        # on_oom() moves the model off the GPU (engine's CPU fallback); True if it did.
+        self.on_oom: Callable[[], bool] | None = None
+        # Test-only injection point: called with the batch size before every forward pass.
+        self.fault_injector: Callable[[int], None] | None = None
         self.batch = _Batch()
         self.joinable = True
         self._wake = threading.Event()
@@ -241,7 +255,11 @@ class DecodeLoop:
 
     def queue_depth(self) -> tuple[int, int]:
         """(waiting, running) rows."""
-        return self.waiting.qsize(), len(self.batch)
+        return self.waiting.qsize() + len(self.preempted), len(self.batch)
+
+    def capacity(self) -> int:
+        cap = self.max_batch_size()
+        return min(cap, self.cap_after_oom) if self.cap_after_oom else cap
 
     # -- loop ------------------------------------------------------------------------------------
 
@@ -249,23 +267,51 @@ class DecodeLoop:
         while True:
             self._admit()
             if not len(self.batch):
+                if not self.preempted:
+                    self.cap_after_oom = None  # memory pressure is gone with the batch
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
             try:
                 self._step()
             except Exception as error:  # fail the rows, keep the loop alive for the next ones
-                for stream in self.batch.streams:
-                    stream.emit("error", error)
+                rows = list(self.batch.streams)
                 self.batch.clear()
+                self._recover(rows, error)
+
+    def _recover(self, rows: list[Stream], error: Exception) -> None:
+        """Out of memory: split the rows and retry half later; a single row that still does not
+        fit moves the model to CPU (if allowed) or fails with a 503. Other errors fail the rows."""
+        from serve_app.engine.loading import is_out_of_memory, release_gpu_memory
+        from serve_app.errors import OverloadedError
+
+        if not is_out_of_memory(error):
+            for stream in rows:
+                stream.emit("error", error)
+            return
+        release_gpu_memory()
+        if len(rows) > 1:
+            self.oom_events["split"] += 1
+            self.cap_after_oom = max(1, len(rows) // 2)
+            self.preempted.extendleft(reversed(rows))
+        elif self.on_oom is not None and self.on_oom():
+            self.oom_events["cpu_fallback"] += 1
+            self.device = self.model.device
+            self.preempted.extendleft(rows)
+        else:
+            self.oom_events["failed"] += 1
+            for stream in rows:
+                stream.emit("error", OverloadedError(
+                    "out of memory while generating, even for this request alone; retry later",
+                    code="out_of_memory"))
 
     def _admit(self) -> None:
         if len(self.batch) and not self.joinable:
             return
-        room = self.max_batch_size() - len(self.batch)
+        room = self.capacity() - len(self.batch)
         group: list[Stream] = []
-        while room > len(group) and not self.waiting.empty():
-            stream = self.waiting.get()
+        while room > len(group) and (self.preempted or not self.waiting.empty()):
+            stream = self.preempted.popleft() if self.preempted else self.waiting.get()
             if not stream.cancelled.is_set():
                 group.append(stream)
             else:
@@ -274,21 +320,20 @@ class DecodeLoop:
             try:
                 self._prefill(group)
             except Exception as error:
-                for stream in group:
-                    stream.emit("error", error)
+                self._recover(group, error)
 
     @torch.inference_mode()
     def _prefill(self, group: list[Stream]) -> None:
-        width = max(len(s.row.prompt_ids) for s in group)
+        contexts = [s.context_ids() for s in group]
+        width = max(len(c) for c in contexts)
         ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
-        for i, stream in enumerate(group):
-            n = len(stream.row.prompt_ids)
-            ids[i, width - n:] = torch.tensor(stream.row.prompt_ids, dtype=torch.long)
-            mask[i, width - n:] = 1
+        for i, context in enumerate(contexts):
+            ids[i, width - len(context):] = torch.tensor(context, dtype=torch.long)
+            mask[i, width - len(context):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         cache = out[self.cache_kw]
         self.joinable = joinable_cache(cache)
         first = len(self.batch)
@@ -308,12 +353,17 @@ class DecodeLoop:
         batch.mask = torch.cat([batch.mask, torch.ones((len(batch), 1), dtype=batch.mask.dtype,
                                                         device=batch.mask.device)], dim=1)
         positions = torch.tensor(batch.positions, dtype=torch.long)[:, None].to(self.device)
-        out = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=batch.mask,
-                         position_ids=positions, use_cache=True, **{self.cache_kw: batch.cache})
+        out = self._forward(input_ids=tokens[:, None].to(self.device), attention_mask=batch.mask,
+                            position_ids=positions, use_cache=True, **{self.cache_kw: batch.cache})
         batch.cache = out[self.cache_kw]
         batch.positions = [p + 1 for p in batch.positions]
         self.steps += 1
         self._sample_and_advance(out.logits[:, -1, :].float(), pending.result(), range(len(batch)))
+
+    def _forward(self, **inputs: Any) -> Any:
+        if self.fault_injector is not None:
+            self.fault_injector(int(inputs["input_ids"].shape[0]))
+        return self.model(**inputs)
 
     def _masks(self, streams: list[Stream]) -> torch.Tensor | None:
         """One int32 bitmask row per stream (all ones for unconstrained rows)."""
@@ -357,6 +407,7 @@ class DecodeLoop:
         if token is None or (row.matcher is not None and token not in self.eos_ids and not row.matcher.advance(token)):
             return self._finish(stream, "length")  # the constraint allows nothing more: incomplete
         if token in self.eos_ids:
+            out.accepted = row.matcher is not None
             return self._finish(stream, "stop")
         out.token_ids.append(token)
         out.text = self.decode_text(out.token_ids)

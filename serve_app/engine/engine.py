@@ -19,7 +19,7 @@ from serve_app.engine.backends import AnyConstraint, CompiledConstraint, Constra
 from serve_app.engine.cache import CompileCache
 from serve_app.engine.constraints import ChoiceConstraint
 from serve_app.engine.decode import DecodeLoop, Row, RowOutput, Stream
-from serve_app.engine.loading import LoadedModel, load_hf_config, load_model, resolve_source
+from serve_app.engine.loading import LoadedModel, load_hf_config, load_model, move_to_cpu, resolve_source
 from serve_app.engine.memory import gpu_memory
 from serve_app.engine.placement import GpuInfo, plan_placement
 from serve_app.engine.types import GenerationRequest, GenerationResult, SamplingParams, Usage
@@ -48,6 +48,7 @@ class Engine:
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.loop = DecodeLoop(self.model, self._decode, self.tokenizer.pad_token_id, self.eos_ids,
                                self.compiler.vocab_size, lambda: max(1, self.loaded.plan.max_batch_size))
+        self.loop.on_oom = lambda: move_to_cpu(self.loaded, self.config, "out of memory during generation")
 
     @classmethod
     def from_config(cls, config: ModelConfig, gpus: Sequence[GpuInfo] = ()) -> Engine:
@@ -158,6 +159,8 @@ class Engine:
     def result(self, submission: Submission, out: RowOutput) -> GenerationResult:
         request, row = submission.request, submission.stream.row
         valid = None if request.constraint is None else request.constraint.is_satisfied_by(out.text)
+        if valid is None and request.constraint is not None:  # the checker timed out: trust the matcher
+            valid = out.accepted
         prompt_tokens, completion_tokens = len(row.prompt_ids), len(out.token_ids)
         return GenerationResult(
             text=out.text, finish_reason=out.finish_reason,
@@ -184,6 +187,7 @@ class Engine:
             "queue": dict(zip(("waiting", "running"), self.queue_depth(), strict=True)),
             "finished": dict(self.loop.finished),
             "decode_steps": self.loop.steps,
+            "out_of_memory": dict(self.loop.oom_events),
             "gpu_memory": gpu_memory(),
         }
 

@@ -92,6 +92,26 @@ def _from_pretrained(source: ModelSource, plan: PlacementPlan) -> Any:
     return model.eval()
 
 
+def move_to_cpu(loaded: LoadedModel, model_cfg: ModelConfig, reason: str) -> bool:
+    """The CPU fallback after loading: strip accelerate's dispatch hooks, move the weights to CPU
+    in the CPU plan's dtype, and record why. False when not allowed or already on CPU."""
+    import torch
+
+    if loaded.plan.device != "cuda" or not model_cfg.placement.cpu_fallback:
+        return False
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(loaded.model, recurse=True)
+    plan = _cpu_fallback_plan(model_cfg, loaded.model.config, reason)
+    loaded.model.to(device="cpu", dtype=getattr(torch, plan.dtype))
+    loaded.gpu_plan, loaded.plan = loaded.plan, plan
+    loaded.fell_back, loaded.fallback_reason = True, reason
+    loaded.device_map = {"": "cpu"}
+    release_gpu_memory()
+    logger.warning("%s moved to CPU: %s", model_cfg.name, reason)
+    return True
+
+
 def _cpu_fallback_plan(model_cfg: ModelConfig, hf_config: Any, reason: str) -> PlacementPlan:
     plan = plan_placement(model_cfg.model_copy(update={"placement": model_cfg.placement.model_copy(
         update={"gpus_per_replica": 0})}), [], hf_config)
@@ -129,7 +149,7 @@ def load_model(model_cfg: ModelConfig, plan: PlacementPlan, source: ModelSource 
             raise
         reason = f"out of memory while loading on GPU: {error}"
         plan, fell_back = _cpu_fallback_plan(model_cfg, hf_config, reason), True
-        _release_gpu_memory()
+        release_gpu_memory()
         model = _from_pretrained(source, plan)
     device_map = dict(getattr(model, "hf_device_map", None) or {"": str(model.device)})
     loaded = LoadedModel(model, tokenizer, plan, source, fell_back, reason if fell_back else None,
@@ -138,7 +158,7 @@ def load_model(model_cfg: ModelConfig, plan: PlacementPlan, source: ModelSource 
     return loaded
 
 
-def _release_gpu_memory() -> None:
+def release_gpu_memory() -> None:
     import gc
 
     import torch

@@ -88,6 +88,59 @@ def iter_subschemas(schema: Any, pointer: str = "") -> Iterator[tuple[str, dict[
         yield from iter_subschemas(items, f"{pointer}/items")
 
 
+def _children(schema: dict[str, Any]) -> Iterator[Any]:
+    for key in _SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict) and key not in ("$defs", "definitions"):
+            yield from schema[key].values()
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            yield from schema[key]
+    for key in _SCHEMA_VALUES:
+        if key in schema:
+            yield schema[key]
+    items = schema.get("items")
+    if isinstance(items, list):
+        yield from items
+    elif items is not None:
+        yield items
+
+
+def resolve_pointer(root: Any, ref: str) -> Any:
+    """A local ``#/...`` reference, or ConstraintError."""
+    if not ref.startswith("#"):
+        raise ConstraintError(f"only local $ref ('#/...') is supported, got {ref!r}", param="json_schema",
+                              code="unsupported_ref")
+    node = root
+    for raw in [p for p in ref[1:].split("/") if p]:
+        part = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise ConstraintError(f"unresolvable $ref {ref!r}", param="json_schema", code="unresolvable_ref")
+    return node
+
+
+def schema_size(schema: Any, max_nodes: int) -> tuple[int, int]:
+    """(deepest nesting, subschemas after inlining local $refs), counting stops past `max_nodes`.
+
+    A $ref already being expanded on the current path (recursion) counts once; a "$ref bomb"
+    (definitions that each reference the next twice) grows exponentially and hits the cap."""
+    nodes, depth = 0, 0
+    stack: list[tuple[Any, int, frozenset[str]]] = [(schema, 1, frozenset())]
+    while stack and nodes <= max_nodes:
+        node, level, active = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        nodes, depth = nodes + 1, max(depth, level)
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref not in active:
+            stack.append((resolve_pointer(schema, ref), level + 1, active | {ref}))
+        stack.extend((child, level + 1, active) for child in _children(node))
+    return depth, nodes
+
+
 def unsupported_keywords(schema: dict[str, Any], backend: str) -> list[tuple[str, str]]:
     """(keyword, pointer) pairs the backend cannot enforce, in document order."""
     supported, formats = SUPPORTED[backend], SUPPORTED_FORMATS[backend]

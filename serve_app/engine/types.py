@@ -24,7 +24,7 @@ class SamplingParams(_Model):
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
 
 

@@ -9,7 +9,8 @@ import time
 import httpx
 import pytest
 
-MAIN_APP = {"models": [
+API_KEY = "sk-test-0123456789"
+MAIN_APP = {"server": {"api_keys": [API_KEY], "max_body_bytes": 256 * 1024}, "models": [
     {"name": "tiny", "source": "builtin:tiny-random-llama",
      "placement": {"num_cpus": 0.5},
      "autoscaling": {"min_replicas": 2, "max_replicas": 2},
@@ -18,6 +19,10 @@ MAIN_APP = {"models": [
     {"name": "tiny-small", "source": "builtin:tiny-random-llama",
      "placement": {"num_cpus": 0.5},
      "limits": {"max_new_tokens": 32, "max_schema_bytes": 256, "max_pending_requests": 2}},
+    {"name": "guarded", "source": "builtin:tiny-random-llama",
+     "placement": {"num_cpus": 0.5},
+     "limits": {"max_new_tokens": 16, "compile_timeout_s": 3, "max_grammar_bytes": 4096},
+     "backends": {"regex": "outlines_core"}},
 ]}
 GPU_APP = {"models": [
     {"name": "half", "source": "builtin:tiny-random-llama",
@@ -70,5 +75,5 @@ def serve_cluster(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def client(serve_cluster):
-    with httpx.Client(base_url=serve_cluster, timeout=120) as http:
+    with httpx.Client(base_url=serve_cluster, timeout=120, headers={"authorization": f"Bearer {API_KEY}"}) as http:
         yield http

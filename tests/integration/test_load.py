@@ -42,7 +42,8 @@ def _cancelled_and_running(client):
 def test_a_client_that_disconnects_cancels_its_non_streaming_request(serve_cluster, client):
     before, _ = _cancelled_and_running(client)
     body = {"model": "tiny", "prompt": "x", "max_tokens": 128, "constraint": LONG}
-    with pytest.raises(httpx.TimeoutException), httpx.Client(base_url=serve_cluster, timeout=0.3) as impatient:
+    with pytest.raises(httpx.TimeoutException), httpx.Client(base_url=serve_cluster, timeout=0.3,
+                                                             headers=client.headers) as impatient:
         impatient.post("/v1/generate", json=body)
     deadline = time.monotonic() + 30
     cancelled, running = before, -1

@@ -13,6 +13,8 @@ import lark
 import openai
 import pytest
 
+from tests.integration.conftest import API_KEY
+
 PERSON = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 12},
                          "age": {"type": "integer", "minimum": 0, "maximum": 130}},
@@ -29,13 +31,13 @@ def test_health_readiness_and_models(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "replicas": {"tiny": 2, "tiny-small": 1}}
+    assert ready.json() == {"ready": True, "replicas": {"tiny": 2, "tiny-small": 1, "guarded": 1}}
     models = client.get("/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-small"]
+    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-small", "guarded"]
 
 
 def test_openai_client_json_schema_returns_valid_json(serve_cluster):
-    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key="unused")
+    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key=API_KEY)
     completion = oa.chat.completions.create(
         model="tiny", messages=USER, temperature=0, max_tokens=96,
         response_format={"type": "json_schema",
@@ -48,7 +50,7 @@ def test_openai_client_json_schema_returns_valid_json(serve_cluster):
 
 
 def test_openai_completions_with_vllm_guided_choice(serve_cluster):
-    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key="unused")
+    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key=API_KEY)
     completion = oa.completions.create(model="tiny", prompt="Pick a colour:", max_tokens=8, temperature=0,
                                        extra_body={"guided_choice": ["red", "green", "blue"]})
     assert completion.object == "text_completion"
@@ -173,7 +175,7 @@ BAD_INPUTS = [
     ("empty messages", "/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
     ("missing model", "/v1/chat/completions", {"messages": USER}, 400, "model: Field required"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": USER}, 404,
-     "known models: tiny, tiny-small"),
+     "known models: tiny, tiny-small, guarded"),
     ("invalid JSON Schema", "/v1/chat/completions",
      {"model": "tiny", "messages": USER, "response_format": {"type": "json_schema", "json_schema": {
          "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strng"}}}}}}, 400,
@@ -234,7 +236,7 @@ def test_the_service_still_answers_after_bad_input(client):
 
 
 def test_streaming_chat_chunks_concatenate_to_the_non_streaming_text(serve_cluster):
-    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key="unused")
+    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key=API_KEY)
     kwargs = {"model": "tiny", "messages": USER, "temperature": 0, "max_tokens": 96,
               "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}}
     whole = oa.chat.completions.create(**kwargs).choices[0].message.content
@@ -249,7 +251,7 @@ def test_streaming_chat_chunks_concatenate_to_the_non_streaming_text(serve_clust
 
 
 def test_streaming_completions_and_native(serve_cluster, client):
-    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key="unused")
+    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key=API_KEY)
     stream = oa.completions.create(model="tiny", prompt="Colour:", stream=True, temperature=0,
                                    extra_body={"guided_choice": ["crimson", "teal"]})
     chunks = list(stream)
