@@ -107,6 +107,8 @@ class Engine:
         return row, compiled
 
     def _check_prompt(self, prompt_tokens: int, max_new: int) -> None:
+        if prompt_tokens == 0:  # found by fuzzing: a model cannot continue from nothing
+            raise InvalidRequestError("prompt is empty (it has no tokens)", param="prompt", code="empty_prompt")
         limit = self.config.limits.max_prompt_tokens
         if prompt_tokens > limit:
             raise LimitExceededError(f"prompt has {prompt_tokens} tokens; the limit is {limit}",

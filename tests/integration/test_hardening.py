@@ -106,6 +106,12 @@ def test_hardening_matrix(client, body, status, message):
     assert message in error["message"], error
 
 
+def test_an_empty_prompt_is_a_400(client):
+    response = client.post("/v1/completions", json={"model": "tiny-small", "prompt": "", "max_tokens": 4})
+    assert response.status_code == 400
+    assert "prompt is empty" in response.json()["error"]["message"]
+
+
 def test_deeply_nested_json_body_is_a_400_not_a_crash(client):
     body = b'{"model": "tiny", "prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     response = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
@@ -211,6 +217,7 @@ def test_a_replica_killed_under_load_leaves_no_request_hanging_and_comes_back(se
     for thread in threads:
         thread.start()
     time.sleep(3)
+    killed = names[0].rsplit("#", 1)[1]
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
     time.sleep(5)
     stop.set()
@@ -220,8 +227,12 @@ def test_a_replica_killed_under_load_leaves_no_request_hanging_and_comes_back(se
     assert "hung" not in codes
     assert set(codes) <= {200, 503}
     assert codes.count(200) >= len(codes) - 4  # at most the in-flight ones may fail, with a 503
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and client.get("/readyz").json()["replicas"]["tiny"] < 2:
+    # Serve brings a new replica (a new id) up, and the killed one's last heartbeat expires.
+    deadline, live = time.monotonic() + 180, []
+    while time.monotonic() < deadline:
+        live = [r["replica_id"] for r in client.get("/v1/replicas").json()["replicas"] if r["model"] == "tiny"]
+        if len(live) == 2 and killed not in live:
+            break
         time.sleep(2)
-    assert client.get("/readyz").json()["replicas"]["tiny"] == 2
+    assert len(live) == 2 and killed not in live, live
     wait_ready(f"{serve_cluster}/readyz")

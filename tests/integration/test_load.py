@@ -69,7 +69,10 @@ def test_metrics_endpoint_exposes_every_family_with_sane_values(client):
         client.post("/v1/generate", json={"model": "tiny", "prompt": "x", "max_tokens": 8,
                                           "constraint": {"type": "regex", "pattern": f"m{i}[0-9]{{4}}"}})
     client.post("/v1/generate", json={"model": "nope", "prompt": "x"})
-    time.sleep(5)  # one heartbeat
+    deadline = time.monotonic() + 60  # both tiny replicas heartbeating (one may have been restarted)
+    while time.monotonic() < deadline and len(_replicas(client, "", "tiny")) != 2:
+        time.sleep(1)
+    time.sleep(5)  # one more heartbeat after the traffic above
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")

@@ -220,3 +220,8 @@ def test_cancelling_a_row_stops_its_generation_and_the_loop_goes_on(tiny_engine)
     assert len(out.token_ids) < 128
     assert tiny_engine.queue_depth() == (0, 0)
     assert _solo(tiny_engine, request(CONSTRAINTS["choice"], temperature=0)).valid
+
+
+def test_an_empty_prompt_is_rejected_not_crashed(tiny_engine):
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        tiny_engine.generate([GenerationRequest(prompt="")])
