@@ -297,7 +297,10 @@ class DecodeLoop:
         elif self.on_oom is not None and self.on_oom():
             self.oom_events["cpu_fallback"] += 1
             self.device = self.model.device
-            self.preempted.extendleft(rows)
+            # Rows still running keep a KV cache on the old device: resume them on CPU too.
+            running = list(self.batch.streams)
+            self.batch.clear()
+            self.preempted.extendleft(reversed(rows + running))
         else:
             self.oom_events["failed"] += 1
             for stream in rows:
