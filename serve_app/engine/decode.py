@@ -25,6 +25,10 @@ import torch.nn.functional as F
 
 from serve_app.engine.backends import RowMatcher
 
+# Below this, dividing logits by the temperature overflows to inf/NaN (found by fuzzing with
+# temperature=7.6e-285): sample greedily, which is what such a temperature means anyway.
+MIN_TEMPERATURE = 1e-4
+
 # Decoded text that ends in U+FFFD is an incomplete UTF-8 sequence: hold it back from streams.
 _PARTIAL = "\ufffd"
 
@@ -112,7 +116,7 @@ def sample_tokens(logits: torch.Tensor, rows: list[Row], generators: list[torch.
     for i, row in enumerate(rows):
         if not finite[i]:
             out.append(None)
-        elif row.temperature == 0:
+        elif row.temperature < MIN_TEMPERATURE:
             out.append(int(greedy[i]))
         else:
             out.append(_sample_row(logits[i], row.temperature, row.top_p, generators[i]))
@@ -121,6 +125,8 @@ def sample_tokens(logits: torch.Tensor, rows: list[Row], generators: list[torch.
 
 def _sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     probs = torch.softmax(logits / temperature, dim=-1)
+    if not torch.isfinite(probs).all():  # extreme logits: fall back to the most likely token
+        return int(torch.argmax(logits))
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         beyond = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > top_p

@@ -130,7 +130,9 @@ FIELDS = ["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "
 FUZZ_COUNT = {"n": 0, "codes": []}
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+# derandomize: the same 600 requests on every CI run, so main never fails by chance; vary the
+# seed locally (pytest --hypothesis-seed=N) to explore further.
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
 @given(route=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/generate"]),
        body=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6),
        valid_model=st.booleans())
@@ -147,8 +149,7 @@ def _fuzz(client, route, body, valid_model):
 
 
 def test_fuzzing_the_api_never_gets_a_5xx(client):
-    for _ in range(3):  # 3 x 200 examples, bounded by hypothesis' max_examples
-        _fuzz(client)
+    _fuzz(client)  # 600 examples, bounded by hypothesis' max_examples
     codes = FUZZ_COUNT["codes"]
     print(f"fuzz: {len(codes)} requests, codes {sorted(set(codes))}, "
           f"200: {codes.count(200)}, 4xx: {sum(400 <= c < 500 for c in codes)}, 5xx: {sum(c >= 500 for c in codes)}")

@@ -225,3 +225,10 @@ def test_cancelling_a_row_stops_its_generation_and_the_loop_goes_on(tiny_engine)
 def test_an_empty_prompt_is_rejected_not_crashed(tiny_engine):
     with pytest.raises(InvalidRequestError, match="prompt is empty"):
         tiny_engine.generate([GenerationRequest(prompt="")])
+
+
+@pytest.mark.parametrize("temperature", [7.572532733603657e-285, 1e-30, 1e-5])
+def test_vanishing_temperatures_sample_greedily_instead_of_crashing(tiny_engine, temperature):
+    [greedy] = tiny_engine.generate([request(CONSTRAINTS["regex"], temperature=0)])
+    [tiny] = tiny_engine.generate([request(CONSTRAINTS["regex"], temperature=temperature)])
+    assert tiny.text == greedy.text and tiny.valid
