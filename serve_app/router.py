@@ -72,7 +72,10 @@ class Guard:
                                         code="invalid_api_key")
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            raise PayloadTooLargeError(f"request body over {self.max_body_bytes} bytes", code="max_body_bytes")
+            raise self.too_large()
+
+    def too_large(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(f"request body over {self.max_body_bytes} bytes", code="max_body_bytes")
 
 
 @app.middleware("http")
@@ -84,8 +87,7 @@ async def _guard(request: Request, call_next: Any) -> Any:
             if request.method == "POST" and "content-length" not in request.headers:
                 body = await request.body()  # chunked upload: count what actually arrived
                 if len(body) > guard.max_body_bytes:
-                    raise PayloadTooLargeError(f"request body over {guard.max_body_bytes} bytes",
-                                               code="max_body_bytes")
+                    raise guard.too_large()
         except ServeAppError as error:
             return error_response(error)
     return await call_next(request)

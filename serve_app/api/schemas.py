@@ -174,7 +174,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def _usage(results: list[GenerationResult]) -> dict[str, int]:
+def usage_of(results: list[GenerationResult]) -> dict[str, int]:
     prompt = results[0].usage.prompt_tokens if results else 0
     completion = sum(r.usage.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -186,7 +186,7 @@ def chat_completion_response(model: str, results: list[GenerationResult]) -> dic
         "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
                      "finish_reason": r.finish_reason, "logprobs": None, "valid": r.valid}
                     for i, r in enumerate(results)],
-        "usage": _usage(results),
+        "usage": usage_of(results),
     }
 
 
@@ -195,7 +195,7 @@ def completion_response(model: str, results: list[GenerationResult]) -> dict[str
         "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None,
                      "valid": r.valid} for i, r in enumerate(results)],
-        "usage": _usage(results),
+        "usage": usage_of(results),
     }
 
 
@@ -212,10 +212,6 @@ def native_response(model: str, result: GenerationResult, constraint: Constraint
         "served_by": result.served_by,
     }
 
-
-
-def usage_of(results: list[GenerationResult]) -> dict[str, int]:
-    return _usage(results)
 
 
 class ChunkFormatter:

@@ -120,16 +120,6 @@ def choose_backend(constraint: AnyConstraint, defaults: BackendDefaults) -> str:
     return backend
 
 
-def _disable_mask_kernel_compile() -> None:
-    """outlines_core's mask kernel is wrapped in ``torch.compile``: seconds on the first request,
-    and slower than eager on CPU. Use the eager function it wraps."""
-    import outlines_core.kernels.torch as kernels
-
-    eager = getattr(kernels._apply_token_bitmask_inplace_kernel, "_torchdynamo_orig_callable", None)
-    if eager is not None:
-        kernels._apply_token_bitmask_inplace_kernel = eager
-
-
 class ConstraintCompiler:
     """Compiles constraints for one model's tokenizer, with every installed backend."""
 
@@ -148,8 +138,6 @@ class ConstraintCompiler:
 
             classes: dict[str, Any] = {"llguidance": LLGuidanceBackend, "outlines_core": OutlinesCoreBackend,
                                        "xgrammar": XGrammarBackend}
-            if name == "outlines_core":
-                _disable_mask_kernel_compile()
             self._backends[name] = classes[name](self.outlines_model)
         return self._backends[name]
 

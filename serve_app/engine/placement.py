@@ -8,7 +8,6 @@ agree.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -193,6 +192,3 @@ def _read_gpu(index: int, gpu_id: str) -> GpuInfo:
     return GpuInfo(id=gpu_id, index=index, total_bytes=props.total_memory,
                    compute_capability=(props.major, props.minor), name=props.name)
 
-
-def gib(value: float) -> int:
-    return int(math.floor(value * GIB))

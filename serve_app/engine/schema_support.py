@@ -66,43 +66,35 @@ def _escape(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
 
+def _child_entries(schema: dict[str, Any], definitions: bool = True) -> Iterator[tuple[str, Any]]:
+    """(pointer suffix, subschema) for each direct subschema, in document order; `definitions`
+    includes ``$defs``/``definitions`` (schemas that only count where a ``$ref`` uses them)."""
+    for key in _SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict) and (definitions or key not in ("$defs", "definitions")):
+            for name, sub in schema[key].items():
+                yield f"/{key}/{_escape(name)}", sub
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for i, sub in enumerate(schema[key]):
+                yield f"/{key}/{i}", sub
+    for key in _SCHEMA_VALUES:
+        if key in schema:
+            yield f"/{key}", schema[key]
+    items = schema.get("items")
+    if isinstance(items, list):
+        for i, sub in enumerate(items):
+            yield f"/items/{i}", sub
+    elif items is not None:
+        yield "/items", items
+
+
 def iter_subschemas(schema: Any, pointer: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
     """Every (JSON pointer, subschema) in a schema, the root first."""
     if not isinstance(schema, dict):
         return
     yield pointer, schema
-    for key in _SCHEMA_MAPS:
-        for name, sub in (schema.get(key) or {}).items() if isinstance(schema.get(key), dict) else ():
-            yield from iter_subschemas(sub, f"{pointer}/{key}/{_escape(name)}")
-    for key in _SCHEMA_LISTS:
-        for i, sub in enumerate(schema.get(key) or []) if isinstance(schema.get(key), list) else ():
-            yield from iter_subschemas(sub, f"{pointer}/{key}/{i}")
-    for key in _SCHEMA_VALUES:
-        if key in schema:
-            yield from iter_subschemas(schema[key], f"{pointer}/{key}")
-    items = schema.get("items")
-    if isinstance(items, list):
-        for i, sub in enumerate(items):
-            yield from iter_subschemas(sub, f"{pointer}/items/{i}")
-    elif items is not None:
-        yield from iter_subschemas(items, f"{pointer}/items")
-
-
-def _children(schema: dict[str, Any]) -> Iterator[Any]:
-    for key in _SCHEMA_MAPS:
-        if isinstance(schema.get(key), dict) and key not in ("$defs", "definitions"):
-            yield from schema[key].values()
-    for key in _SCHEMA_LISTS:
-        if isinstance(schema.get(key), list):
-            yield from schema[key]
-    for key in _SCHEMA_VALUES:
-        if key in schema:
-            yield schema[key]
-    items = schema.get("items")
-    if isinstance(items, list):
-        yield from items
-    elif items is not None:
-        yield items
+    for suffix, sub in _child_entries(schema):
+        yield from iter_subschemas(sub, pointer + suffix)
 
 
 def resolve_pointer(root: Any, ref: str) -> Any:
@@ -137,7 +129,7 @@ def schema_size(schema: Any, max_nodes: int) -> tuple[int, int]:
         ref = node.get("$ref")
         if isinstance(ref, str) and ref not in active:
             stack.append((resolve_pointer(schema, ref), level + 1, active | {ref}))
-        stack.extend((child, level + 1, active) for child in _children(node))
+        stack.extend((child, level + 1, active) for _, child in _child_entries(node, definitions=False))
     return depth, nodes
 
 
