@@ -68,6 +68,12 @@ class SamplingDefaults(_Strict):
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    no_repeat_ngram_size: int = Field(0, ge=0, le=32)
+    # Close JSON-Schema output before max_tokens runs out (the last values may come out shorter).
+    close_json: bool = True
 
 
 class BackendDefaults(_Strict):

@@ -125,6 +125,10 @@ class RouterMetrics:
         self.tokens_per_s = Gauge(f"{PREFIX}_output_tokens_per_second",
                                   f"Output tokens/s over the last {TOKEN_RATE_WINDOW_S:g} s", ["model"],
                                   registry=self.registry)
+        self.outcomes = Counter(f"{PREFIX}_constrained_outputs",
+                                "Constrained outputs by outcome: finished, closed_early (closed with the shortest "
+                                "valid completion as max_tokens neared) or truncated (cut by max_tokens)",
+                                ["model", "outcome"], registry=self.registry)
         self._rates: dict[str, TokenRate] = {}
         self.replicas = ReplicaCollector()
         self.registry.register(self.replicas)
@@ -137,6 +141,10 @@ class RouterMetrics:
             self.tpot.labels(model).observe((result.timings.get("total_s", 0.0) - first) / (tokens - 1))
         self.output_tokens.labels(model).inc(tokens)
         self._rates.setdefault(model, TokenRate()).add(tokens)
+        if result.valid is not None:
+            outcome = "closed_early" if result.closed_early else "truncated" if result.finish_reason == "length" \
+                else "finished"
+            self.outcomes.labels(model, outcome).inc()
 
     def render(self, replicas: list[dict[str, Any]]) -> bytes:
         self.replicas.snapshot = replicas

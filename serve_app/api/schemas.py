@@ -39,7 +39,21 @@ class StreamOptions(_Request):
     include_usage: bool = True
 
 
-class _OpenAIBase(_Request):
+class _Penalties(_Request):
+    """Loop control, applied inside the constrained decode (they never allow an invalid token),
+    and closing JSON before the budget runs out. Left out = the model's configured default."""
+
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=32)
+    close_json: bool | None = None
+
+    def penalties(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _Penalties.model_fields}
+
+
+class _OpenAIBase(_Penalties):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -104,7 +118,8 @@ class _OpenAIBase(_Request):
     def sampling(self) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_new_tokens=self.max_completion_tokens or self.max_tokens,
-                              temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stops)
+                              temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stops,
+                              **self.penalties())
 
 
 def _parse(data: dict[str, Any], param: str) -> Constraint:
@@ -145,7 +160,7 @@ def _n_requests(request: _OpenAIBase, inputs: dict[str, Any]) -> list[Generation
     return rows
 
 
-class NativeGenerateRequest(_Request):
+class NativeGenerateRequest(_Penalties):
     model: str
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -167,7 +182,7 @@ class NativeGenerateRequest(_Request):
         return GenerationRequest(
             prompt=self.prompt, messages=self.messages, constraint=self.constraint,
             sampling=SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
-                                    top_p=self.top_p, seed=self.seed, stop=self.stop))
+                                    top_p=self.top_p, seed=self.seed, stop=self.stop, **self.penalties()))
 
 
 def new_id(prefix: str) -> str:
@@ -184,8 +199,8 @@ def chat_completion_response(model: str, results: list[GenerationResult]) -> dic
     return {
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                     "finish_reason": r.finish_reason, "logprobs": None, "valid": r.valid}
-                    for i, r in enumerate(results)],
+                     "finish_reason": r.finish_reason, "logprobs": None, "valid": r.valid,
+                     "closed_early": r.closed_early} for i, r in enumerate(results)],
         "usage": usage_of(results),
     }
 
@@ -194,7 +209,7 @@ def completion_response(model: str, results: list[GenerationResult]) -> dict[str
     return {
         "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None,
-                     "valid": r.valid} for i, r in enumerate(results)],
+                     "valid": r.valid, "closed_early": r.closed_early} for i, r in enumerate(results)],
         "usage": usage_of(results),
     }
 
@@ -207,6 +222,8 @@ def native_response(model: str, result: GenerationResult, constraint: Constraint
     return {
         "id": new_id("gen"), "model": model, "text": result.text, "parsed": parsed,
         "finish_reason": result.finish_reason, "valid": result.valid,
+        # Honest truncation: output cut by max_tokens is never presented as valid or parsed.
+        "truncated": result.finish_reason == "length", "closed_early": result.closed_early,
         "constraint_type": constraint.type if constraint else None, "backend": result.backend,
         "usage": result.usage.model_dump(), "timings": {**result.timings, "router_total_s": router_s},
         "served_by": result.served_by,
@@ -243,5 +260,6 @@ class ChunkFormatter:
         return self._chunk([self._choice(index, text, None)])
 
     def finish(self, index: int, result: GenerationResult, usage: dict[str, int] | None) -> dict[str, Any]:
-        choice = {**self._choice(index, None, result.finish_reason), "valid": result.valid}
+        choice = {**self._choice(index, None, result.finish_reason), "valid": result.valid,
+                  "closed_early": result.closed_early}
         return self._chunk([choice], **({"usage": usage} if usage is not None else {}))

@@ -12,13 +12,16 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from serve_app.config import BackendDefaults, LimitsConfig
+from serve_app.engine.closing import JsonCloser, ShortestEncoder
 from serve_app.engine.constraints import (
+    ENFORCED_FORMATS,
     ChoiceConstraint,
     GrammarConstraint,
     JsonSchemaConstraint,
@@ -27,6 +30,8 @@ from serve_app.engine.constraints import (
 )
 from serve_app.engine.schema_support import check_schema_supported
 from serve_app.errors import ConstraintError, LimitExceededError
+
+logger = logging.getLogger(__name__)
 
 AnyConstraint = JsonSchemaConstraint | RegexConstraint | ChoiceConstraint | GrammarConstraint
 
@@ -47,6 +52,10 @@ class RowMatcher:
         """Consume a generated token; False if the constraint rejects it."""
         raise NotImplementedError
 
+    def accepts(self, tokens: list[int]) -> bool:
+        """Whether these tokens, from the current state, end in an accepting state (no change)."""
+        raise NotImplementedError
+
 
 class _LLGuidanceMatcher(RowMatcher):
     def __init__(self, matcher: Any, vocab_size: int) -> None:
@@ -60,6 +69,12 @@ class _LLGuidanceMatcher(RowMatcher):
 
     def advance(self, token: int) -> bool:
         return bool(self.matcher.consume_token(token))
+
+    def accepts(self, tokens: list[int]) -> bool:
+        if self.matcher.validate_tokens(tokens) != len(tokens):
+            return False
+        trial = self.matcher.deep_copy()
+        return all(trial.consume_token(t) for t in tokens) and bool(trial.is_accepting())
 
 
 class _OutlinesCoreMatcher(RowMatcher):
@@ -80,6 +95,9 @@ class _OutlinesCoreMatcher(RowMatcher):
         self.guide.advance(token_id=token, return_tokens=False)
         return True
 
+    def accepts(self, tokens: list[int]) -> bool:
+        return bool(self.guide.accepts_tokens(tokens))
+
 
 class _XGrammarMatcher(RowMatcher):
     def __init__(self, compiled: Any, vocab_size: int) -> None:
@@ -94,6 +112,15 @@ class _XGrammarMatcher(RowMatcher):
     def advance(self, token: int) -> bool:
         return bool(self.matcher.accept_token(token))
 
+    def accepts(self, tokens: list[int]) -> bool:
+        taken = 0
+        for token in tokens:
+            if not self.matcher.accept_token(token):
+                break
+            taken += 1
+        self.matcher.rollback(taken)
+        return taken == len(tokens)
+
 
 @dataclass
 class CompiledConstraint:
@@ -103,6 +130,8 @@ class CompiledConstraint:
     new_matcher: Callable[[], RowMatcher]
     size_bytes: int
     compile_seconds: float
+    closer: JsonCloser | None = None  # shortest completions, for closing JSON within max_tokens
+    min_tokens: int | None = None  # fewest tokens of a complete output we can construct
 
 
 def installed_backends() -> list[str]:
@@ -130,7 +159,15 @@ class ConstraintCompiler:
         self.limits = limits
         self.outlines_model = outlines.from_transformers(hf_model, tokenizer)
         self.vocab_size = int(hf_model.config.get_text_config().vocab_size)
+        self.tokenizer = tokenizer
         self._backends: dict[str, Any] = {}
+        self._encoder: ShortestEncoder | None = None
+
+    def encode(self, text: str) -> list[int]:
+        """The fewest tokens that spell `text` (what closing spends and the minimum budget)."""
+        if self._encoder is None:
+            self._encoder = ShortestEncoder(self.tokenizer, self.vocab_size)
+        return self._encoder(text)
 
     def backend(self, name: str) -> Any:
         if name not in self._backends:
@@ -156,8 +193,22 @@ class ConstraintCompiler:
                 f"compiling the {constraint.type} constraint took longer than "
                 f"limits.compile_timeout_s ({self.limits.compile_timeout_s:g} s)",
                 param=constraint.type, code="compile_timeout_s") from None
-        return CompiledConstraint(constraint.cache_key(), constraint.type, backend, new_matcher,
-                                  size, time.perf_counter() - started)
+        compiled = CompiledConstraint(constraint.cache_key(), constraint.type, backend, new_matcher,
+                                      size, time.perf_counter() - started)
+        self._add_budget(compiled, constraint)
+        return compiled
+
+    def _add_budget(self, compiled: CompiledConstraint, constraint: AnyConstraint) -> None:
+        """The minimum budget (and, for JSON Schema, the closer that keeps output within it)."""
+        if isinstance(constraint, ChoiceConstraint):
+            compiled.min_tokens = min(len(self.encode(choice)) for choice in constraint.choices)
+        elif isinstance(constraint, JsonSchemaConstraint):
+            try:
+                closer = JsonCloser(constraint.json_schema, self.encode, ENFORCED_FORMATS)
+            except Exception:  # noqa: BLE001 - no closer means honest truncation, never a failed request
+                logger.warning("cannot build a closer for %s", compiled.key, exc_info=True)
+                return
+            compiled.closer, compiled.min_tokens = closer, closer.min_tokens
 
     def _compile_with(self, backend: str, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
         compile_fn = {"llguidance": self._llguidance, "outlines_core": self._outlines_core,

@@ -19,6 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serve_app.errors import ConstraintError, LimitExceededError
 
 REGEX_CHECK_TIMEOUT_S = 0.5
+# Outputs are checked for the formats a backend enforces; any other `format` is an annotation
+# (as JSON Schema specifies by default), so the check must not enforce it either.
+# (jsonschema checks a format only when its optional checker library is installed.)
+ENFORCED_FORMATS = jsonschema.FormatChecker(formats=[
+    name for name in ("date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri")
+    if name in jsonschema.FormatChecker.checkers])
 # Regex features no token-level automaton can enforce: lookaround and backreferences.
 _UNSUPPORTED_REGEX = re.compile(r"\(\?[=!]|\(\?<[=!]|\\[1-9]|\\k<|\(\?P=")
 
@@ -62,7 +68,7 @@ class JsonSchemaConstraint(_Base):
     @cached_property
     def _validator(self) -> jsonschema.protocols.Validator:
         cls = jsonschema.validators.validator_for(self.json_schema, default=jsonschema.Draft202012Validator)
-        return cls(self.json_schema, format_checker=cls.FORMAT_CHECKER)
+        return cls(self.json_schema, format_checker=ENFORCED_FORMATS)
 
     def is_satisfied_by(self, text: str) -> bool:
         try:

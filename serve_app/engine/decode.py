@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from serve_app.engine.backends import RowMatcher
+from serve_app.engine.closing import RowCloser
 
 # Below this, dividing logits by the temperature overflows to inf/NaN (found by fuzzing with
 # temperature=7.6e-285): sample greedily, which is what such a temperature means anyway.
@@ -42,6 +43,15 @@ class Row:
     seed: int | None
     stop: list[str]
     matcher: RowMatcher | None = None
+    closer: RowCloser | None = None  # closes JSON before max_new_tokens runs out
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 @dataclass
@@ -52,6 +62,7 @@ class RowOutput:
     first_token_s: float | None = None
     total_s: float = 0.0
     accepted: bool = False  # ended on EOS while constrained: the matcher allowed EOS, so it accepts
+    closed_early: bool = False  # the closer forced the shortest valid completion near the budget
 
 
 class Stream:
@@ -247,6 +258,7 @@ class DecodeLoop:
         self._lock = threading.Lock()
         self.steps = 0
         self.finished: Counter[str] = Counter()  # rows by finish reason
+        self.closed_early = 0  # rows the closer finished before their budget ran out
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -397,9 +409,11 @@ class DecodeLoop:
     def _sample_and_advance(self, logits: torch.Tensor, bitmask: torch.Tensor | None, rows: range) -> None:
         if logits.shape[-1] > self.vocab_size:  # padded embedding rows are not real tokens
             logits[:, self.vocab_size:] = -torch.inf
-        if bitmask is not None:
-            _apply_bitmask(logits, bitmask.to(logits.device))
         streams = self.batch.streams[rows.start:rows.stop]
+        apply_penalties(logits, streams)
+        if bitmask is not None:  # after the penalties: they reorder allowed tokens, never allow one
+            _apply_bitmask(logits, bitmask.to(logits.device))
+        ban_repeated_ngrams(logits, streams)
         tokens = sample_tokens(logits, [s.row for s in streams], self.batch.generators[rows.start:rows.stop])
         for stream, token in zip(streams, tokens, strict=True):
             self._advance(stream, token)
@@ -413,6 +427,14 @@ class DecodeLoop:
             out.first_token_s = time.perf_counter() - stream.submitted_at
         if stream.cancelled.is_set():
             return self._finish(stream, "cancelled")
+        if row.closer is not None and row.matcher is not None and token is not None \
+                and (row.closer.closed_early or token not in self.eos_ids):
+            remaining = row.max_new_tokens - len(out.token_ids)
+            chosen = row.closer.choose(token, self.decode_text(out.token_ids + [token]), remaining,
+                                       row.matcher.accepts)
+            if chosen is None:  # already complete: stop here rather than grow past the budget
+                return self._close(stream)
+            token = chosen
         if token is None or (row.matcher is not None and token not in self.eos_ids and not row.matcher.advance(token)):
             return self._finish(stream, "length")  # the constraint allows nothing more: incomplete
         if token in self.eos_ids:
@@ -420,6 +442,8 @@ class DecodeLoop:
             return self._finish(stream, "stop")
         out.token_ids.append(token)
         out.text = self.decode_text(out.token_ids)
+        if row.closer is not None and row.closer.closed_early and not row.closer.forced:
+            return self._close(stream)
         cut = _stop_hit(out.text, row.stop)
         if cut is not None:
             out.text = out.text[:cut]
@@ -429,12 +453,55 @@ class DecodeLoop:
         stream.emit_text(final=False)
         return None
 
+    def _close(self, stream: Stream) -> None:
+        stream.output.accepted = stream.output.closed_early = True
+        self.closed_early += 1
+        return self._finish(stream, "stop")
+
     def _finish(self, stream: Stream, reason: str) -> None:
         self.finished[reason] += 1
         stream.output.finish_reason = reason
         stream.output.total_s = time.perf_counter() - stream.submitted_at
         stream.emit_text(final=True)
         stream.emit("done", stream.output)
+
+
+def apply_penalties(logits: torch.Tensor, streams: list[Stream]) -> None:
+    """Repetition (over prompt and output, as in transformers and vLLM), frequency and presence
+    (over the output, as in OpenAI's API) penalties, in place, for the rows that ask."""
+    width = logits.shape[-1]
+    for i, stream in enumerate(streams):
+        row, generated = stream.row, stream.output.token_ids
+        if not row.penalized:
+            continue
+        if row.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({t for t in row.prompt_ids + generated if t < width}), dtype=torch.long)
+            values = logits[i, seen]
+            logits[i, seen] = torch.where(values > 0, values / row.repetition_penalty,
+                                          values * row.repetition_penalty)
+        if generated and (row.frequency_penalty or row.presence_penalty):
+            ids, counts = torch.unique(torch.tensor(generated, dtype=torch.long), return_counts=True)
+            keep = ids < width
+            logits[i, ids[keep]] -= row.frequency_penalty * counts[keep].to(logits.dtype) + row.presence_penalty
+
+
+def ban_repeated_ngrams(logits: torch.Tensor, streams: list[Stream]) -> None:
+    """Forbid tokens that would repeat an n-gram of the output (``no_repeat_ngram_size``), after
+    the constraint's mask; a row the ban would leave with no allowed token keeps its mask."""
+    for i, stream in enumerate(streams):
+        n, generated = stream.row.no_repeat_ngram_size, stream.output.token_ids
+        if n <= 0 or len(generated) < n - 1:
+            continue
+        tail = generated[len(generated) - n + 1:] if n > 1 else []
+        banned = sorted({generated[j + n - 1] for j in range(len(generated) - n + 1)
+                         if generated[j:j + n - 1] == tail})
+        if not banned:
+            continue
+        index = torch.tensor(banned, dtype=torch.long)
+        saved = logits[i, index].clone()
+        logits[i, index] = -torch.inf
+        if not torch.isfinite(logits[i]).any():
+            logits[i, index] = saved
 
 
 def _apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:

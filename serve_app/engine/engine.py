@@ -17,6 +17,7 @@ from typing import Any
 from serve_app.config import ModelConfig
 from serve_app.engine.backends import AnyConstraint, CompiledConstraint, ConstraintCompiler, choose_backend
 from serve_app.engine.cache import CompileCache
+from serve_app.engine.closing import RowCloser
 from serve_app.engine.constraints import ChoiceConstraint
 from serve_app.engine.decode import DecodeLoop, Row, RowOutput, Stream
 from serve_app.engine.loading import LoadedModel, load_hf_config, load_model, move_to_cpu, resolve_source
@@ -100,10 +101,21 @@ class Engine:
         ids = self.prompt_ids(request)
         self._check_prompt(len(ids), max_new)
         compiled = self.compile(request.constraint) if request.constraint is not None else None
-        row = Row(ids, max_new,
-                  defaults.temperature if sampling.temperature is None else sampling.temperature,
-                  sampling.top_p or defaults.top_p, sampling.seed, list(sampling.stop),
-                  compiled.new_matcher() if compiled else None)
+        if compiled is not None and compiled.min_tokens is not None and max_new < compiled.min_tokens:
+            raise InvalidRequestError(
+                f"max_tokens {max_new} is too small for this {compiled.kind} constraint: its shortest valid "
+                f"output takes {compiled.min_tokens} tokens", param="max_tokens", code="max_tokens_too_small")
+
+        def pick(name: str) -> Any:
+            value = getattr(sampling, name)
+            return getattr(defaults, name) if value is None else value
+
+        close = compiled is not None and compiled.closer is not None and pick("close_json")
+        row = Row(ids, max_new, pick("temperature"), sampling.top_p or defaults.top_p, sampling.seed,
+                  list(sampling.stop), compiled.new_matcher() if compiled else None,
+                  closer=RowCloser(compiled.closer) if close and compiled and compiled.closer else None,
+                  repetition_penalty=pick("repetition_penalty"), frequency_penalty=pick("frequency_penalty"),
+                  presence_penalty=pick("presence_penalty"), no_repeat_ngram_size=pick("no_repeat_ngram_size"))
         return row, compiled
 
     def _check_prompt(self, prompt_tokens: int, max_new: int) -> None:
@@ -163,12 +175,14 @@ class Engine:
         valid = None if request.constraint is None else request.constraint.is_satisfied_by(out.text)
         if valid is None and request.constraint is not None:  # the checker timed out: trust the matcher
             valid = out.accepted
+        if valid and out.finish_reason != "stop":  # cut off: never presented as valid, even if it parses
+            valid = False
         prompt_tokens, completion_tokens = len(row.prompt_ids), len(out.token_ids)
         return GenerationResult(
             text=out.text, finish_reason=out.finish_reason,
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens),
-            valid=valid, backend=submission.backend, token_ids=out.token_ids,
+            valid=valid, closed_early=out.closed_early, backend=submission.backend, token_ids=out.token_ids,
             timings={"total_s": out.total_s, "first_token_s": out.first_token_s or 0.0},
         )
 
@@ -188,6 +202,7 @@ class Engine:
             "compile_cache": self.cache.stats.as_dict(),
             "queue": dict(zip(("waiting", "running"), self.queue_depth(), strict=True)),
             "finished": dict(self.loop.finished),
+            "closed_early": self.loop.closed_early,
             "decode_steps": self.loop.steps,
             "out_of_memory": dict(self.loop.oom_events),
             "gpu_memory": gpu_memory(),

@@ -26,6 +26,11 @@ class SamplingParams(_Model):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=32)
+    close_json: bool | None = None
 
 
 class GenerationRequest(_Model):
@@ -56,6 +61,7 @@ class GenerationResult(_Model):
     # None without a constraint; otherwise whether the text satisfies it (checked after
     # generation with jsonschema / re.fullmatch / membership / a Lark parse).
     valid: bool | None
+    closed_early: bool = False  # JSON closed with its shortest completion as max_tokens neared
     backend: str | None = None
     token_ids: list[int] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)

@@ -87,10 +87,28 @@ def test_native_generate_satisfies_each_constraint_kind(client, constraint, chec
 
 def test_native_generate_says_when_output_is_cut_off(client):
     body = {"model": "tiny", "prompt": "x", "constraint": {"type": "json_schema", "schema": PERSON},
-            "max_tokens": 3}
+            "max_tokens": 12, "close_json": False}
     result = client.post("/v1/generate", json=body).json()
     assert result["finish_reason"] == "length"
     assert result["valid"] is False and result["parsed"] is None
+    assert result["truncated"] is True and result["closed_early"] is False
+
+
+def test_closing_on_by_default_finishes_json_within_max_tokens_over_http(client):
+    story = {"type": "object", "properties": {"story": {"type": "string"}, "n": {"type": "integer"}},
+             "required": ["story", "n"]}
+    body = {"model": "tiny", "prompt": "x", "constraint": {"type": "json_schema", "schema": story},
+            "max_tokens": 16, "temperature": 0, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
+    result = client.post("/v1/generate", json=body).json()
+    assert result["finish_reason"] == "stop" and result["valid"] is True, result
+    assert result["closed_early"] is True and result["truncated"] is False
+    assert result["usage"]["completion_tokens"] <= 16
+    jsonschema.validate(result["parsed"], story)
+    chat = client.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": USER, "max_tokens": 16, "temperature": 0, "frequency_penalty": 0.5,
+        "guided_json": story}).json()
+    assert chat["choices"][0]["closed_early"] is True and chat["choices"][0]["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(chat["choices"][0]["message"]["content"]), story)
 
 
 def _misses_by_replica(client, model):
@@ -214,6 +232,13 @@ BAD_INPUTS = [
      "exactly one of prompt or messages"),
     ("prompt too long", "/v1/generate", {"model": "tiny", "prompt": "word " * 6000}, 400, "the limit is 4096"),
     ("unknown route", "/v1/nothing", {"model": "tiny"}, 404, "Not Found"),
+    ("max_tokens below the schema's minimum", "/v1/generate",
+     {"model": "tiny", "prompt": "x", "max_tokens": 2, "constraint": {"type": "json_schema", "schema": PERSON}},
+     400, "shortest valid output takes"),
+    ("repetition_penalty zero", "/v1/chat/completions",
+     {"model": "tiny", "messages": USER, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("no_repeat_ngram_size wrong type", "/v1/generate",
+     {"model": "tiny", "prompt": "x", "no_repeat_ngram_size": "two"}, 400, "no_repeat_ngram_size"),
 ]
 
 

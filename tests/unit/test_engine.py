@@ -55,10 +55,12 @@ def test_a_batch_mixing_all_four_kinds_satisfies_each_rows_own_constraint(tiny_e
 
 
 def test_too_small_a_budget_gives_length_never_a_silently_invalid_stop(tiny_engine):
-    [result] = tiny_engine.generate([request(CONSTRAINTS["json_schema"], max_new_tokens=3)])
+    req = request(CONSTRAINTS["json_schema"], max_new_tokens=12)
+    req.sampling.close_json = False
+    [result] = tiny_engine.generate([req])
     assert result.finish_reason == "length"
     assert result.valid is False
-    assert result.usage.completion_tokens == 3
+    assert result.usage.completion_tokens == 12
 
 
 def test_usage_counts_prompt_and_completion_tokens(tiny_engine):

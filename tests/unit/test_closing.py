@@ -1,0 +1,135 @@
+"""Budget-aware decoding: closing JSON before max_tokens runs out, the minimum budget, and the
+loop-control penalties, on the tiny random model (which loops and babbles freely)."""
+
+import json
+
+import jsonschema
+import pytest
+
+from serve_app.engine.closing import JsonCloser
+from serve_app.engine.constraints import ENFORCED_FORMATS, parse_constraint
+from serve_app.engine.types import GenerationRequest, SamplingParams
+from serve_app.errors import InvalidRequestError
+
+SCHEMAS = {
+    "person": {"type": "object", "properties": {
+        "name": {"type": "string", "minLength": 2}, "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "email": {"type": "string", "format": "email"}}, "required": ["name", "age"]},
+    "nested": {"type": "object", "properties": {"a": {"type": "object", "properties": {
+        "b": {"type": "string", "minLength": 3}, "c": {"enum": ["xx", "yyy"]}}, "required": ["b", "c"]}},
+        "required": ["a"], "additionalProperties": False},
+    "array_min": {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"},
+                                                            "minItems": 2}}, "required": ["tags"]},
+    "numbers": {"type": "array", "items": {"type": "number", "minimum": 5, "multipleOf": 0.5}},
+    "refs": {"$defs": {"node": {"type": "object", "properties": {
+        "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+        "required": ["v", "kids"]}}, "$ref": "#/$defs/node"},
+    "union": {"type": "object", "properties": {"pet": {"anyOf": [
+        {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
+         "required": ["kind", "lives"]},
+        {"type": "null"}]}, "when": {"type": "string", "format": "date"}}, "required": ["pet", "when"]},
+    "free_text": {"type": "object", "properties": {"story": {"type": "string"}, "ok": {"type": "boolean"}},
+                  "required": ["story", "ok"]},
+}
+INSTANCES = {
+    "person": {"name": "Molina \\\"x\\\" é", "age": 42, "email": "a@b.co"},
+    "nested": {"a": {"b": "hello", "c": "yyy"}},
+    "array_min": {"tags": ["one", "two", "three"]},
+    "numbers": [5.5, 100, 7e1],
+    "refs": {"v": 1, "kids": [{"v": 2, "kids": []}, {"v": 3, "kids": [{"v": 4, "kids": []}]}]},
+    "union": {"pet": {"kind": "cat", "lives": 9}, "when": "2024-02-03"},
+    "free_text": {"story": "once upon a time", "ok": True},
+}
+
+
+def _encode(text):
+    return list(text.encode())  # one "token" per byte: enough to test the closer alone
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_every_prefix_of_a_valid_instance_closes_into_a_valid_instance(name):
+    schema = SCHEMAS[name]
+    closer = JsonCloser(schema, _encode, ENFORCED_FORMATS)
+    assert closer.min_text is not None
+    jsonschema.validate(json.loads(closer.min_text), schema)
+    text = json.dumps(INSTANCES[name], separators=(",", ":"), ensure_ascii=False)
+    for cut in range(len(text) + 1):
+        stack = closer.feed(closer.start, text[:cut])
+        completion = closer.completion(stack)
+        assert completion is not None, (name, text[:cut])
+        jsonschema.validate(json.loads(text[:cut] + completion), schema)
+
+
+def test_the_distance_is_the_token_count_of_the_shortest_completion():
+    closer = JsonCloser(SCHEMAS["nested"], _encode)
+    assert closer.min_text == '{"a":{"b":"000","c":"xx"}}'  # ties broken by text
+    assert closer.min_tokens == len(closer.min_text)
+    assert closer.completion(closer.feed(closer.start, '{"a":{"b":"hel')) == '","c":"xx"}}'
+
+
+def test_a_pattern_it_cannot_satisfy_leaves_no_completion_rather_than_a_wrong_one():
+    closer = JsonCloser({"type": "string", "pattern": "^[0-9]{3}-x$"}, _encode)
+    assert closer.min_text is None
+    assert closer.min_tokens is None
+
+
+def _request(schema, seed, max_tokens, close=True, temperature=1.0, **sampling):
+    return GenerationRequest(prompt="Answer in JSON.", constraint=parse_constraint({"type": "json_schema",
+                                                                                   "schema": schema}),
+                             sampling=SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed,
+                                                     close_json=close, **sampling))
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_with_closing_every_response_validates_and_fits_max_tokens(tiny_engine, name):
+    schema = SCHEMAS[name]
+    budget = tiny_engine.compile(parse_constraint({"type": "json_schema", "schema": schema})).min_tokens + 12
+    results = tiny_engine.generate([_request(schema, seed, budget) for seed in range(4)])
+    for result in results:
+        assert result.finish_reason == "stop", result.text
+        assert result.valid is True, result.text
+        assert result.usage.completion_tokens <= budget
+        jsonschema.validate(json.loads(result.text), schema)
+    assert any(r.closed_early for r in results)  # the tiny model never finishes these by itself
+
+
+def test_without_closing_the_ones_that_run_out_report_length_and_are_not_valid(tiny_engine):
+    results = tiny_engine.generate([_request(SCHEMAS["free_text"], seed, 24, close=False) for seed in range(4)])
+    cut = [r for r in results if r.finish_reason == "length"]
+    assert cut, [r.text for r in results]
+    for result in cut:
+        assert result.valid is False and not result.closed_early
+        assert result.usage.completion_tokens == 24
+
+
+def test_a_budget_below_the_schemas_minimum_is_a_400_that_says_how_many_tokens_it_needs(tiny_engine):
+    needed = tiny_engine.compile(parse_constraint({"type": "json_schema", "schema": SCHEMAS["nested"]})).min_tokens
+    with pytest.raises(InvalidRequestError, match=f"takes {needed} tokens") as caught:
+        tiny_engine.generate([_request(SCHEMAS["nested"], 0, needed - 1)])
+    assert caught.value.param == "max_tokens" and caught.value.status_code == 400
+    [ok] = tiny_engine.generate([_request(SCHEMAS["nested"], 0, needed)])
+    assert ok.valid is True and ok.usage.completion_tokens <= needed
+
+
+@pytest.mark.parametrize("penalty", [{"repetition_penalty": 3.0}, {"frequency_penalty": 1.5},
+                                     {"presence_penalty": 2.0}, {"no_repeat_ngram_size": 2}])
+def test_penalties_change_outputs_and_never_break_the_constraint(tiny_engine, penalty):
+    schema = SCHEMAS["free_text"]
+    base = [r.text for r in tiny_engine.generate([_request(schema, s, 60, temperature=0.0) for s in range(2)])]
+    results = tiny_engine.generate([_request(schema, s, 60, temperature=0.0, **penalty) for s in range(2)])
+    assert [r.text for r in results] != base
+    for result in results:
+        assert result.valid is True and result.finish_reason == "stop", result.text
+
+
+def test_no_repeat_ngram_size_removes_repeated_pairs_from_free_text(tiny_engine):
+    from serve_app.engine.types import GenerationRequest as Req
+
+    def pairs(ids):
+        return [tuple(ids[i:i + 2]) for i in range(len(ids) - 1)]
+
+    [loose] = tiny_engine.generate([Req(prompt="a", sampling=SamplingParams(max_new_tokens=60, temperature=0))])
+    [tight] = tiny_engine.generate([Req(prompt="a", sampling=SamplingParams(max_new_tokens=60, temperature=0,
+                                                                            no_repeat_ngram_size=2))])
+    assert len(set(pairs(loose.token_ids))) < len(pairs(loose.token_ids))  # greedy tiny model loops
+    assert len(set(pairs(tight.token_ids))) == len(pairs(tight.token_ids))
