@@ -26,8 +26,8 @@ from serve_app import metrics as metrics_module
 from serve_app.api import schemas
 from serve_app.api.errors import as_serve_app_error, error_response
 from serve_app.config import AppConfig, ModelConfig, ServerConfig
+from serve_app.engine.cascade import plan_schema
 from serve_app.engine.constraints import Constraint, JsonSchemaConstraint, check_limits
-from serve_app.engine.schema_support import check_schema_supported
 from serve_app.engine.types import GenerationRequest, GenerationResult
 from serve_app.errors import (
     LimitExceededError,
@@ -166,9 +166,13 @@ def validate_for_model(model: ModelConfig, rows: list[GenerationRequest]) -> Non
     constraint: Constraint | None = rows[0].constraint
     if constraint is not None:
         check_limits(constraint, model.limits)
-        if isinstance(constraint, JsonSchemaConstraint):
-            backend = constraint.backend or model.backends.json_schema
-            check_schema_supported(constraint.json_schema, backend)
+        if isinstance(constraint, JsonSchemaConstraint) and constraint.strict:
+            default = model.backends.json_schema
+            order = [constraint.backend] if constraint.backend else \
+                model.backends.cascade if default == "cascade" else [default]
+            plan = plan_schema(constraint.json_schema, order, model.limits.max_ref_expansion)
+            if not plan.exact:
+                raise plan.rejection()
     max_new = rows[0].sampling.max_new_tokens
     if max_new is not None and max_new > model.limits.max_new_tokens:
         raise LimitExceededError(f"max_tokens {max_new} exceeds the limit of {model.limits.max_new_tokens} "

@@ -95,7 +95,9 @@ class _OpenAIBase(_Penalties):
         if fmt.json_schema is None:
             raise ConstraintError("response_format.json_schema is required when type is json_schema",
                                   param="response_format.json_schema")
-        return _parse({"type": "json_schema", "schema": fmt.json_schema.schema_}, "response_format.json_schema")
+        strict = fmt.json_schema.strict is not False  # OpenAI's strict: only an explicit false relaxes it
+        return _parse({"type": "json_schema", "schema": fmt.json_schema.schema_, "strict": strict},
+                      "response_format.json_schema")
 
     def _from_guided(self) -> list[Constraint | None]:
         import json
@@ -225,6 +227,7 @@ def native_response(model: str, result: GenerationResult, constraint: Constraint
         # Honest truncation: output cut by max_tokens is never presented as valid or parsed.
         "truncated": result.finish_reason == "length", "closed_early": result.closed_early,
         "constraint_type": constraint.type if constraint else None, "backend": result.backend,
+        "approximated": result.approximated,
         "usage": result.usage.model_dump(), "timings": {**result.timings, "router_total_s": router_s},
         "served_by": result.served_by,
     }

@@ -10,15 +10,22 @@ backends use), so the decode loop masks the whole batch with one tensor op.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib.util
 import json
 import logging
+import os
+import re
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from serve_app.config import BackendDefaults, LimitsConfig
+from serve_app.engine.cascade import plan_schema
 from serve_app.engine.closing import JsonCloser, ShortestEncoder
 from serve_app.engine.constraints import (
     ENFORCED_FORMATS,
@@ -28,8 +35,8 @@ from serve_app.engine.constraints import (
     RegexConstraint,
     check_limits,
 )
-from serve_app.engine.schema_support import check_schema_supported
-from serve_app.errors import ConstraintError, LimitExceededError
+from serve_app.engine.schema_support import VALIDATION_KEYWORDS, iter_subschemas
+from serve_app.errors import ConstraintError, LimitExceededError, ServeAppError
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +137,9 @@ class CompiledConstraint:
     new_matcher: Callable[[], RowMatcher]
     size_bytes: int
     compile_seconds: float
+    rewrites: tuple[str, ...] = ()  # meaning-preserving rewrites applied before compiling
+    attempts: tuple[str, ...] = ()  # backends tried first, and why each fell through
+    approximated: tuple[str, ...] = ()  # what is not enforced (only with strict: false)
     closer: JsonCloser | None = None  # shortest completions, for closing JSON within max_tokens
     min_tokens: int | None = None  # fewest tokens of a complete output we can construct
 
@@ -179,24 +189,60 @@ class ConstraintCompiler:
         return self._backends[name]
 
     def compile(self, constraint: AnyConstraint) -> CompiledConstraint:
-        """Check limits and keyword support, then compile within `compile_timeout_s`."""
+        """Check limits, then compile within `compile_timeout_s`: a JSON Schema through the
+        cascade, the other kinds with their configured backend."""
         check_limits(constraint, self.limits)
-        backend = choose_backend(constraint, self.defaults)
-        if isinstance(constraint, JsonSchemaConstraint):
-            check_schema_supported(constraint.json_schema, backend)
         started = time.perf_counter()
-        future = _COMPILE_POOL.submit(self._compile_with, backend, constraint)
-        try:
-            new_matcher, size = future.result(timeout=self.limits.compile_timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise LimitExceededError(
-                f"compiling the {constraint.type} constraint took longer than "
-                f"limits.compile_timeout_s ({self.limits.compile_timeout_s:g} s)",
-                param=constraint.type, code="compile_timeout_s") from None
-        compiled = CompiledConstraint(constraint.cache_key(), constraint.type, backend, new_matcher,
-                                      size, time.perf_counter() - started)
+        if isinstance(constraint, JsonSchemaConstraint):
+            compiled = self._compile_schema(constraint)
+        else:
+            backend = choose_backend(constraint, self.defaults)
+            new_matcher, size = self._timed(backend, constraint)
+            compiled = CompiledConstraint(constraint.cache_key(), constraint.type, backend, new_matcher, size, 0.0)
+        compiled.compile_seconds = time.perf_counter() - started
         self._add_budget(compiled, constraint)
         return compiled
+
+    def schema_order(self, constraint: JsonSchemaConstraint) -> list[str]:
+        if constraint.backend is not None:
+            return [choose_backend(constraint, self.defaults)]
+        if self.defaults.json_schema != "cascade":
+            return [choose_backend(constraint, self.defaults)]
+        return [b for b in self.defaults.cascade if b in installed_backends()]
+
+    def _compile_schema(self, constraint: JsonSchemaConstraint) -> CompiledConstraint:
+        """The first backend of the cascade that enforces the normalised schema exactly wins;
+        explicit errors, detected approximations and timeouts fall through to the next. With
+        ``strict: false`` and no exact backend, llguidance approximates (output checked after)."""
+        plan = plan_schema(constraint.json_schema, self.schema_order(constraint), self.limits.max_ref_expansion)
+        normalized = constraint.model_copy(update={"json_schema": plan.schema})
+        failures: list[tuple[str, ServeAppError]] = []
+        for backend in plan.exact:
+            try:
+                new_matcher, size = self._timed(backend, normalized)
+            except (ConstraintError, LimitExceededError) as error:
+                failures.append((backend, error))
+                continue
+            return CompiledConstraint(constraint.cache_key(), "json_schema", backend, new_matcher, size, 0.0,
+                                      rewrites=plan.rewrites, attempts=_attempts(failures))
+        if not constraint.strict and "llguidance" in installed_backends():
+            new_matcher, size, approximated = self._llguidance_lenient(normalized)
+            return CompiledConstraint(constraint.cache_key(), "json_schema", "llguidance", new_matcher, size, 0.0,
+                                      rewrites=plan.rewrites, attempts=_attempts(failures),
+                                      approximated=tuple(approximated) or ("compiled leniently",))
+        if not failures:
+            raise plan.rejection(constraint.strict)
+        raise _no_exact_backend(failures, plan.schema)
+
+    def _timed(self, backend: str, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
+        future = _COMPILE_POOL.submit(self._compile_with, backend, constraint)
+        try:
+            return future.result(timeout=self.limits.compile_timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise LimitExceededError(
+                f"compiling the {constraint.type} constraint with {backend} took longer than "
+                f"limits.compile_timeout_s ({self.limits.compile_timeout_s:g} s)",
+                param=constraint.type, code="compile_timeout_s") from None
 
     def _add_budget(self, compiled: CompiledConstraint, constraint: AnyConstraint) -> None:
         """The minimum budget (and, for JSON Schema, the closer that keeps output within it)."""
@@ -213,7 +259,14 @@ class ConstraintCompiler:
     def _compile_with(self, backend: str, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
         compile_fn = {"llguidance": self._llguidance, "outlines_core": self._outlines_core,
                       "xgrammar": self._xgrammar}[backend]
-        return compile_fn(constraint)
+        try:
+            return compile_fn(constraint)
+        except ServeAppError:
+            raise
+        except Exception as error:  # backends raise plain errors (xgrammar: RuntimeError) for input they refuse
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConstraintError(f"{backend} cannot compile this {constraint.type}: {first_line[:300]}",
+                                  param=constraint.type, code="unsupported") from None
 
     def _llguidance(self, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
         import llguidance
@@ -232,6 +285,23 @@ class ConstraintCompiler:
         vocab = backend.llg_tokenizer.vocab_size
         return (lambda: _LLGuidanceMatcher(matcher.deep_copy(), vocab)), len(grammar) * 8 + 64 * 1024
 
+    def _llguidance_lenient(self, constraint: JsonSchemaConstraint) -> tuple[Callable[[], RowMatcher], int,
+                                                                             list[str]]:
+        """llguidance ignoring what it cannot enforce; its warnings say what that is."""
+        import llguidance
+
+        backend = self.backend("llguidance")
+        schema = {**constraint.json_schema, "x-guidance": {"whitespace_flexible": False, "lenient": True,
+                                                           "coerce_one_of": True}}
+        grammar = llguidance.grammar_from("json_schema", json.dumps(schema))
+        matcher = llguidance.LLMatcher(backend.llg_tokenizer, grammar)
+        if matcher.is_error():
+            raise ConstraintError(f"llguidance cannot compile this json_schema even leniently: "
+                                  f"{matcher.get_error()}", param="json_schema", code="unsupported")
+        vocab = backend.llg_tokenizer.vocab_size
+        return ((lambda: _LLGuidanceMatcher(matcher.deep_copy(), vocab)), len(grammar) * 8 + 64 * 1024,
+                list(matcher.get_grammar_warnings()))
+
     def _outlines_core(self, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
         """Built in a forked child that is killed on timeout: outlines_core turns a regex into a
         DFA eagerly, which can blow up (and would keep burning CPU in a discarded thread)."""
@@ -246,12 +316,70 @@ class ConstraintCompiler:
     def _xgrammar(self, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
         compiler = self.backend("xgrammar").grammar_compiler
         if isinstance(constraint, JsonSchemaConstraint):
-            compiled = compiler.compile_json_schema(json.dumps(constraint.json_schema), any_whitespace=False)
+            # xgrammar approximates some schemas and says so only on the C++ stderr: read it.
+            with captured_stderr() as lines:
+                compiled = compiler.compile_json_schema(json.dumps(constraint.json_schema), any_whitespace=False)
+            warnings = [line.split("Warning: ", 1)[1] for line in lines if "Warning: " in line]
+            if warnings:
+                raise ConstraintError(f"xgrammar would only approximate this json_schema: {'; '.join(warnings)}",
+                                      param="json_schema", code="approximated")
         else:
             compiled = compiler.compile_regex(_regex_of(constraint))
         size = int(getattr(compiled, "memory_size_bytes", 0) or 1024 * 1024)
         vocab = self.vocab_size
         return (lambda: _XGrammarMatcher(compiled, vocab)), size
+
+
+# Keywords that appear in most schemas and in prose: they do not locate an error.
+_COMMON_WORDS = {"type", "items", "properties", "required", "enum", "const", "not", "if", "then", "else"}
+
+
+def _attempts(failures: list[tuple[str, ServeAppError]]) -> tuple[str, ...]:
+    return tuple(f"{backend}: {error.message}" for backend, error in failures)
+
+
+def _no_exact_backend(failures: list[tuple[str, ServeAppError]], schema: dict[str, Any]) -> ServeAppError:
+    """Every candidate failed to compile: name the keyword the first error mentions and where it
+    first occurs, and what each backend said."""
+    backend, first = failures[0]
+    if all(error.code == "compile_timeout_s" for _, error in failures):
+        return first
+    where = ""
+    present = {k for _, sub in iter_subschemas(schema) for k in sub if k in VALIDATION_KEYWORDS}
+    keyword = next((w for w in re.findall(r"[A-Za-z$]+", first.message) if w in present and w not in _COMMON_WORDS),
+                   None)  # the first keyword the error names
+    if keyword is not None:
+        pointer = next(p for p, sub in iter_subschemas(schema) if keyword in sub)
+        where = f"'{keyword}' at #{pointer or '/'}: "
+    return ConstraintError(
+        f"no backend enforces this JSON Schema exactly: {where}" + "; ".join(_attempts(failures))
+        + "; set strict: false to accept an approximation checked after generation",
+        param="json_schema", code=first.code if first.code != "compile_timeout_s" else "unsupported")
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[list[str]]:
+    """Lines written to file descriptor 2 (where C++ libraries log) inside the block; lines that
+    other threads wrote meanwhile are passed on to the real stderr afterwards."""
+    lines: list[str] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as scratch:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(scratch.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            scratch.seek(0)
+            for line in scratch.read().decode(errors="replace").splitlines():
+                lines.append(line)
+                if "json_schema_converter" not in line:
+                    print(line, file=sys.stderr)
 
 
 def _regex_of(constraint: AnyConstraint) -> str:

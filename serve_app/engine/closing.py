@@ -19,6 +19,7 @@ No torch import: the closer is pure Python over text and a tokenizer's ``encode`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from typing import Any
 import jsonschema
 
 from serve_app.engine.schema_support import resolve_pointer
+
+logger = logging.getLogger(__name__)
 
 # Shortest instances of the formats the backends enforce (each one checked by jsonschema too).
 FORMAT_EXAMPLES = {
@@ -162,7 +165,11 @@ class JsonCloser:
         n = int(s.get("minLength", 0))
         if isinstance(s.get("format"), str) and s["format"] in FORMAT_EXAMPLES:
             return [_dumps(FORMAT_EXAMPLES[s["format"]])]
-        return [_dumps(c * n) for c in "a0A"] + ([_dumps(c * max(n, 1)) for c in "a0A-_."] if "pattern" in s else [])
+        out = [_dumps(c * n) for c in "a0A"]
+        if isinstance(s.get("pattern"), str):
+            example = regex_example(s["pattern"])
+            out += [_dumps(c * max(n, 1)) for c in "a0A-_."] + ([_dumps(example)] if example is not None else [])
+        return out
 
     def _array(self, s: dict[str, Any], depth: int) -> str | None:
         items = []
@@ -428,7 +435,62 @@ class JsonCloser:
         if example is not None:  # fixed layouts (dates, uuids) line up with the example's tail
             return [example[len(chars):], "", "a", ".aa", "a.aa", "@a.aa", "0", ".0"]
         need = max(0, int(s.get("minLength", 0)) - len(chars))
-        return [c * need for c in "a0A"] + ([c * max(need, 1) for c in "a0A-_."] if "pattern" in s else [])
+        rests = [c * need for c in "a0A"]
+        if isinstance(s.get("pattern"), str):
+            rests += [c * max(need, 1) for c in "a0A-_."]
+            example = regex_example(s["pattern"])
+            if example is not None:  # the example's tail: fits when the output followed its layout
+                rests += [example[len(chars):], example] if len(example) > len(chars) else [example]
+        return rests
+
+
+def regex_example(pattern: str) -> str | None:
+    """A short string that `pattern` matches (re.search, as JSON Schema applies it), built from
+    the parsed pattern: fewest repetitions, first alternative, first character of each class."""
+    import re._parser as parser
+
+    def build(items: Any) -> str:
+        out = ""
+        for op, arg in items:
+            name = str(op)
+            if name == "LITERAL":
+                out += chr(arg)
+            elif name == "ANY":
+                out += "a"
+            elif name == "IN":
+                out += _class_char(arg)
+            elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                low, _, body = arg
+                out += build(body) * low
+            elif name == "SUBPATTERN":
+                out += build(arg[-1])
+            elif name == "BRANCH":
+                out += min((build(b) for b in arg[1]), key=len)
+            elif name == "NOT_LITERAL":
+                out += "a" if arg != ord("a") else "b"
+            elif name != "AT":
+                raise ValueError(name)
+        return out
+
+    try:
+        example = build(parser.parse(pattern))
+    except (ValueError, TypeError, re.error, RecursionError, OverflowError):
+        return None
+    return example if re.search(pattern, example) else None
+
+
+def _class_char(items: Any) -> str:
+    for op, arg in items:
+        name = str(op)
+        if name == "LITERAL":
+            return chr(arg)
+        if name == "RANGE":
+            return chr(arg[0])
+        if name == "CATEGORY":
+            return {"CATEGORY_DIGIT": "0", "CATEGORY_SPACE": " ", "CATEGORY_WORD": "a"}.get(str(arg), "a")
+        if name == "NEGATE":
+            return "a"  # checked against the pattern afterwards
+    return "a"
 
 
 def _merge(base: dict[str, Any], extra: Any) -> dict[str, Any]:
@@ -551,9 +613,13 @@ class RowCloser:
         return self._close_now(token, remaining, accepts)
 
     def _close_now(self, token: int, remaining: int, accepts: Callable[[list[int]], bool]) -> int | None:
-        plan, tokens = self.plan, self.plan_tokens
-        if plan is None or tokens is None or len(tokens) > remaining or not self._valid(self.text + plan) \
-                or not accepts(tokens):
+        plan, tokens = self.plan, self.plan_tokens or []
+        reason = "no completion is known here" if plan is None or self.plan_tokens is None else \
+            "the completion does not fit" if len(tokens) > remaining else \
+            "the completed output would not validate" if not self._valid(self.text + plan) else \
+            "the matcher rejects the completion" if not accepts(tokens) else None
+        if reason is not None:
+            logger.debug("closing gave up: %s (output so far ends %r, completion %r)", reason, self.text[-40:], plan)
             self.gave_up = True  # cannot prove a valid close: go on freely, end honestly
             return token
         self.closed_early = True

@@ -50,6 +50,8 @@ class _Base(BaseModel):
 class JsonSchemaConstraint(_Base):
     type: Literal["json_schema"] = "json_schema"
     json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool = Field(True, description="false: when no backend enforces the schema exactly, accept an "
+                                           "approximation; the output is still checked after generation")
 
     @field_validator("json_schema")
     @classmethod
@@ -63,7 +65,7 @@ class JsonSchemaConstraint(_Base):
         return schema
 
     def _canonical(self) -> Any:
-        return self.json_schema
+        return self.json_schema if self.strict else [self.json_schema, "approximate"]
 
     @cached_property
     def _validator(self) -> jsonschema.protocols.Validator:

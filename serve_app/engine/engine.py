@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,16 +19,17 @@ from serve_app.config import ModelConfig
 from serve_app.engine.backends import AnyConstraint, CompiledConstraint, ConstraintCompiler, choose_backend
 from serve_app.engine.cache import CompileCache
 from serve_app.engine.closing import RowCloser
-from serve_app.engine.constraints import ChoiceConstraint
+from serve_app.engine.constraints import ChoiceConstraint, JsonSchemaConstraint
 from serve_app.engine.decode import DecodeLoop, Row, RowOutput, Stream
 from serve_app.engine.loading import LoadedModel, load_hf_config, load_model, move_to_cpu, resolve_source
 from serve_app.engine.memory import gpu_memory
 from serve_app.engine.placement import GpuInfo, plan_placement
 from serve_app.engine.types import GenerationRequest, GenerationResult, SamplingParams, Usage
-from serve_app.errors import InvalidRequestError, LimitExceededError
+from serve_app.errors import ConstraintError, InvalidRequestError, LimitExceededError, ServeAppError
 from serve_app.models import CHATML_TEMPLATE
 
 logger = logging.getLogger(__name__)
+MAX_CACHED_FAILURES = 1024
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Submission:
     request: GenerationRequest
     stream: Stream
     backend: str | None
+    approximated: tuple[str, ...] = ()
 
 
 class Engine:
@@ -45,6 +48,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.compiler = ConstraintCompiler(self.model, self.tokenizer, config.backends, config.limits)
         self.cache = CompileCache(config.compile_cache.max_entries, config.compile_cache.max_bytes)
+        self.failures: OrderedDict[str, ServeAppError] = OrderedDict()  # constraints that did not compile
+        self.failed_hits = 0
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.loop = DecodeLoop(self.model, self._decode, self.tokenizer.pad_token_id, self.eos_ids,
@@ -65,9 +70,23 @@ class Engine:
     # -- constraints ---------------------------------------------------------------------------
 
     def compile(self, constraint: AnyConstraint) -> CompiledConstraint:
-        backend = choose_backend(constraint, self.config.backends)
-        key = f"{backend}|{constraint.cache_key()}"
-        return self.cache.get_or_compile(key, lambda: self.compiler.compile(constraint))
+        """Cached, failures included: a repeated bad schema is rejected without compiling again."""
+        if isinstance(constraint, JsonSchemaConstraint):
+            key = f"{'|'.join(self.compiler.schema_order(constraint))}|{constraint.cache_key()}"
+        else:
+            key = f"{choose_backend(constraint, self.config.backends)}|{constraint.cache_key()}"
+        failed = self.failures.get(key)
+        if failed is not None:
+            self.failures.move_to_end(key)
+            self.failed_hits += 1
+            raise failed
+        try:
+            return self.cache.get_or_compile(key, lambda: self.compiler.compile(constraint))
+        except (ConstraintError, LimitExceededError) as error:
+            self.failures[key] = error
+            if len(self.failures) > MAX_CACHED_FAILURES:
+                self.failures.popitem(last=False)
+            raise
 
     def precompile(self, constraints: Iterable[AnyConstraint]) -> None:
         for constraint in constraints:
@@ -154,7 +173,8 @@ class Engine:
     def _submit(self, request: GenerationRequest, row: Row, compiled: CompiledConstraint | None,
                 notify: Callable[[tuple[str, Any]], None] | None = None) -> Submission:
         stream = self.loop.submit(Stream(row, notify))
-        return Submission(request, stream, compiled.backend if compiled else None)
+        return Submission(request, stream, compiled.backend if compiled else None,
+                          compiled.approximated if compiled else ())
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate for all requests together (validated first: one bad request fails the call)."""
@@ -182,7 +202,8 @@ class Engine:
             text=out.text, finish_reason=out.finish_reason,
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens),
-            valid=valid, closed_early=out.closed_early, backend=submission.backend, token_ids=out.token_ids,
+            valid=valid, closed_early=out.closed_early, backend=submission.backend,
+            approximated=list(submission.approximated), token_ids=out.token_ids,
             timings={"total_s": out.total_s, "first_token_s": out.first_token_s or 0.0},
         )
 
@@ -199,7 +220,8 @@ class Engine:
             "fell_back_to_cpu": loaded.fell_back,
             "fallback_reason": loaded.fallback_reason,
             "load_seconds": round(loaded.load_seconds, 3),
-            "compile_cache": self.cache.stats.as_dict(),
+            "compile_cache": {**self.cache.stats.as_dict(), "failures_cached": len(self.failures),
+                              "failure_hits": self.failed_hits},
             "queue": dict(zip(("waiting", "running"), self.queue_depth(), strict=True)),
             "finished": dict(self.loop.finished),
             "closed_early": self.loop.closed_early,

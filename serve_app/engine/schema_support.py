@@ -144,6 +144,9 @@ def unsupported_keywords(schema: dict[str, Any], backend: str) -> list[tuple[str
         fmt = sub.get("format")
         if isinstance(fmt, str) and fmt not in formats:
             found.append((f"format: {fmt}", pointer))
+        for key in ("exclusiveMinimum", "exclusiveMaximum"):  # draft-04 booleans outside draft-04: ambiguous
+            if isinstance(sub.get(key), bool):
+                found.append((f"{key}: {str(sub[key]).lower()}", pointer))
     return found
 
 

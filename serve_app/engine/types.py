@@ -63,6 +63,7 @@ class GenerationResult(_Model):
     valid: bool | None
     closed_early: bool = False  # JSON closed with its shortest completion as max_tokens neared
     backend: str | None = None
+    approximated: list[str] = Field(default_factory=list)  # not enforced (strict: false only); output checked
     token_ids: list[int] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
     served_by: dict[str, str] = Field(default_factory=dict)  # replica id, version, config hash

@@ -6,7 +6,7 @@ import json
 import jsonschema
 import pytest
 
-from serve_app.engine.closing import JsonCloser
+from serve_app.engine.closing import JsonCloser, regex_example
 from serve_app.engine.constraints import ENFORCED_FORMATS, parse_constraint
 from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import InvalidRequestError
@@ -28,6 +28,9 @@ SCHEMAS = {
         {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
          "required": ["kind", "lives"]},
         {"type": "null"}]}, "when": {"type": "string", "format": "date"}}, "required": ["pet", "when"]},
+    "invoice": {"type": "object", "properties": {"number": {"type": "string", "pattern": "^INV-[0-9]{4}$"},
+                                                 "lines": {"type": "array", "items": {"type": "string"}}},
+                "required": ["number", "lines"]},
     "free_text": {"type": "object", "properties": {"story": {"type": "string"}, "ok": {"type": "boolean"}},
                   "required": ["story", "ok"]},
 }
@@ -39,6 +42,7 @@ INSTANCES = {
     "refs": {"v": 1, "kids": [{"v": 2, "kids": []}, {"v": 3, "kids": [{"v": 4, "kids": []}]}]},
     "union": {"pet": {"kind": "cat", "lives": 9}, "when": "2024-02-03"},
     "free_text": {"story": "once upon a time", "ok": True},
+    "invoice": {"number": "INV-2024", "lines": ["a", "b"]},
 }
 
 
@@ -67,8 +71,17 @@ def test_the_distance_is_the_token_count_of_the_shortest_completion():
     assert closer.completion(closer.feed(closer.start, '{"a":{"b":"hel')) == '","c":"xx"}}'
 
 
+def test_patterns_get_a_shortest_example_and_a_completion_that_follows_their_layout():
+    closer = JsonCloser({"type": "object", "properties": {"number": {"type": "string", "pattern": "^INV-[0-9]{4}$"}},
+                         "required": ["number"]}, _encode)
+    assert closer.min_text == '{"number":"INV-0000"}'
+    assert closer.completion(closer.feed(closer.start, '{"number":"INV-12')) == '00"}'
+    assert regex_example(r"^\d{5}(-\d{4})?$") == "00000"
+    assert regex_example(r"^(https?)://[^ ]+$") == "http://a"
+
+
 def test_a_pattern_it_cannot_satisfy_leaves_no_completion_rather_than_a_wrong_one():
-    closer = JsonCloser({"type": "string", "pattern": "^[0-9]{3}-x$"}, _encode)
+    closer = JsonCloser({"type": "string", "pattern": "^(?!x)[0-9]{3}-x$", "minLength": 9}, _encode)
     assert closer.min_text is None
     assert closer.min_tokens is None
 

@@ -17,7 +17,9 @@ def test_minimal_config_gets_documented_defaults():
     assert model.dtype == "auto"
     assert model.placement.gpus_per_replica == 0
     assert model.placement.cpu_fallback is True
-    assert model.backends.json_schema == "llguidance"
+    assert model.backends.json_schema == "cascade"
+    assert model.backends.cascade == ["llguidance", "xgrammar", "outlines_core"]
+    assert model.sampling.close_json is True and model.sampling.repetition_penalty == 1.0
 
 
 def test_unknown_field_is_an_error_naming_it():

@@ -1,0 +1,493 @@
+"""Rewrite a JSON Schema into an equivalent one that more constrained-decoding backends enforce exactly.
+
+Each rewrite keeps the set of accepted instances identical (as ``jsonschema`` judges it, without a
+format checker). Where equivalence cannot be proven the subschema stays as it was, so the keyword
+check in `schema_support` still rejects it with its pointer. Why these rewrites: outlines_core fails
+on subschemas without a type and on unknown formats, llguidance refuses ``oneOf`` and
+``dependencies``, outlines_core and xgrammar drop ``required`` keys that ``properties`` does not
+declare (``../shared/notes/outlines-facts.md``). Recursive: call it after `check_limits` has
+bounded the depth. No torch or Outlines import, so the router can call it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.engine.schema_support import (
+    _SCHEMA_LISTS,
+    _SCHEMA_MAPS,
+    _SCHEMA_VALUES,
+    VALIDATION_KEYWORDS,
+    _child_entries,
+    _escape,
+    resolve_pointer,
+)
+from serve_app.errors import ConstraintError
+
+_DRAFT_URI = re.compile(r"https?://json-schema\.org/(?:draft-0([467])|draft/(2019)-09|draft/(2020)-12)/schema#?")
+_DRAFT_NAMES = {4: "draft-04", 6: "draft-06", 7: "draft-07", 2019: "2019-09", 2020: "2020-12"}
+_DRAFT_07_URI = "http://json-schema.org/draft-07/schema#"
+# A keyword validates only in drafts [since, until]; elsewhere it is an annotation.
+_SINCE = {"const": 6, "contains": 6, "propertyNames": 6, "if": 7, "then": 7, "else": 7, "dependentRequired": 2019,
+          "dependentSchemas": 2019, "unevaluatedItems": 2019, "unevaluatedProperties": 2019, "minContains": 2019,
+          "maxContains": 2019, "prefixItems": 2020}
+_UNTIL = {"dependencies": 7, "additionalItems": 2019}
+# Keywords that apply subschemas to the instance itself, so they also decide what counts as "evaluated".
+_IN_PLACE = frozenset({"allOf", "anyOf", "oneOf", "not", "if", "then", "else", "$ref", "dependentSchemas"})
+_ITEM_KEYWORDS = frozenset({"items", "prefixItems", "additionalItems", "contains"})
+_UNEVALUATED = frozenset({"unevaluatedProperties", "unevaluatedItems"})
+# Keywords that read each other: merging two schemas may not bring them together from both sides.
+_GROUPS = (frozenset({"properties", "patternProperties", "additionalProperties", "unevaluatedProperties"}),
+           _ITEM_KEYWORDS | {"unevaluatedItems", "minContains", "maxContains"}, frozenset({"if", "then", "else"}),
+           frozenset({"minimum", "exclusiveMinimum"}), frozenset({"maximum", "exclusiveMaximum"}))
+_ALL_TYPES = frozenset({"null", "boolean", "object", "array", "string", "integer", "fraction"})
+_TYPE_NAMES = {"null": {"null"}, "boolean": {"boolean"}, "object": {"object"}, "array": {"array"},
+               "string": {"string"}, "integer": {"integer"}, "number": {"integer", "fraction"}}
+_ROOT_KEYS = ("$schema", "$id", "id", "x-guidance")
+
+
+@dataclass(frozen=True)
+class Normalized:
+    schema: dict[str, Any]
+    rewrites: tuple[str, ...]  # one line each, naming the pointer where it applied ($refs followed from the root)
+
+
+def normalize_schema(schema: dict[str, Any], known_formats: frozenset[str], max_nodes: int = 10_000) -> Normalized:
+    """`schema` rewritten to accept exactly the same instances; unchanged where its $refs cannot be followed
+    safely (remote, anchors, nested $id, dynamic refs) or its $schema is not draft-04/06/07/2019-09/2020-12."""
+    root = copy.deepcopy(schema)
+    draft = _draft(root)
+    if draft is None or not all(_pointers_hold(root, node, draft) for node in _walk(root)):
+        return Normalized(root, ())
+    rewriter = _Rewriter(root, draft, known_formats, max_nodes)
+    body = rewriter.schema(root, "", frozenset())
+    body = body if isinstance(body, dict) else {"not": {}}
+    out = {**{key: root[key] for key in _ROOT_KEYS if key in root}, **body}
+    if rewriter.upgrade:
+        out["$schema"] = _DRAFT_07_URI
+        rewriter.note("$schema", "", "draft-04 -> draft-07 (for numeric exclusive bounds; no integer type)")
+    if rewriter.defs:
+        out[rewriter.defs_key] = rewriter.defs
+    return Normalized(out, tuple(dict.fromkeys(rewriter.rewrites)))
+
+
+class _Rewriter:
+    def __init__(self, root: dict[str, Any], draft: int, known_formats: frozenset[str], max_nodes: int) -> None:
+        self.root, self.draft, self.formats, self.max_nodes = root, draft, known_formats, max_nodes
+        self.upgrade = draft == 4 and _needs_draft06_bounds(root)
+        self.never: Any = False if draft >= 6 or self.upgrade else {"not": {}}
+        self.defs_key = "$defs" if draft >= 2019 else "definitions"
+        self.uneval_anywhere = draft >= 2019 and any("unevaluatedProperties" in node for node in _walk(root))
+        self.rewrites: list[str] = []
+        self.nodes = 0
+        self.kept: dict[str, str] = {}  # $ref -> name of its rewritten target in the output's defs
+        self.defs: dict[str, Any] = {}
+        self.ref_types: dict[str, frozenset[str]] = {}  # kept $ref -> JSON types its target's `type` allows
+        self.sizes: dict[str, int] = {}
+        self.proofs: dict[str, str | None] = {}  # oneOf branches -> why they are disjoint
+
+    def note(self, subject: str, ptr: str, outcome: str) -> None:
+        self.rewrites.append(f"{subject} at #{ptr or '/'} {outcome}")
+
+    def schema(self, node: Any, ptr: str, active: frozenset[str]) -> Any:
+        """`node` rewritten; `active` holds the $refs being inlined on the way here (recursion)."""
+        if node is True:
+            self.note("true", ptr, "-> {}")
+            return {}
+        if not isinstance(node, dict):
+            return node
+        self.nodes += 1
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            siblings = {k: v for k, v in node.items() if k in VALIDATION_KEYWORDS and k != "$ref"}
+            if not siblings or self.draft <= 7:
+                if siblings:
+                    self.note("keywords next to $ref", ptr, f"dropped (ignored in {_DRAFT_NAMES[self.draft]})")
+                return self.ref(ref, ptr, active)
+            node = {**siblings, "allOf": [*siblings.get("allOf", []), {"$ref": ref}]}
+        node = self.drop_inert({k: v for k, v in node.items() if k not in ("$defs", "definitions")}, ptr)
+        return self.simplify(self.children(node, ptr, active), ptr)
+
+    def ref(self, ref: str, ptr: str, active: frozenset[str]) -> Any:
+        if ref == "#" or ref in active or not self.fits(ref):
+            why = "recursive" if ref == "#" or ref in active else "inlining would pass max_nodes"
+            kept = self.keep(ref)
+            self.note(f"$ref {ref}", ptr, f"kept as {kept} ({why})")
+            return {"$ref": kept}
+        self.note(f"$ref {ref}", ptr, "inlined")
+        return self.schema(resolve_pointer(self.root, ref), ptr, active | {ref})
+
+    def fits(self, ref: str) -> bool:
+        if ref not in self.sizes:  # the budget left only shrinks, so a size counted up to it stays valid
+            self.sizes[ref] = _expanded_size(self.root, ref, self.max_nodes - self.nodes)
+        return self.nodes + self.sizes[ref] <= self.max_nodes
+
+    def keep(self, ref: str) -> str:
+        """A pointer, valid in the output, to the rewritten target of `ref` (the root stays "#")."""
+        if ref in self.kept:
+            return self.kept[ref]
+        target = resolve_pointer(self.root, ref)
+        declared = isinstance(target, dict) and "$ref" not in target and "type" in target
+        token = ref.rsplit("/", 1)[-1].replace("~1", "/").replace("~0", "~")
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", token) or "def"
+        candidates = [base] + [f"{base}_{n}" for n in range(2, len(self.defs) + 3)]  # one is always free
+        name = next(candidate for candidate in candidates if candidate not in self.defs)
+        pointer = self.kept[ref] = "#" if ref == "#" else f"#/{self.defs_key}/{name}"
+        self.ref_types[pointer] = _types({"type": target["type"]}, {}) if declared else _ALL_TYPES
+        if ref != "#":
+            self.defs[name] = {}  # reserved before rewriting, as the target may refer to itself
+            self.defs[name] = self.schema(target, pointer[1:], frozenset({ref}))
+        return pointer
+
+    def children(self, node: dict[str, Any], ptr: str, active: frozenset[str]) -> dict[str, Any]:
+        out = dict(node)
+        for key, value in node.items():
+            here = f"{ptr}/{key}"
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                out[key] = {n: self.schema(s, f"{here}/{_escape(n)}", active) for n, s in value.items()}
+            elif key == "dependencies" and isinstance(value, dict):
+                out[key] = {n: s if isinstance(s, list) else self.schema(s, f"{here}/{_escape(n)}", active)
+                            for n, s in value.items()}
+            elif (key in _SCHEMA_LISTS or key == "items") and isinstance(value, list):
+                out[key] = [self.schema(s, f"{here}/{i}", active) for i, s in enumerate(value)]
+            elif key in _SCHEMA_VALUES or key == "items":
+                out[key] = self.schema(value, here, active)
+        return out
+
+    def drop_inert(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
+        """Without keywords that validate nothing in this draft or next to these siblings."""
+        draft = self.draft
+        inert = {k for k in VALIDATION_KEYWORDS & node.keys() if not _SINCE.get(k, 0) <= draft <= _UNTIL.get(k, 2020)}
+        for needed, dependents in (("if", {"then", "else"}), ("contains", {"minContains", "maxContains"})):
+            inert |= node.keys() & dependents if needed not in node else set()
+        if not isinstance(node.get("items"), list):
+            inert |= node.keys() & {"additionalItems"}
+        for key in sorted(inert):
+            self.note(key, ptr, f"dropped (validates nothing here in {_DRAFT_NAMES[self.draft]})")
+        return {k: v for k, v in node.items() if k not in inert}
+
+    def simplify(self, node: dict[str, Any], ptr: str) -> Any:
+        """The per-subschema rewrites, its children already rewritten."""
+        node = self.bounds(self.unique_items(self.drop_format(node, ptr), ptr), ptr)
+        if node.get("not") == {}:
+            if node != self.never:
+                self.note("not: {}", ptr, f"-> {json.dumps(self.never)} (rejects everything)")
+            return self.never
+        if "not" in node and _is_never(node["not"]):
+            self.note("not", ptr, "dropped (its subschema rejects everything)")
+            node = {k: v for k, v in node.items() if k != "not"}
+        node = self.unevaluated(self.all_of(self.one_of(node, ptr), ptr), ptr)
+        node = self.declare_required(self.all_of(self.dependencies(node, ptr), ptr), ptr)
+        if not VALIDATION_KEYWORDS & node.keys():
+            if node:
+                self.note("annotation-only subschema", ptr, "-> {} (any value)")
+            return {}
+        return node
+
+    def drop_format(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
+        fmt = node.get("format")
+        if not isinstance(fmt, str) or fmt in self.formats:
+            return node
+        self.note(f"format {fmt!r}", ptr, "dropped (an unknown format is an annotation)")
+        return {k: v for k, v in node.items() if k != "format"}
+
+    def unique_items(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
+        unique, most = node.get("uniqueItems"), node.get("maxItems")
+        short = isinstance(most, (int, float)) and not isinstance(most, bool) and most <= 1
+        if unique is False or (unique is True and short):
+            self.note(f"uniqueItems: {json.dumps(unique)}", ptr, "dropped (always satisfied)")
+            return {k: v for k, v in node.items() if k != "uniqueItems"}
+        return node
+
+    def bounds(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
+        """Draft-04 boolean exclusive bounds: dropped where they change nothing, else numeric (draft-06 form)."""
+        if self.draft != 4:
+            return node
+        node = dict(node)
+        for bound, flag in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+            value = node.get(flag)
+            if not isinstance(value, bool):
+                continue
+            if not value or bound not in node:
+                self.note(f"{flag}: {json.dumps(node.pop(flag))}", ptr, "dropped (has no effect)")
+            elif self.upgrade:
+                node[flag] = node.pop(bound)
+                self.note(f"{flag}: true", ptr, f"-> {flag}: {node[flag]} (draft-06 form)")
+        return node
+
+    def one_of(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
+        branches = node.get("oneOf")
+        if not isinstance(branches, list) or not branches:
+            return node
+        rest = {k: v for k, v in node.items() if k != "oneOf"}
+        if len(branches) == 1:
+            self.note("oneOf with one branch", ptr, "-> allOf")
+            return {**rest, "allOf": [*rest.get("allOf", []), branches[0]]}
+        reason = self.disjoint_branches(branches, _types(rest, self.ref_types))
+        if reason is None:
+            return node
+        self.note("oneOf", ptr, f"-> anyOf (branches disjoint: {reason})")
+        if "anyOf" in rest:
+            return {**rest, "allOf": [*rest.get("allOf", []), {"anyOf": branches}]}
+        return {**rest, "anyOf": branches}
+
+    def disjoint_branches(self, branches: list[Any], within: frozenset[str]) -> str | None:
+        """`_disjoint_branches`, remembered across inlined copies; unproven past max_nodes pairs (bounded work)."""
+        if len(branches) * (len(branches) - 1) // 2 > self.max_nodes:
+            return None
+        key = json.dumps([sorted(within), branches], sort_keys=True, default=repr)
+        if key not in self.proofs:
+            self.proofs[key] = _disjoint_branches(branches, within, self.ref_types)
+        return self.proofs[key]
+
+    def all_of(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
+        """Without members that accept anything, and a single member merged where no keyword clashes."""
+        members = node.get("allOf")
+        if not isinstance(members, list):
+            return node
+        rest = {k: v for k, v in node.items() if k != "allOf"}
+        kept = [member for member in members if member != {}]
+        merged = _merge(rest, kept[0]) if len(kept) == 1 else rest if not kept else None
+        if merged is not None:
+            self.note("allOf", ptr, "merged into its parent" if kept else "dropped (its members accept anything)")
+            return merged
+        return node if len(kept) == len(members) else {**rest, "allOf": kept}
+
+    def unevaluated(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
+        """unevaluatedX is additionalX where no in-place applicator evaluates anything."""
+        if _IN_PLACE & node.keys():
+            return node
+        node = dict(node)
+        if "unevaluatedProperties" in node:
+            value = node.pop("unevaluatedProperties")
+            covered = "additionalProperties" in node
+            node.setdefault("additionalProperties", value)
+            self.note("unevaluatedProperties", ptr, "dropped (additionalProperties evaluates every property)"
+                      if covered else "-> additionalProperties")
+        if "unevaluatedItems" in node and not _ITEM_KEYWORDS & node.keys():
+            node["items"] = node.pop("unevaluatedItems")
+            self.note("unevaluatedItems", ptr, "-> items")
+        return node
+
+    def dependencies(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
+        """dependentRequired (and draft-07 dependencies) as allOf of anyOf [property absent, dependency holds]."""
+        key = "dependencies" if self.draft <= 7 else "dependentRequired"
+        deps = node.get(key)
+        if not isinstance(deps, dict) or not all(_names(d) or key == "dependencies" and isinstance(d, (dict, bool))
+                                                 for d in deps.values()):
+            return node
+        clauses = [{"anyOf": [{"properties": {name: self.never}},
+                              {"required": list(dict.fromkeys([name, *dep]))} if isinstance(dep, list) else dep]}
+                   for name, dep in deps.items() if dep not in ([], {})]
+        self.note(key, ptr, "-> allOf of anyOf [property absent, dependency holds]")
+        rest = {k: v for k, v in node.items() if k != key}
+        return {**rest, "allOf": [*rest.get("allOf", []), *clauses]} if clauses else rest
+
+    def declare_required(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
+        """Required names missing from properties, declared with the schema they get anyway."""
+        required, props, extra = node.get("required", []), node.get("properties", {}), node.get("additionalProperties")
+        if (not _names(required) or not isinstance(props, dict) or node.get("patternProperties")
+                or self.uneval_anywhere or _is_never(extra)):
+            return node
+        missing = [name for name in required if name not in props]
+        if not missing:
+            return node
+        value = {} if extra is None or extra is True else extra
+        self.note(f"required {', '.join(map(repr, missing))}", ptr, "declared in properties")
+        return {**node, "properties": {**props, **{name: copy.deepcopy(value) for name in missing}}}
+
+
+def _draft(schema: dict[str, Any]) -> int | None:
+    uri = schema.get("$schema")
+    if uri is None:
+        return 2020
+    match = _DRAFT_URI.fullmatch(uri) if isinstance(uri, str) else None
+    return int(next(group for group in match.groups() if group)) if match else None
+
+
+def _subschemas(node: dict[str, Any]) -> list[Any]:
+    deps = node.get("dependencies")
+    extra = [d for d in deps.values() if isinstance(d, (dict, bool))] if isinstance(deps, dict) else []
+    return [sub for _, sub in _child_entries(node)] + extra
+
+
+def _walk(schema: Any) -> Iterator[dict[str, Any]]:
+    """Every subschema, definitions included, without following $ref."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            yield node
+            stack.extend(_subschemas(node))
+
+
+def _pointers_hold(root: dict[str, Any], node: dict[str, Any], draft: int) -> bool:
+    """Whether `node` keeps inlining exact: its $ref is a local JSON pointer to a schema, and it neither moves
+    the base URI nor refers dynamically."""
+    ident = node.get("$id", node.get("id") if draft == 4 else None)
+    if (node is not root and ident is not None) or node.keys() & {"$dynamicRef", "$recursiveRef"}:
+        return False
+    if any(not isinstance(node.get(key, []), list) for key in _SCHEMA_LISTS) or (
+            draft == 2020 and isinstance(node.get("items"), list)):
+        return False
+    ref = node.get("$ref", "#")
+    if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/") and "" not in ref[2:].split("/")) or (
+            "%" in ref):
+        return False
+    try:
+        return isinstance(resolve_pointer(root, ref), (dict, bool))
+    except ConstraintError:
+        return False
+
+
+def _needs_draft06_bounds(root: dict[str, Any]) -> bool:
+    """Whether a draft-04 schema has boolean exclusive bounds and means the same under draft-07: no `integer`
+    type anywhere (draft-04 says 1.0 is not an integer, later drafts say it is)."""
+    nodes = list(_walk(root))
+    bounds = any((n.get("exclusiveMinimum") is True and "minimum" in n)
+                 or (n.get("exclusiveMaximum") is True and "maximum" in n) for n in nodes)
+    return bounds and not any("integer" in _type_list(n.get("type")) for n in nodes)
+
+
+def _expanded_size(root: dict[str, Any], ref: str, limit: int) -> int:
+    """Subschemas in the target of `ref` with local $refs inlined (a recursive one counts once), up to `limit`."""
+    count, stack = 0, [(resolve_pointer(root, ref), frozenset({ref}))]
+    while stack and count <= limit:
+        node, active = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        count += 1
+        inner = node.get("$ref")
+        if isinstance(inner, str) and inner not in active:
+            stack.append((resolve_pointer(root, inner), active | {inner}))
+        stack.extend((sub, active) for _, sub in _child_entries(node, definitions=False))
+    return count
+
+
+def _merge(parent: dict[str, Any], branch: Any) -> dict[str, Any] | None:
+    """`parent` and `branch` as one schema, or None where their keywords would clash or read each other."""
+    if not isinstance(branch, dict):
+        return None
+    ours, theirs = VALIDATION_KEYWORDS & parent.keys(), VALIDATION_KEYWORDS & branch.keys()
+    if ours and theirs and (ours & theirs or "$ref" in ours | theirs or _UNEVALUATED & theirs
+                            or any(ours & group and theirs & group for group in _GROUPS)):
+        return None
+    return {**branch, **parent}
+
+
+def _is_never(schema: Any) -> bool:
+    return schema is False or schema == {"not": {}}
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(name, str) for name in value)
+
+
+def _type_list(declared: Any) -> list[Any]:
+    return [declared] if isinstance(declared, str) else declared if isinstance(declared, list) else []
+
+
+def _value_types(value: Any) -> frozenset[str]:
+    if isinstance(value, bool):
+        return frozenset({"boolean"})
+    if isinstance(value, (int, float)):  # 1 == 1.0 in const/enum: a number may be of either kind
+        return frozenset({"integer", "fraction"})
+    kinds = {type(None): "null", str: "string", list: "array", dict: "object"}
+    return frozenset({kinds[type(value)]}) if type(value) in kinds else _ALL_TYPES
+
+
+def _union(sets: list[frozenset[str]]) -> frozenset[str]:
+    return frozenset().union(*sets)
+
+
+def _types(schema: Any, refs: Mapping[str, frozenset[str]]) -> frozenset[str]:
+    """A superset of the JSON types `schema` accepts, from type, const, enum, kept $refs (`refs`) and the
+    in-place applicators."""
+    if schema is False:
+        return frozenset()
+    if not isinstance(schema, dict):
+        return _ALL_TYPES
+    allowed = refs.get(schema.get("$ref", ""), _ALL_TYPES)
+    if isinstance(schema.get("type"), (str, list)):
+        allowed &= _union([frozenset(_TYPE_NAMES.get(name, _ALL_TYPES)) if isinstance(name, str) else _ALL_TYPES
+                           for name in _type_list(schema["type"])])
+    if "const" in schema:
+        allowed &= _value_types(schema["const"])
+    if isinstance(schema.get("enum"), list):
+        allowed &= _union([_value_types(value) for value in schema["enum"]])
+    for member in schema.get("allOf", []):
+        allowed &= _types(member, refs)
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            allowed &= _union([_types(branch, refs) for branch in schema[key]])
+    return allowed
+
+
+def _facets(schema: Any) -> list[dict[str, Any]]:
+    """`schema` and its allOf members, recursively: all of them hold for a valid instance."""
+    if not isinstance(schema, dict):
+        return []
+    return [schema] + [facet for member in schema.get("allOf", []) for facet in _facets(member)]
+
+
+def _values(schema: Any) -> list[list[Any]]:
+    """Finite supersets of the values `schema` accepts, one per const or enum among its facets."""
+    found = []
+    for facet in _facets(schema):
+        if "const" in facet:
+            found.append([facet["const"]])
+        if isinstance(facet.get("enum"), list):
+            found.append(facet["enum"])
+    return found
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    """Equality as JSON Schema's const and enum see it: 1 == 1.0, but true != 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_json_equal, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[key], b[key]) for key in a)
+    return type(a) is type(b) and a == b
+
+
+def _property_schemas(schema: Any, name: str) -> list[Any]:
+    return [props[name] for facet in _facets(schema) if isinstance(props := facet.get("properties"), dict)
+            and name in props]
+
+
+def _disjoint(a: Any, b: Any, refs: Mapping[str, frozenset[str]], within: frozenset[str] = _ALL_TYPES) -> str | None:
+    """Why no instance of a type in `within` is valid against both `a` and `b`, or None if unproven."""
+    common = _types(a, refs) & _types(b, refs) & within
+    if not common:
+        return "types"
+    if any(not any(_json_equal(x, y) for x in xs for y in ys) for xs in _values(a) for ys in _values(b)):
+        return "values"
+    if common != {"object"}:
+        return None
+    facets = _facets(a) + _facets(b)
+    required = {name for facet in facets if _names(names := facet.get("required", [])) for name in names}
+    for name in sorted(required):  # present in every object valid against both, so both its schemas hold
+        if any(_disjoint(x, y, refs) for x in _property_schemas(a, name) for y in _property_schemas(b, name)):
+            return f"discriminator {name!r}"
+    return None
+
+
+def _disjoint_branches(branches: list[Any], within: frozenset[str], refs: Mapping[str, frozenset[str]]) -> str | None:
+    """Why no two branches accept the same instance (of a type in `within`), or None if unproven."""
+    reasons = []
+    for i, a in enumerate(branches):
+        for b in branches[i + 1:]:
+            reason = _disjoint(a, b, refs, within)
+            if reason is None:
+                return None
+            reasons.append(reason)
+    return ", ".join(dict.fromkeys(reasons))

@@ -1,0 +1,150 @@
+"""The JSON Schema cascade: normalise, then the first backend that enforces the schema exactly;
+fall through on errors, approximations and timeouts; reject by keyword and pointer; cache
+failures; approximate only when a request says strict: false."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from serve_app.engine.cascade import plan_schema
+from serve_app.engine.constraints import parse_constraint
+from serve_app.engine.schema_support import unsupported_keywords
+from serve_app.engine.types import GenerationRequest, SamplingParams
+from serve_app.errors import ConstraintError, LimitExceededError
+
+ORDER = ("llguidance", "outlines_core")
+
+# Shapes that real API, config, Kubernetes and event schemas have, each of which at least one
+# backend cannot take as written (public domain, written for these tests).
+REAL_WORLD_SHAPES = {
+    "openapi_discriminated_oneOf": {"oneOf": [
+        {"type": "object", "properties": {"kind": {"const": "card"}, "last4": {"type": "string", "maxLength": 4}},
+         "required": ["kind", "last4"]},
+        {"type": "object", "properties": {"kind": {"const": "iban"}, "iban": {"type": "string", "maxLength": 34}},
+         "required": ["kind", "iban"]}]},
+    "openapi_int64_and_nullable": {"type": "object", "properties": {
+        "id": {"type": "integer", "format": "int64"}, "note": {"type": ["string", "null"], "maxLength": 20},
+        "price": {"type": "number", "format": "double", "minimum": 0}}, "required": ["id"]},
+    "k8s_int_or_string": {"type": "object", "description": "ServicePort", "properties": {
+        "port": {"type": "integer", "format": "int32", "description": "the port"},
+        "targetPort": {"oneOf": [{"type": "string", "maxLength": 15}, {"type": "integer"}],
+                       "x-kubernetes-int-or-string": True}}, "required": ["port"]},
+    "descriptions_everywhere": {"type": "object", "properties": {
+        "metadata": {"description": "anything goes"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 10}, "maxProperties": 2}},
+        "required": ["metadata"]},
+    "draft04_exclusive_bounds": {"$schema": "http://json-schema.org/draft-04/schema#", "type": "object",
+                                 "properties": {"ratio": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                                                          "maximum": 1}}, "required": ["ratio"]},
+    "dependencies_array": {"type": "object", "properties": {"card": {"type": "string", "maxLength": 8},
+                                                            "cvv": {"type": "string", "maxLength": 4}},
+                           "dependentRequired": {"card": ["cvv"]}},
+    "refs_with_definitions": {"definitions": {"addr": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}, "type": "object",
+        "properties": {"home": {"$ref": "#/definitions/addr"}, "work": {"$ref": "#/definitions/addr"}},
+        "required": ["home"]},
+    "unique_items_of_one": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 1, "uniqueItems": True},
+    "event_with_date_time": {"type": "object", "properties": {"type": {"const": "order.paid"},
+                                                              "at": {"type": "string", "format": "date-time"}},
+                             "required": ["type", "at"]},
+}
+CORPUS = Path(__file__).resolve().parents[2] / "bench" / "data" / "schema_corpus.json"
+
+
+def test_a_schema_every_backend_takes_is_planned_for_all_in_order():
+    plan = plan_schema({"type": "object", "properties": {"a": {"type": "string"}}}, ORDER)
+    assert plan.exact == ORDER and not plan.missing
+
+
+def test_normalisation_lets_backends_take_schemas_they_refuse_as_written():
+    schema = REAL_WORLD_SHAPES["openapi_int64_and_nullable"]
+    assert unsupported_keywords(schema, "llguidance") == [("format: int64", "/properties/id"),
+                                                          ("format: double", "/properties/price")]
+    assert plan_schema(schema, ORDER).exact == ("llguidance",)  # outlines_core ignores `minimum`
+    assert any("int64" in rewrite for rewrite in plan_schema(schema, ORDER).rewrites)
+
+
+def test_a_keyword_no_backend_enforces_is_a_400_naming_keyword_and_pointer():
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    plan = plan_schema(schema, ORDER)
+    assert plan.exact == ()
+    error = plan.rejection()
+    assert error.status_code == 400
+    assert "'uniqueItems' at #/properties/tags" in error.message and "strict: false" in error.message
+
+
+@pytest.mark.parametrize("name", list(REAL_WORLD_SHAPES))
+def test_real_world_shapes_compile_exactly_and_generate_valid_output(tiny_engine, name):
+    schema = REAL_WORLD_SHAPES[name]
+    constraint = parse_constraint({"type": "json_schema", "schema": schema})
+    compiled = tiny_engine.compile(constraint)
+    assert compiled.approximated == ()
+    results = tiny_engine.generate([GenerationRequest(prompt="JSON please", constraint=constraint,
+                                                      sampling=SamplingParams(max_new_tokens=48, seed=seed))
+                                    for seed in range(3)])
+    for result in results:
+        assert result.finish_reason == "stop" and result.valid is True, result.text
+        jsonschema.validate(json.loads(result.text), schema)
+
+
+def test_an_explicit_error_falls_through_to_the_next_backend(tiny_engine, monkeypatch):
+    compiler = tiny_engine.compiler
+
+    def refuse(constraint):
+        raise ConstraintError("llguidance would only approximate this json_schema: test", code="approximated")
+
+    monkeypatch.setattr(compiler, "_llguidance", refuse)
+    monkeypatch.setattr(compiler, "defaults", compiler.defaults.model_copy(
+        update={"cascade": ["llguidance", "outlines_core"]}))
+    schema = {"type": "object", "properties": {"fallthrough": {"enum": ["x", "y"]}}, "required": ["fallthrough"]}
+    constraint = parse_constraint({"type": "json_schema", "schema": schema})
+    compiled = compiler.compile(constraint)
+    assert compiled.backend == "outlines_core"
+    assert compiled.attempts == ("llguidance: llguidance would only approximate this json_schema: test",)
+    [result] = tiny_engine.generate([GenerationRequest(prompt="x", constraint=constraint,
+                                                       sampling=SamplingParams(max_new_tokens=16))])
+    assert result.valid is True and json.loads(result.text)["fallthrough"] in ("x", "y")
+
+
+def test_failures_are_cached_so_a_repeated_bad_schema_costs_nothing(tiny_engine, monkeypatch):
+    schema = {"type": "object", "properties": {"ids": {"type": "array", "uniqueItems": True, "minItems": 3}}}
+    constraint = parse_constraint({"type": "json_schema", "schema": schema})
+    with pytest.raises(ConstraintError, match="uniqueItems"):
+        tiny_engine.compile(constraint)
+    calls = []
+    monkeypatch.setattr(tiny_engine.compiler, "compile", lambda c: calls.append(c))
+    hits = tiny_engine.failed_hits
+    with pytest.raises(ConstraintError, match="uniqueItems"):
+        tiny_engine.compile(constraint)
+    assert calls == [] and tiny_engine.failed_hits == hits + 1
+
+
+def test_strict_false_approximates_says_what_and_still_checks_the_output(tiny_engine):
+    schema = {"type": "array", "items": {"enum": ["a", "b", "c"]}, "uniqueItems": True, "minItems": 2, "maxItems": 3}
+    constraint = parse_constraint({"type": "json_schema", "schema": schema, "strict": False})
+    compiled = tiny_engine.compile(constraint)
+    assert any("uniqueItems" in note for note in compiled.approximated)
+    results = tiny_engine.generate([GenerationRequest(prompt="x", constraint=constraint,
+                                                      sampling=SamplingParams(max_new_tokens=24, seed=s))
+                                    for s in range(8)])
+    for result in results:
+        assert result.approximated == list(compiled.approximated)
+        values = json.loads(result.text)
+        assert result.valid is (len(set(values)) == len(values))  # duplicates are reported, never hidden
+
+
+@pytest.mark.skipif(not CORPUS.exists(), reason="the real-world corpus is built locally (bench/data/schema_corpus.md)")
+def test_every_corpus_schema_the_cascade_accepts_compiles_and_the_rest_get_a_pointer(tiny_engine):
+    entries = json.loads(CORPUS.read_text())
+    accepted = 0
+    for entry in entries:
+        constraint = parse_constraint({"type": "json_schema", "schema": entry["schema"]})
+        try:
+            tiny_engine.compile(constraint)
+            accepted += 1
+        except (ConstraintError, LimitExceededError) as error:
+            assert error.status_code == 400
+            assert " at #" in error.message or "json_schema" in error.message, (entry["id"], error.message)
+    assert accepted > len(entries) // 2
