@@ -31,7 +31,7 @@ from serve_app.config import ModelConfig
 from serve_app.engine.backends import ConstraintCompiler, installed_backends
 from serve_app.engine.cascade import CASCADE
 from serve_app.engine.constraints import JsonSchemaConstraint, check_limits
-from serve_app.engine.loading import load_model, resolve_source
+from serve_app.engine.loading import load_hf_config, load_model, resolve_source
 from serve_app.engine.placement import plan_placement
 from serve_app.engine.schema_support import unsupported_keywords
 from serve_app.errors import ServeAppError
@@ -101,32 +101,7 @@ def generate(url: str, model: str, entries: list[dict[str, Any]], max_tokens: in
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--corpus", default=str(HERE / "data" / "schema_corpus.json"))
-    parser.add_argument("--source", default="builtin:smollm2-135m-instruct")
-    parser.add_argument("--timeout", type=float, default=10.0, help="compile budget per backend (s)")
-    parser.add_argument("--limit", type=int, default=0, help="only the first N schemas")
-    parser.add_argument("--serve-url", default=None)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--generate", type=int, default=0)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    args = parser.parse_args()
-
-    entries = json.loads(Path(args.corpus).read_text())
-    if args.limit:
-        entries = entries[:args.limit]
-    config = ModelConfig(name="coverage", source=args.source,
-                         limits={"compile_timeout_s": args.timeout, "max_schema_bytes": 1 << 20,
-                                 "max_ref_expansion": 100_000, "max_schema_depth": 256})
-    source = resolve_source(config)
-    from serve_app.engine.loading import load_hf_config
-
-    loaded = load_model(config, plan_placement(config, (), load_hf_config(source)), source)
-    compiler = ConstraintCompiler(loaded.model, loaded.tokenizer, config.backends, config.limits)
-    backends = [b for b in CASCADE if b in installed_backends()]
-    print(f"{len(entries)} schemas; backends {backends}; compile budget {args.timeout:g} s")
-
+def measure(compiler: ConstraintCompiler, backends: list[str], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for i, entry in enumerate(entries):
         constraint = JsonSchemaConstraint.model_validate({"schema": entry["schema"]})
@@ -138,7 +113,11 @@ def main() -> None:
         if i % 25 == 0:
             print(f"  {i}/{len(entries)} {entry['id']}: " + ", ".join(f"{k}={row[k][0]}" for k in [*backends,
                                                                                                      "cascade"]))
+    return rows
 
+
+
+def report(rows: list[dict[str, Any]], backends: list[str]) -> dict[str, Any]:
     strategies = [*backends, "cascade"]
     print("\n| source | n | " + " | ".join(f"{s} exact" for s in strategies) + " |")
     print("|---|---|" + "---|" * len(strategies))
@@ -163,6 +142,41 @@ def main() -> None:
     print("cascade rejections (first words of the 400):")
     for reason, n in reasons.most_common(12):
         print(f"  {n:4d}  {reason}")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--corpus", default=str(HERE / "data" / "schema_corpus.json"))
+    parser.add_argument("--source", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--timeout", type=float, default=10.0, help="compile budget per backend (s)")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N schemas")
+    parser.add_argument("--reuse", action="store_true", help="take compile outcomes from the last run's JSON")
+    parser.add_argument("--serve-url", default=None)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--generate", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    args = parser.parse_args()
+
+    entries = json.loads(Path(args.corpus).read_text())
+    if args.limit:
+        entries = entries[:args.limit]
+    previous = OUT / "schema_coverage.json"
+    if args.reuse and previous.exists():
+        rows = json.loads(previous.read_text())["rows"]
+        entries = entries[:len(rows)]
+        backends = [b for b in CASCADE if b in rows[0]]
+    else:
+        config = ModelConfig(name="coverage", source=args.source,
+                             limits={"compile_timeout_s": args.timeout, "max_schema_bytes": 1 << 20,
+                                     "max_ref_expansion": 100_000, "max_schema_depth": 256})
+        source = resolve_source(config)
+        loaded = load_model(config, plan_placement(config, (), load_hf_config(source)), source)
+        compiler = ConstraintCompiler(loaded.model, loaded.tokenizer, config.backends, config.limits)
+        backends = [b for b in CASCADE if b in installed_backends()]
+        print(f"{len(entries)} schemas; backends {backends}; compile budget {args.timeout:g} s")
+        rows = measure(compiler, backends, entries)
+    summary = report(rows, backends)
 
     generated: list[dict[str, Any]] = []
     if args.serve_url and args.generate:

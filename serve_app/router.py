@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +30,7 @@ from serve_app.engine.cascade import plan_schema
 from serve_app.engine.constraints import Constraint, JsonSchemaConstraint, check_limits
 from serve_app.engine.types import GenerationRequest, GenerationResult
 from serve_app.errors import (
+    ConstraintError,
     LimitExceededError,
     ModelNotFoundError,
     PayloadTooLargeError,
@@ -161,6 +162,9 @@ class ModelQueue:
             self._done.append(time.monotonic())
 
 
+_PLANNED: OrderedDict[str, ConstraintError | None] = OrderedDict()  # schema -> its rejection, if any
+
+
 def validate_for_model(model: ModelConfig, rows: list[GenerationRequest]) -> None:
     """What can be checked without the tokenizer: limits, keyword support, max_tokens."""
     constraint: Constraint | None = rows[0].constraint
@@ -170,9 +174,15 @@ def validate_for_model(model: ModelConfig, rows: list[GenerationRequest]) -> Non
             default = model.backends.json_schema
             order = [constraint.backend] if constraint.backend else \
                 model.backends.cascade if default == "cascade" else [default]
-            plan = plan_schema(constraint.json_schema, order, model.limits.max_ref_expansion)
-            if not plan.exact:
-                raise plan.rejection()
+            key = f"{','.join(order)}|{model.limits.max_ref_expansion}|{constraint.cache_key()}"
+            if key not in _PLANNED:  # normalising a large schema takes milliseconds: once per schema
+                plan = plan_schema(constraint.json_schema, order, model.limits.max_ref_expansion)
+                _PLANNED[key] = None if plan.exact else plan.rejection()
+                if len(_PLANNED) > 1024:
+                    _PLANNED.popitem(last=False)
+            rejection = _PLANNED[key]
+            if rejection is not None:
+                raise rejection
     max_new = rows[0].sampling.max_new_tokens
     if max_new is not None and max_new > model.limits.max_new_tokens:
         raise LimitExceededError(f"max_tokens {max_new} exceeds the limit of {model.limits.max_new_tokens} "

@@ -250,7 +250,9 @@ class ConstraintCompiler:
             compiled.min_tokens = min(len(self.encode(choice)) for choice in constraint.choices)
         elif isinstance(constraint, JsonSchemaConstraint):
             try:
-                closer = JsonCloser(constraint.json_schema, self.encode, ENFORCED_FORMATS)
+                # xgrammar without any_whitespace writes ", " and ": "; the others allow compact JSON.
+                separators = (", ", ": ") if compiled.backend == "xgrammar" else (",", ":")
+                closer = JsonCloser(constraint.json_schema, self.encode, ENFORCED_FORMATS, separators)
             except Exception:  # noqa: BLE001 - no closer means honest truncation, never a failed request
                 logger.warning("cannot build a closer for %s", compiled.key, exc_info=True)
                 return
@@ -334,6 +336,10 @@ class ConstraintCompiler:
 _COMMON_WORDS = {"type", "items", "properties", "required", "enum", "const", "not", "if", "then", "else"}
 
 
+# Words in backends' errors that stand for a keyword ("regex parse error" is about a `pattern`).
+_ERROR_WORDS = {"regex": "pattern", "lookarounds": "pattern", "circular": "$ref", "references": "$ref"}
+
+
 def _attempts(failures: list[tuple[str, ServeAppError]]) -> tuple[str, ...]:
     return tuple(f"{backend}: {error.message}" for backend, error in failures)
 
@@ -346,8 +352,8 @@ def _no_exact_backend(failures: list[tuple[str, ServeAppError]], schema: dict[st
         return first
     where = ""
     present = {k for _, sub in iter_subschemas(schema) for k in sub if k in VALIDATION_KEYWORDS}
-    keyword = next((w for w in re.findall(r"[A-Za-z$]+", first.message) if w in present and w not in _COMMON_WORDS),
-                   None)  # the first keyword the error names
+    words = [_ERROR_WORDS.get(w, w) for w in re.findall(r"[A-Za-z$]+", first.message)]
+    keyword = next((w for w in words if w in present and w not in _COMMON_WORDS), None)  # the first one named
     if keyword is not None:
         pointer = next(p for p, sub in iter_subschemas(schema) if keyword in sub)
         where = f"'{keyword}' at #{pointer or '/'}: "
@@ -378,7 +384,7 @@ def captured_stderr() -> Iterator[list[str]]:
             scratch.seek(0)
             for line in scratch.read().decode(errors="replace").splitlines():
                 lines.append(line)
-                if "json_schema_converter" not in line:
+                if "/project/cpp/" not in line:  # xgrammar's own log lines
                     print(line, file=sys.stderr)
 
 

@@ -42,6 +42,7 @@ _WHITESPACE = " \t\n\r"
 _NUMBER_CHARS = "0123456789+-.eE"
 _LITERALS = {"t": "true", "f": "false", "n": "null"}
 _MAX_DEPTH = 24
+_MEMO_LIMIT = 4096
 
 # A parser state is a tuple of frames, innermost last; frames are tuples, so copies are free.
 #   ("root", schema, done)
@@ -66,8 +67,9 @@ class JsonCloser:
     """Shortest completions for one JSON Schema, shared by every row that uses it."""
 
     def __init__(self, schema: dict[str, Any], encode: Callable[[str], list[int]],
-                 format_checker: Any = None) -> None:
+                 format_checker: Any = None, separators: tuple[str, str] = (",", ":")) -> None:
         self.root = schema
+        self.item_sep, self.key_sep = separators  # what the backend's grammar emits (xgrammar: ", ", ": ")
         self.encode = encode
         cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
         self._validator = cls(schema, format_checker=format_checker)
@@ -113,6 +115,9 @@ class JsonCloser:
             return []
         return [schema]
 
+    def dumps(self, value: Any) -> str:
+        return json.dumps(value, separators=(self.item_sep, self.key_sep), ensure_ascii=False)
+
     def is_valid(self, schema: Any, value: Any) -> bool:
         return bool(self._validator.evolve(schema=schema).is_valid(value))
 
@@ -124,6 +129,9 @@ class JsonCloser:
             return None
         key = id(schema)
         if key not in self._minimal:
+            if len(self._minimal) >= _MEMO_LIMIT:  # rows build merged subschemas as they go: stay bounded
+                self._minimal.clear()
+                self._keep.clear()
             self._minimal[key] = None  # recursion guard
             self._keep.append(schema)
             self._minimal[key] = self._build_minimal(schema, depth)
@@ -140,9 +148,9 @@ class JsonCloser:
 
     def _candidates(self, s: dict[str, Any], depth: int) -> list[str]:
         if "const" in s:
-            return [_dumps(s["const"])]
+            return [self.dumps(s["const"])]
         if "enum" in s and isinstance(s["enum"], list):
-            return [_dumps(v) for v in s["enum"]]
+            return [self.dumps(v) for v in s["enum"]]
         out: list[str] = []
         types = _types(s)
         if "null" in types:
@@ -178,7 +186,7 @@ class JsonCloser:
             if text is None:
                 return None
             items.append(text)
-        return "[" + ",".join(items) + "]"
+        return "[" + self.item_sep.join(items) + "]"
 
     def _object(self, s: dict[str, Any], depth: int) -> str | None:
         parts = []
@@ -186,8 +194,8 @@ class JsonCloser:
             text = self.minimal(self.property_schema(s, key), depth + 1)
             if text is None:
                 return None
-            parts.append(f"{_dumps(key)}:{text}")
-        return "{" + ",".join(parts) + "}"
+            parts.append(f"{_dumps(key)}{self.key_sep}{text}")
+        return "{" + self.item_sep.join(parts) + "}"
 
     def required_order(self, s: dict[str, Any]) -> list[str]:
         """Required keys in declared order (llguidance emits properties in that order)."""
@@ -355,12 +363,12 @@ class JsonCloser:
             need = max(int(b.get("minItems", 0)) for b in branches)
             if phase == "value" or count < need:
                 item = self._cheapest([self.item_schema(b, count) for b in branches])
-                return None if item is None else ("," if phase == "after" else "") + item
+                return None if item is None else (self.item_sep if phase == "after" else "") + item
             return "]"
         _, branches, seen, phase, key = top
         if phase == "colon":
             value = self._cheapest([self.property_schema(b, key) for b in branches])
-            return None if value is None else ":" + value
+            return None if value is None else self.key_sep + value
         if phase == "value":
             return self._cheapest([self.property_schema(b, key) for b in branches])
         return self._next_member(branches, seen, phase)
@@ -380,14 +388,14 @@ class JsonCloser:
             else:
                 piece = self._member(branch, missing[0])
                 if piece is not None and phase == "after":
-                    piece = "," + piece
+                    piece = self.item_sep + piece
             if piece is not None and (best is None or len(piece) < len(best)):
                 best = piece
         return best
 
     def _member(self, branch: dict[str, Any], key: str) -> str | None:
         value = self.minimal(self.property_schema(branch, key))
-        return None if value is None else f"{_dumps(key)}:{value}"
+        return None if value is None else f"{_dumps(key)}{self.key_sep}{value}"
 
     def _cheapest(self, schemas: list[Any]) -> str | None:
         texts = [t for t in (self.minimal(s) for s in schemas) if t is not None]
@@ -416,6 +424,8 @@ class JsonCloser:
             options = [k[len(chars):] for k in names]  # declared names first: backends keep their order
             if not options and any(self.property_schema(b, chars) is not False for b in obj[1]) and chars not in obj[2]:
                 options.append("")
+            if not options:  # a key that must match a patternProperties pattern: follow its example
+                options = [rest for rest in self._pattern_key_rests(obj[1], chars) if chars + rest not in obj[2]]
             if not options or fix and "" not in options:
                 return None
             return fix + min(options, key=len) + '"'
@@ -426,6 +436,16 @@ class JsonCloser:
                 if self.is_valid(branch, text) and (best is None or len(rest) < len(best)):
                     best = rest
         return None if best is None else fix + _dumps(best)[1:]
+
+    def _pattern_key_rests(self, branches: tuple[dict[str, Any], ...], chars: str) -> list[str]:
+        rests = []
+        for branch in branches:
+            for pattern in branch.get("patternProperties", {}):
+                example = regex_example(pattern)
+                for rest in ([example[len(chars):], example] if example else []) + ["", "a", "/a"]:
+                    if re.search(pattern, chars + rest):
+                        rests.append(rest)
+        return rests
 
     def _string_rests(self, s: dict[str, Any], chars: str) -> list[str]:
         values = [s["const"]] if "const" in s else s.get("enum") if isinstance(s.get("enum"), list) else None

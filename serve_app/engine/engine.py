@@ -96,7 +96,7 @@ class Engine:
         """Pay one-off costs (tokenizer conversion for the backend, first forward) at load."""
         started = time.perf_counter()
         probe = GenerationRequest(prompt="ok", constraint=ChoiceConstraint(choices=["yes", "no"]),
-                                  sampling=SamplingParams(max_new_tokens=2))
+                                  sampling=SamplingParams(max_new_tokens=8))
         self.generate([probe])
         logger.info("warmup took %.2f s", time.perf_counter() - started)
 

@@ -111,6 +111,32 @@ def test_closing_on_by_default_finishes_json_within_max_tokens_over_http(client)
     jsonschema.validate(json.loads(chat["choices"][0]["message"]["content"]), story)
 
 
+def test_real_world_schema_shapes_are_normalised_and_enforced_over_http(client):
+    payment = {"oneOf": [  # an OpenAPI discriminated union, with OpenAPI's int64/double formats
+        {"type": "object", "properties": {"kind": {"const": "card"}, "id": {"type": "integer", "format": "int64"}},
+         "required": ["kind", "id"]},
+        {"type": "object", "properties": {"kind": {"const": "cash"}, "amount": {"type": "number", "format": "double"}},
+         "required": ["kind", "amount"]}]}
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 40, "constraint": {"type": "json_schema", "schema": payment}}
+    result = client.post("/v1/generate", json=body).json()
+    assert result["valid"] is True and result["approximated"] == [], result
+    jsonschema.validate(result["parsed"], payment)
+
+
+def test_strict_false_accepts_an_approximation_says_so_and_still_checks_the_output(client):
+    tags = {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 2, "maxItems": 3, "uniqueItems": True}
+    strict = client.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": USER, "max_tokens": 24,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": tags}}})
+    assert strict.status_code == 400
+    assert "'uniqueItems' at #/" in strict.json()["error"]["message"]
+    loose = client.post("/v1/generate", json={"model": "tiny", "prompt": "x", "max_tokens": 24, "constraint": {
+        "type": "json_schema", "schema": tags, "strict": False}}).json()
+    assert any("uniqueItems" in note for note in loose["approximated"]), loose
+    values = json.loads(loose["text"])
+    assert loose["valid"] is (len(set(values)) == len(values) and loose["finish_reason"] == "stop")
+
+
 def _misses_by_replica(client, model):
     return {r["replica_id"]: r["compile_cache"]["misses"] for r in replicas(client) if r["model"] == model}
 

@@ -6,6 +6,7 @@ import json
 import jsonschema
 import pytest
 
+from serve_app.engine.backends import installed_backends
 from serve_app.engine.closing import JsonCloser, regex_example
 from serve_app.engine.constraints import ENFORCED_FORMATS, parse_constraint
 from serve_app.engine.types import GenerationRequest, SamplingParams
@@ -146,3 +147,17 @@ def test_no_repeat_ngram_size_removes_repeated_pairs_from_free_text(tiny_engine)
                                                                             no_repeat_ngram_size=2))])
     assert len(set(pairs(loose.token_ids))) < len(pairs(loose.token_ids))  # greedy tiny model loops
     assert len(set(pairs(tight.token_ids))) == len(pairs(tight.token_ids))
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_closing_works_with_every_installed_backend(tiny_engine, backend):
+    """The distance is computed from the schema; each backend's matcher validates the forced
+    tokens (xgrammar's grammar wants ", " and ": ", so its closer writes those)."""
+    schema = SCHEMAS["free_text"]
+    constraint = parse_constraint({"type": "json_schema", "schema": schema, "backend": backend})
+    results = tiny_engine.generate([GenerationRequest(prompt="x", constraint=constraint, sampling=SamplingParams(
+        max_new_tokens=20, seed=seed)) for seed in range(3)])
+    for result in results:
+        assert result.backend == backend
+        assert result.finish_reason == "stop" and result.valid is True and result.closed_early, result.text
+        assert result.usage.completion_tokens <= 20
