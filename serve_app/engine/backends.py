@@ -208,7 +208,11 @@ class ConstraintCompiler:
             return [choose_backend(constraint, self.defaults)]
         if self.defaults.json_schema != "cascade":
             return [choose_backend(constraint, self.defaults)]
-        return [b for b in self.defaults.cascade if b in installed_backends()]
+        order: list[str] = [b for b in self.defaults.cascade if b in installed_backends()]
+        if not order:
+            raise ConstraintError(f"no backend of backends.cascade ({', '.join(self.defaults.cascade)}) is "
+                                  f"installed here; installed: {', '.join(installed_backends())}", param="backend")
+        return order
 
     def _compile_schema(self, constraint: JsonSchemaConstraint) -> CompiledConstraint:
         """The first backend of the cascade that enforces the normalised schema exactly wins;

@@ -129,10 +129,10 @@ class Engine:
             value = getattr(sampling, name)
             return getattr(defaults, name) if value is None else value
 
-        close = compiled is not None and compiled.closer is not None and pick("close_json")
+        closer = compiled.closer if compiled is not None else None
         row = Row(ids, max_new, pick("temperature"), sampling.top_p or defaults.top_p, sampling.seed,
                   list(sampling.stop), compiled.new_matcher() if compiled else None,
-                  closer=RowCloser(compiled.closer) if close and compiled and compiled.closer else None,
+                  closer=RowCloser(closer) if closer is not None and pick("close_json") else None,
                   repetition_penalty=pick("repetition_penalty"), frequency_penalty=pick("frequency_penalty"),
                   presence_penalty=pick("presence_penalty"), no_repeat_ngram_size=pick("no_repeat_ngram_size"))
         return row, compiled
@@ -155,6 +155,7 @@ class Engine:
             raise ValueError("a different model or source needs new replicas, not a reconfigure")
         self.config = config
         self.compiler.limits = config.limits
+        self.failures.clear()  # a rejection may have come from a limit that just changed
 
     def prepare(self, request: GenerationRequest) -> tuple[Row, CompiledConstraint | None]:
         """Check a request's limits and compile its constraint, raising what `generate` would."""

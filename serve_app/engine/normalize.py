@@ -252,6 +252,12 @@ class _Rewriter:
             return node
         rest = {k: v for k, v in node.items() if k != "allOf"}
         kept = [member for member in members if member != {}]
+        if len(kept) == 1 and set(kept[0]) == {"$ref"} and VALIDATION_KEYWORDS & rest.keys() == {"type"} \
+                and kept[0]["$ref"] in self.ref_types and self.ref_types[kept[0]["$ref"]] <= _types(rest, {}):
+            # {"type": "object", "allOf": [{"$ref": <an object schema>}]}: the type adds nothing, and
+            # llguidance refuses a recursive $ref with sibling keywords.
+            self.note("type next to $ref", ptr, "dropped (the $ref's target already implies it)")
+            return dict(kept[0])
         merged = _merge(rest, kept[0]) if len(kept) == 1 else rest if not kept else None
         if merged is not None:
             self.note("allOf", ptr, "merged into its parent" if kept else "dropped (its members accept anything)")

@@ -68,6 +68,10 @@ def test_metrics_endpoint_exposes_every_family_with_sane_values(client):
     for i in range(3):
         client.post("/v1/generate", json={"model": "tiny", "prompt": "x", "max_tokens": 8,
                                           "constraint": {"type": "regex", "pattern": f"m{i}[0-9]{{4}}"}})
+    story = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+    closed = client.post("/v1/generate", json={"model": "tiny", "prompt": "x", "max_tokens": 12, "temperature": 0,
+                                               "constraint": {"type": "json_schema", "schema": story}}).json()
+    assert closed["closed_early"] is True, closed
     client.post("/v1/generate", json={"model": "nope", "prompt": "x"})
     deadline = time.monotonic() + 60  # both tiny replicas heartbeating (one may have been restarted)
     while time.monotonic() < deadline and len(_replicas(client, "", "tiny")) != 2:
@@ -86,6 +90,8 @@ def test_metrics_endpoint_exposes_every_family_with_sane_values(client):
     assert _metric(text, "serve_app_time_per_output_token_seconds_count", model="tiny")[0] >= 3
     assert _metric(text, "serve_app_output_tokens_total", model="tiny")[0] >= 15
     assert _metric(text, "serve_app_output_tokens_per_second", model="tiny")[0] > 0
+    assert _metric(text, "serve_app_constrained_outputs_total", model="tiny", outcome="closed_early")[0] >= 1
+    assert sum(_metric(text, "serve_app_constrained_outputs_total", model="tiny")) >= 4
     assert sum(_metric(text, "serve_app_compile_cache_misses_total", model="tiny")) >= 3
     assert sum(_metric(text, "serve_app_compile_cache_hits_total", model="tiny")) >= 0
     assert sum(_metric(text, "serve_app_compile_seconds_total", model="tiny")) > 0

@@ -584,3 +584,14 @@ def test_normalized_schema_gives_the_same_verdict_as_the_original(case: Case, da
     original, normalized = _validators(case.name)
     instance = data.draw(_instances(case.name))
     assert normalized.is_valid(instance) == original.is_valid(instance), (normalized.schema, instance)
+
+
+def test_a_type_that_a_recursive_refs_target_implies_is_dropped():
+    schema = {"type": "object", "properties": {
+        "kids": {"type": "array", "items": {"type": "object", "allOf": [{"$ref": "#"}]}}}}
+    out = normalize_schema(schema, frozenset())
+    assert out.schema["properties"]["kids"]["items"] == {"$ref": "#"}
+    assert any("type next to $ref" in r for r in out.rewrites)
+    validator = Draft202012Validator
+    for instance in [{"kids": [{}]}, {"kids": [1]}, {"kids": [{"kids": ["x"]}]}, {"kids": [{"kids": [{}]}]}]:
+        assert validator(schema).is_valid(instance) == validator(out.schema).is_valid(instance)
