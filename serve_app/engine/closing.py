@@ -25,8 +25,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import jsonschema
-
+from serve_app.engine.constraints import regex_search, safe_validator
 from serve_app.engine.schema_support import resolve_pointer
 
 logger = logging.getLogger(__name__)
@@ -43,6 +42,7 @@ _NUMBER_CHARS = "0123456789+-.eE"
 _LITERALS = {"t": "true", "f": "false", "n": "null"}
 _MAX_DEPTH = 24
 _MEMO_LIMIT = 4096
+PATTERN_TIMEOUT_S = 0.01
 
 # A parser state is a tuple of frames, innermost last; frames are tuples, so copies are free.
 #   ("root", schema, done)
@@ -71,8 +71,8 @@ class JsonCloser:
         self.root = schema
         self.item_sep, self.key_sep = separators  # what the backend's grammar emits (xgrammar: ", ", ": ")
         self.encode = encode
-        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        self._validator = cls(schema, format_checker=format_checker)
+        # Patterns come from users and run on generated text at every step: time-limited.
+        self._validator = safe_validator(schema, PATTERN_TIMEOUT_S, format_checker)
         self._minimal: dict[int, str | None] = {}
         self._keep: list[Any] = []  # subschemas keyed by id() in _minimal stay alive
         self.start: Stack = (("root", schema, False),)
@@ -208,7 +208,7 @@ class JsonCloser:
         if key in properties:
             return properties[key]
         for pattern, sub in s.get("patternProperties", {}).items():
-            if re.search(pattern, key):
+            if regex_search(pattern, key, PATTERN_TIMEOUT_S):
                 return sub
         extra = s.get("additionalProperties", True)
         return {} if extra is True else extra
@@ -443,7 +443,7 @@ class JsonCloser:
             for pattern in branch.get("patternProperties", {}):
                 example = regex_example(pattern)
                 for rest in ([example[len(chars):], example] if example else []) + ["", "a", "/a"]:
-                    if re.search(pattern, chars + rest):
+                    if regex_search(pattern, chars + rest, PATTERN_TIMEOUT_S):
                         rests.append(rest)
         return rests
 
@@ -496,7 +496,7 @@ def regex_example(pattern: str) -> str | None:
         example = build(parser.parse(pattern))
     except (ValueError, TypeError, re.error, RecursionError, OverflowError):
         return None
-    return example if re.search(pattern, example) else None
+    return example if regex_search(pattern, example, PATTERN_TIMEOUT_S) else None
 
 
 def _class_char(items: Any) -> str:

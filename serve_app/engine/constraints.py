@@ -69,8 +69,7 @@ class JsonSchemaConstraint(_Base):
 
     @cached_property
     def _validator(self) -> jsonschema.protocols.Validator:
-        cls = jsonschema.validators.validator_for(self.json_schema, default=jsonschema.Draft202012Validator)
-        return cls(self.json_schema, format_checker=ENFORCED_FORMATS)
+        return safe_validator(self.json_schema, REGEX_CHECK_TIMEOUT_S, ENFORCED_FORMATS)
 
     def is_satisfied_by(self, text: str) -> bool:
         try:
@@ -83,6 +82,31 @@ class JsonSchemaConstraint(_Base):
         from outlines.types import JsonSchema
 
         return JsonSchema(json.dumps(self.json_schema))
+
+
+def regex_search(pattern: str, text: str, timeout_s: float) -> bool | None:
+    """`re.search` semantics (as JSON Schema's `pattern`) with a time limit: None when a
+    backtracking pattern such as ``^(a+)+$`` takes too long on this text."""
+    import regex
+
+    try:
+        return regex.search(pattern, text, timeout=timeout_s) is not None
+    except TimeoutError:
+        return None
+    except regex.error:
+        return False
+
+
+def safe_validator(schema: dict[str, Any], timeout_s: float, format_checker: Any = None) -> Any:
+    """A jsonschema validator whose `pattern` runs with a time limit (a pattern it cannot decide
+    in time counts as not matching: output is never called valid without proof)."""
+    base = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+
+    def pattern(validator: Any, expected: str, instance: Any, _schema: Any) -> Any:
+        if validator.is_type(instance, "string") and not regex_search(expected, instance, timeout_s):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {expected!r} (or not decided in time)")
+
+    return jsonschema.validators.extend(base, {"pattern": pattern})(schema, format_checker=format_checker)
 
 
 class RegexConstraint(_Base):

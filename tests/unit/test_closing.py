@@ -161,3 +161,19 @@ def test_closing_works_with_every_installed_backend(tiny_engine, backend):
         assert result.backend == backend
         assert result.finish_reason == "stop" and result.valid is True and result.closed_early, result.text
         assert result.usage.completion_tokens <= 20
+
+
+def test_a_backtracking_pattern_cannot_stall_closing_or_the_output_check():
+    """``^(a|aa)+$`` takes exponential time in a backtracking engine on "aaaa...b"; the closer
+    runs patterns at every step, so each check is time-limited and undecided means not valid."""
+    import time
+
+    schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a|aa)+$"}}, "required": ["s"]}
+    closer = JsonCloser(schema, _encode)
+    started = time.perf_counter()
+    stack = closer.feed(closer.start, '{"s":"' + "a" * 40 + "b")
+    assert closer.completion(stack) is None  # nothing after the "b" can match
+    constraint = parse_constraint({"type": "json_schema", "schema": schema})
+    assert constraint.is_satisfied_by('{"s":"' + "a" * 40 + 'b"}') is False
+    assert constraint.is_satisfied_by('{"s":"aaa"}') is True
+    assert time.perf_counter() - started < 5
