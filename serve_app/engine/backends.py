@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from serve_app.config import BackendDefaults, LimitsConfig
 from serve_app.engine.cascade import plan_schema
@@ -39,6 +39,7 @@ from serve_app.engine.schema_support import VALIDATION_KEYWORDS, iter_subschemas
 from serve_app.errors import ConstraintError, LimitExceededError, ServeAppError
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 AnyConstraint = JsonSchemaConstraint | RegexConstraint | ChoiceConstraint | GrammarConstraint
 
@@ -230,7 +231,8 @@ class ConstraintCompiler:
             return CompiledConstraint(constraint.cache_key(), "json_schema", backend, new_matcher, size, 0.0,
                                       rewrites=plan.rewrites, attempts=_attempts(failures))
         if not constraint.strict and "llguidance" in installed_backends():
-            new_matcher, size, approximated = self._llguidance_lenient(normalized)
+            new_matcher, size, approximated = self._within_timeout(
+                "llguidance", "json_schema", lambda: self._llguidance_lenient(normalized))
             return CompiledConstraint(constraint.cache_key(), "json_schema", "llguidance", new_matcher, size, 0.0,
                                       rewrites=plan.rewrites, attempts=_attempts(failures),
                                       approximated=tuple(approximated) or ("compiled leniently",))
@@ -239,14 +241,18 @@ class ConstraintCompiler:
         raise _no_exact_backend(failures, plan.schema)
 
     def _timed(self, backend: str, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
-        future = _COMPILE_POOL.submit(self._compile_with, backend, constraint)
+        return self._within_timeout(backend, constraint.type, lambda: self._compile_with(backend, constraint))
+
+    def _within_timeout(self, backend: str, kind: str, compile_fn: Callable[[], _T]) -> _T:
+        """Compile off the caller's thread, giving up at `limits.compile_timeout_s`."""
+        future = _COMPILE_POOL.submit(compile_fn)
         try:
             return future.result(timeout=self.limits.compile_timeout_s)
         except concurrent.futures.TimeoutError:
             raise LimitExceededError(
-                f"compiling the {constraint.type} constraint with {backend} took longer than "
+                f"compiling the {kind} constraint with {backend} took longer than "
                 f"limits.compile_timeout_s ({self.limits.compile_timeout_s:g} s)",
-                param=constraint.type, code="compile_timeout_s") from None
+                param=kind, code="compile_timeout_s") from None
 
     def _add_budget(self, compiled: CompiledConstraint, constraint: AnyConstraint) -> None:
         """The minimum budget (and, for JSON Schema, the closer that keeps output within it)."""
@@ -275,38 +281,36 @@ class ConstraintCompiler:
                                   param=constraint.type, code="unsupported") from None
 
     def _llguidance(self, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
-        import llguidance
-
-        backend = self.backend("llguidance")
         kind, source = _llguidance_source(constraint)
-        grammar = llguidance.grammar_from(kind, source)  # type: ignore[arg-type]
-        matcher = llguidance.LLMatcher(backend.llg_tokenizer, grammar)
-        if matcher.is_error():
-            raise ConstraintError(f"llguidance cannot enforce this {constraint.type}: "
-                                  f"{matcher.get_error()}", param=constraint.type, code="unsupported")
+        matcher, new_matcher, size = self._llguidance_compile(kind, source, constraint.type)
         warnings = matcher.get_grammar_warnings()
         if warnings:
             raise ConstraintError(f"llguidance would only approximate this {constraint.type}: "
                                   f"{'; '.join(warnings)}", param=constraint.type, code="approximated")
-        vocab = backend.llg_tokenizer.vocab_size
-        return (lambda: _LLGuidanceMatcher(matcher.deep_copy(), vocab)), len(grammar) * 8 + 64 * 1024
+        return new_matcher, size
 
     def _llguidance_lenient(self, constraint: JsonSchemaConstraint) -> tuple[Callable[[], RowMatcher], int,
                                                                              list[str]]:
         """llguidance ignoring what it cannot enforce; its warnings say what that is."""
-        import llguidance
-
-        backend = self.backend("llguidance")
         schema = {**constraint.json_schema, "x-guidance": {"whitespace_flexible": False, "lenient": True,
                                                            "coerce_one_of": True}}
-        grammar = llguidance.grammar_from("json_schema", json.dumps(schema))
-        matcher = llguidance.LLMatcher(backend.llg_tokenizer, grammar)
+        matcher, new_matcher, size = self._llguidance_compile("json_schema", json.dumps(schema), "json_schema",
+                                                              lenient=True)
+        return new_matcher, size, list(matcher.get_grammar_warnings())
+
+    def _llguidance_compile(self, kind: str, source: str, param: str,
+                            lenient: bool = False) -> tuple[Any, Callable[[], RowMatcher], int]:
+        """(the compiled matcher, a factory of per-request copies, its size in bytes)."""
+        import llguidance
+
+        tokenizer = self.backend("llguidance").llg_tokenizer
+        grammar = llguidance.grammar_from(kind, source)  # type: ignore[arg-type]
+        matcher = llguidance.LLMatcher(tokenizer, grammar)
         if matcher.is_error():
-            raise ConstraintError(f"llguidance cannot compile this json_schema even leniently: "
-                                  f"{matcher.get_error()}", param="json_schema", code="unsupported")
-        vocab = backend.llg_tokenizer.vocab_size
-        return ((lambda: _LLGuidanceMatcher(matcher.deep_copy(), vocab)), len(grammar) * 8 + 64 * 1024,
-                list(matcher.get_grammar_warnings()))
+            raise ConstraintError(f"llguidance cannot enforce this {param}{' even leniently' if lenient else ''}: "
+                                  f"{matcher.get_error()}", param=param, code="unsupported")
+        vocab = tokenizer.vocab_size
+        return matcher, (lambda: _LLGuidanceMatcher(matcher.deep_copy(), vocab)), len(grammar) * 8 + 64 * 1024
 
     def _outlines_core(self, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
         """Built in a forked child that is killed on timeout: outlines_core turns a regex into a

@@ -77,7 +77,8 @@ class JsonCloser:
         self._keep: list[Any] = []  # subschemas keyed by id() in _minimal stay alive
         self.start: Stack = (("root", schema, False),)
         self.min_text = self.completion(self.start)
-        self.min_tokens = len(encode(self.min_text)) if self.min_text is not None else None
+        self.min_ids = encode(self.min_text) if self.min_text is not None else None
+        self.min_tokens = len(self.min_ids) if self.min_ids is not None else None
 
     # -- schema helpers --------------------------------------------------------------------------
 
@@ -170,14 +171,10 @@ class JsonCloser:
         return out
 
     def _strings(self, s: dict[str, Any]) -> list[str]:
-        n = int(s.get("minLength", 0))
+        """Whole strings: a known format's example, else what closes an empty open string."""
         if isinstance(s.get("format"), str) and s["format"] in FORMAT_EXAMPLES:
             return [_dumps(FORMAT_EXAMPLES[s["format"]])]
-        out = [_dumps(c * n) for c in "a0A"]
-        if isinstance(s.get("pattern"), str):
-            example = regex_example(s["pattern"])
-            out += [_dumps(c * max(n, 1)) for c in "a0A-_."] + ([_dumps(example)] if example is not None else [])
-        return out
+        return [_dumps(rest) for rest in self._string_rests(s, "")]
 
     def _array(self, s: dict[str, Any], depth: int) -> str | None:
         items = []
@@ -599,7 +596,7 @@ class RowCloser:
         self.stack: Stack | None = closer.start
         self.text = ""
         self.plan = closer.min_text
-        self.plan_tokens = closer.encode(closer.min_text) if closer.min_text is not None else None
+        self.plan_tokens = closer.min_ids
         self.last_known = len(self.plan_tokens or [])
         self.forced: list[int] = []
         self.closed_early = False

@@ -18,6 +18,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -48,6 +49,10 @@ class Row:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
+
+    @cached_property
+    def prompt_token_set(self) -> frozenset[int]:
+        return frozenset(self.prompt_ids)
 
     @property
     def penalized(self) -> bool:
@@ -427,21 +432,23 @@ class DecodeLoop:
             out.first_token_s = time.perf_counter() - stream.submitted_at
         if stream.cancelled.is_set():
             return self._finish(stream, "cancelled")
+        text_after: str | None = None  # the output's text with `token`, when the closer decoded it
         if row.closer is not None and row.matcher is not None and token is not None \
                 and (row.closer.closed_early or token not in self.eos_ids):
             remaining = row.max_new_tokens - len(out.token_ids)
-            chosen = row.closer.choose(token, self.decode_text(out.token_ids + [token]), remaining,
-                                       row.matcher.accepts)
+            text_after = self.decode_text(out.token_ids + [token])
+            chosen = row.closer.choose(token, text_after, remaining, row.matcher.accepts)
             if chosen is None:  # already complete: stop here rather than grow past the budget
                 return self._close(stream)
-            token = chosen
+            if chosen != token:
+                token, text_after = chosen, None
         if token is None or (row.matcher is not None and token not in self.eos_ids and not row.matcher.advance(token)):
             return self._finish(stream, "length")  # the constraint allows nothing more: incomplete
         if token in self.eos_ids:
             out.accepted = row.matcher is not None
             return self._finish(stream, "stop")
         out.token_ids.append(token)
-        out.text = self.decode_text(out.token_ids)
+        out.text = text_after if text_after is not None else self.decode_text(out.token_ids)
         if row.closer is not None and row.closer.closed_early and not row.closer.forced:
             return self._close(stream)
         cut = _stop_hit(out.text, row.stop)
@@ -475,7 +482,7 @@ def apply_penalties(logits: torch.Tensor, streams: list[Stream]) -> None:
         if not row.penalized:
             continue
         if row.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted({t for t in row.prompt_ids + generated if t < width}), dtype=torch.long)
+            seen = torch.tensor([t for t in row.prompt_token_set.union(generated) if t < width], dtype=torch.long)
             values = logits[i, seen]
             logits[i, seen] = torch.where(values > 0, values / row.repetition_penalty,
                                           values * row.repetition_penalty)
