@@ -6,6 +6,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any, Literal
@@ -221,6 +222,8 @@ def native_response(model: str, result: GenerationResult, constraint: Constraint
     parsed = None
     if isinstance(constraint, JsonSchemaConstraint) and result.valid:
         parsed = result.parsed()
+        if not _finite(parsed):  # e.g. 1e999: valid JSON, but no float holds it (`text` has it exactly)
+            parsed = None
     return {
         "id": new_id("gen"), "model": model, "text": result.text, "parsed": parsed,
         "finish_reason": result.finish_reason, "valid": result.valid,
@@ -232,6 +235,17 @@ def native_response(model: str, result: GenerationResult, constraint: Constraint
         "served_by": result.served_by,
     }
 
+
+
+def _finite(value: Any) -> bool:
+    """Whether a parsed JSON value can be written back as JSON (no number overflowed to inf)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 class ChunkFormatter:
