@@ -120,7 +120,7 @@ def test_real_world_schema_shapes_are_normalised_and_enforced_over_http(client):
     body = {"model": "tiny", "prompt": "x", "max_tokens": 40, "constraint": {"type": "json_schema", "schema": payment}}
     result = client.post("/v1/generate", json=body).json()
     assert result["valid"] is True and result["approximated"] == [], result
-    jsonschema.validate(result["parsed"], payment)
+    jsonschema.validate(json.loads(result["text"]), payment)  # `parsed` is null when a number overflows a float
 
 
 def test_strict_false_accepts_an_approximation_says_so_and_still_checks_the_output(client):
