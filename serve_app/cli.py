@@ -3,7 +3,7 @@
     serve-app run CONFIG [--port 8000]              local Ray + Serve in the foreground (`make serve`)
     serve-app build CONFIG                          print the complete Ray Serve config `serve deploy` takes
     serve-app deploy CONFIG --address URL [--wait]  build, then PUT it to the dashboard as `serve deploy` does
-    serve-app status --address URL [--json]         apps, deployments, replicas: placement and CPU fallback
+    serve-app status --address URL [--json] [--api-key KEY]  apps, deployments, replicas: placement, fallback
     serve-app submit CONFIG --address URL           run cluster/job_entrypoint.py as a Ray job
     serve-app kuberay CONFIG                        print a KubeRay RayService manifest
 
@@ -23,10 +23,12 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import shlex
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -41,9 +43,13 @@ DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 # Kept out of `args`: replicas apply them in place, and an `args` change would replace replicas.
 IN_PLACE_ONLY = frozenset({"sampling", "constraints"})
 ENTRYPOINT = "cluster/job_entrypoint.py"
-# Never uploaded with a job's working dir (virtualenvs alone can be gigabytes).
+# Never uploaded with a job's working dir (virtualenvs alone can be gigabytes), whatever
+# .gitignore says: secrets (env files, keys, certificates, cloud credentials) stay on this machine.
 UPLOAD_EXCLUDES = [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".mypy_cache",
-                   ".ruff_cache", "bench/out"]
+                   ".ruff_cache", "bench/out",
+                   ".env", ".env.*", "**/.env", "**/.env.*", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks",
+                   "*.keystore", "id_rsa*", "id_ed25519*", "id_ecdsa*", ".netrc", ".npmrc", ".pypirc",
+                   ".aws", ".ssh", ".gnupg", ".docker", ".kube", "*credentials*.json", "*.tfstate", "*.tfvars"]
 HTTP_TIMEOUT_S = 10
 POLL_S = 1.0
 # KubeRay's Serve service targets the proxies on 8000; inside a pod they must listen on all interfaces.
@@ -196,9 +202,16 @@ def http_base(details: dict[str, Any], dashboard: str, route_prefix: str) -> str
     return f"http://{host}:{options.get('port', 8000)}{route_prefix.rstrip('/')}"
 
 
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+def get_json(url: str, api_key: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=HTTP_TIMEOUT_S) as response:
         return json.loads(response.read())
+
+
+def default_api_key() -> str | None:
+    """The first key of SERVE_APP_API_KEYS, the variable the router reads its keys from."""
+    keys = [k.strip() for k in os.environ.get("SERVE_APP_API_KEYS", "").split(",") if k.strip()]
+    return keys[0] if keys else None
 
 
 def wait_http_ready(url: str, timeout_s: float) -> None:
@@ -217,21 +230,27 @@ def wait_http_ready(url: str, timeout_s: float) -> None:
 # -- status ------------------------------------------------------------------------------------
 
 
-def app_replicas(details: dict[str, Any], dashboard: str, app: dict[str, Any]) -> list[dict[str, Any]] | str:
+def app_replicas(details: dict[str, Any], dashboard: str, app: dict[str, Any],
+                 api_key: str | None = None) -> list[dict[str, Any]] | str:
     """Our app's own view of its replicas (placement, GPU ids, fallback), or why it is unavailable."""
     if app.get("route_prefix") is None:
         return "no HTTP route"
     try:
-        return list(get_json(f"{http_base(details, dashboard, app['route_prefix'])}/v1/replicas")["replicas"])
+        url = f"{http_base(details, dashboard, app['route_prefix'])}/v1/replicas"
+        return list(get_json(url, api_key)["replicas"])
+    except urllib.error.HTTPError as error:
+        if error.code == 401:
+            return "unavailable (the app wants an API key: pass --api-key or set SERVE_APP_API_KEYS)"
+        return f"unavailable (HTTP {error.code})"
     except (OSError, ValueError, KeyError) as error:
         return f"unavailable ({one_line(str(error))})"
 
 
-def collect_status(address: str) -> dict[str, Any]:
+def collect_status(address: str, api_key: str | None = None) -> dict[str, Any]:
     details = serve_client(address).get_serve_details()
     apps = details.get("applications", {})
     return {"http_options": details.get("http_options"),
-            "applications": {name: {**app, "app_replicas": app_replicas(details, address, app)}
+            "applications": {name: {**app, "app_replicas": app_replicas(details, address, app, api_key)}
                              for name, app in apps.items()}}
 
 
@@ -323,7 +342,14 @@ def pod_shape(model: ModelConfig) -> tuple[int, int]:
     return int(gpus), 1
 
 
-def worker_group(model: ModelConfig, image: str) -> dict[str, Any]:
+def container_env(max_body_bytes: int) -> list[dict[str, str]]:
+    """Every pod runs a Serve proxy: each enforces the body limit as the body streams in."""
+    from serve_app.guard import proxy_env
+
+    return [{"name": k, "value": v} for k, v in proxy_env(max_body_bytes).items()]
+
+
+def worker_group(model: ModelConfig, image: str, max_body_bytes: int) -> dict[str, Any]:
     gpus, per_pod = pod_shape(model)
     cpus = model.placement.num_cpus * per_pod
     limits: dict[str, Any] = {"cpu": f"{cpus:g}", "memory": f"{math.ceil(cpus * MEMORY_GIB_PER_CPU)}Gi"}
@@ -337,24 +363,27 @@ def worker_group(model: ModelConfig, image: str) -> dict[str, Any]:
         "maxReplicas": math.ceil(scaling.max_replicas / per_pod),
         "rayStartParams": {},
         "template": {"spec": {"containers": [
-            {"name": "ray-worker", "image": image, "resources": {"limits": limits, "requests": dict(limits)}}]}},
+            {"name": "ray-worker", "image": image, "env": container_env(max_body_bytes),
+             "resources": {"limits": limits, "requests": dict(limits)}}]}},
     }
 
 
-def head_group(image: str) -> dict[str, Any]:
+def head_group(image: str, max_body_bytes: int) -> dict[str, Any]:
     ports = [{"containerPort": port, "name": name} for name, port in
              (("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))]
     return {
         # No replicas on the head: it keeps the GCS, dashboard, Serve controller and a proxy.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
         "template": {"spec": {"containers": [
-            {"name": "ray-head", "image": image, "ports": ports,
+            {"name": "ray-head", "image": image, "ports": ports, "env": container_env(max_body_bytes),
              "resources": {"limits": HEAD_RESOURCES, "requests": dict(HEAD_RESOURCES)}}]}},
     }
 
 
 def rayservice(built: dict[str, Any], name: str, image: str) -> dict[str, Any]:
-    models = [model for config in our_configs(built) for model in config.models]
+    configs = our_configs(built)
+    models = [model for config in configs for model in config.models]
+    max_body = max(config.server.max_body_bytes for config in configs)  # one proxy serves every app
     serve_v2 = {**built, "http_options": KUBERAY_HTTP_OPTIONS}
     autoscales = any(m.autoscaling.min_replicas != m.autoscaling.max_replicas for m in models)
     return {
@@ -363,8 +392,8 @@ def rayservice(built: dict[str, Any], name: str, image: str) -> dict[str, Any]:
             "serveConfigV2": dump_yaml(serve_v2),
             "rayClusterConfig": {
                 "rayVersion": ray_version(), "enableInTreeAutoscaling": autoscales,
-                "headGroupSpec": head_group(image),
-                "workerGroupSpecs": [worker_group(model, image) for model in models],
+                "headGroupSpec": head_group(image, max_body),
+                "workerGroupSpecs": [worker_group(model, image, max_body) for model in models],
             },
         },
     }
@@ -402,7 +431,7 @@ def deploy(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    result = collect_status(args.address)
+    result = collect_status(args.address, args.api_key or default_api_key())
     print(json.dumps(result, indent=2, default=str) if args.json else format_status(result))
     return 0
 
@@ -438,6 +467,7 @@ def parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("status", help="apps, deployments and replicas (placement, CPU fallback)")
     _address(sub)
     sub.add_argument("--json", action="store_true")
+    sub.add_argument("--api-key", help="bearer key for the app's routes (default: first of SERVE_APP_API_KEYS)")
     sub.set_defaults(handler=status)
     sub = commands.add_parser("submit", help=f"run {ENTRYPOINT} CONFIG as a Ray job")
     sub.add_argument("config")

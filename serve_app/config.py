@@ -12,7 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_app.engine.constraints import Constraint
+from serve_app.engine.constraints import Constraint, check_constraint
+from serve_app.errors import ServeAppError
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 BackendName = Literal["llguidance", "outlines_core", "xgrammar"]
@@ -50,13 +51,19 @@ class LimitsConfig(_Strict):
     max_new_tokens: int = Field(512, ge=1, description="upper bound a request may ask for")
     max_prompt_tokens: int = Field(4096, ge=1)
     max_batch_size: int = Field(8, ge=1, description="rows generated together (also capped by memory)")
-    max_schema_bytes: int = Field(64 * 1024, ge=16)
+    # Real-world schemas (Kubernetes CRDs, SchemaStore files) reach 72-157 KB; the router checks
+    # sizes before anything parses a schema, off its event loop.
+    max_schema_bytes: int = Field(512 * 1024, ge=16)
     max_schema_depth: int = Field(32, ge=1, description="nesting of subschemas")
     max_ref_expansion: int = Field(
         10_000, ge=1, description="subschemas after inlining local $refs (recursion counted once)")
     max_regex_length: int = Field(4096, ge=1)
     max_grammar_bytes: int = Field(64 * 1024, ge=16)
+    max_group_depth: int = Field(
+        64, ge=1, description="nesting of groups in a regex or schema pattern, of brackets in a grammar "
+        "(their parsers recurse; deeper input would exhaust the stack)")
     max_choices: int = Field(1024, ge=1)
+    max_choice_bytes: int = Field(64 * 1024, ge=1, description="all choices together, in UTF-8 bytes")
     compile_timeout_s: float = Field(30.0, gt=0)
     max_pending_requests: int = Field(
         256, ge=1, description="requests accepted and not finished per model; more get 429 + Retry-After")
@@ -155,13 +162,26 @@ class ModelConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _named_constraints_valid(self) -> ModelConfig:
+        """The registry passes the same checks, against this model's limits, as a request's."""
+        for name, constraint in self.constraints.items():
+            try:
+                check_constraint(constraint, self.limits)
+            except ServeAppError as error:
+                raise ValueError(f"constraints.{name}: {error.message}") from None
+        return self
+
 
 class ServerConfig(_Strict):
     """The router's HTTP guard rails."""
 
     api_keys: list[str] = Field(default_factory=list, description="accepted bearer tokens (prefer the env var)")
     api_keys_env: str = Field("SERVE_APP_API_KEYS", description="env var with comma-separated keys")
-    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger request bodies get 413")
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="larger request bodies get 413 (counted as they arrive, chunked too)")
+    max_json_depth: int = Field(
+        128, ge=8, description="nesting of arrays and objects in a request body (and in guided_json as a string)")
 
 
 class AppConfig(_Strict):

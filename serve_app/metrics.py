@@ -25,6 +25,7 @@ PREFIX = "serve_app"
 # in router.py, because Serve pickles the router's FastAPI app and a ContextVar cannot be pickled.
 REQUEST_LABELS: ContextVar[dict[str, str]] = ContextVar("request_labels")
 TOKEN_RATE_WINDOW_S = 60.0
+UNKNOWN_ROUTE = "unknown"  # the one route label of every path no route matched (401s before routing too)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 

@@ -77,7 +77,12 @@ class ModelReplica:
             raise RuntimeError("model is not loaded")
 
     def __del__(self) -> None:
-        self._stop.set()
+        """Serve calls this when it stops the replica: stop reporting, stop the decode thread."""
+        if hasattr(self, "_stop"):
+            self._stop.set()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
     def served_by(self) -> dict[str, str]:
         """Stamped on every result: which replica, code version and config answered."""
@@ -126,11 +131,15 @@ class ModelReplica:
 
         parsed = [GenerationRequest.model_validate(r) for r in requests]
         # Validation and compiling run off the event loop; a bad row raises before any starts.
+        # Rows are submitted here, after the await: a caller gone during the compile (a client
+        # disconnect cancels this coroutine) leaves nothing in the decode loop.
         self._preparing += len(parsed)
         try:
-            submissions = await asyncio.to_thread(self._submit_all, parsed, [notifier(i) for i in range(len(parsed))])
+            prepared = await asyncio.to_thread(lambda: [self.engine.prepare(r) for r in parsed])
         finally:
             self._preparing -= len(parsed)
+        submissions = [self.engine.submit_prepared(request, row, notifier(i))
+                       for i, (request, row) in enumerate(zip(parsed, prepared, strict=True))]
         pending, served_by = len(submissions), self.served_by()
         try:
             while pending:
@@ -146,11 +155,6 @@ class ModelReplica:
         finally:
             for submission in submissions:
                 submission.stream.cancel()  # a no-op for finished rows
-
-    def _submit_all(self, requests: list[Any], notify: list[Callable[[tuple[str, Any]], None]]) -> list[Any]:
-        rows = [self.engine.prepare(request) for request in requests]
-        return [self.engine.submit_prepared(request, row, callback)
-                for request, row, callback in zip(requests, rows, notify, strict=True)]
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Polled by Serve; `queue_depth` drives serve_app.autoscaling.QueueDepthPolicy."""

@@ -4,14 +4,14 @@ It never imports torch or Outlines (a test checks this), so it starts fast and s
 Route handlers are thin: parse -> validate against the model's config -> dispatch -> shape.
 """
 
-from __future__ import annotations
-
-import hmac
+# No `from __future__ import annotations` here: Serve re-creates the route handlers in the
+# replica from a pickle that keeps only the globals their code uses, so a string annotation such
+# as "Request" could not be resolved there and FastAPI would take it for a query parameter.
+import asyncio
 import json
 import math
-import os
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,20 +25,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app import metrics as metrics_module
 from serve_app.api import schemas
 from serve_app.api.errors import as_serve_app_error, error_response
-from serve_app.config import AppConfig, ModelConfig, ServerConfig
-from serve_app.engine.cascade import plan_schema
-from serve_app.engine.constraints import Constraint, JsonSchemaConstraint, check_limits
+from serve_app.api.intake import Intake, RequestChecker
+from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine.types import GenerationRequest, GenerationResult
-from serve_app.errors import (
-    ConstraintError,
-    LimitExceededError,
-    ModelNotFoundError,
-    PayloadTooLargeError,
-    QueueFullError,
-    ServeAppError,
-    UnauthorizedError,
-)
-from serve_app.metrics import RouterMetrics
+from serve_app.errors import QueueFullError, ServeAppError
+from serve_app.guard import Guard, GuardMiddleware
+from serve_app.metrics import UNKNOWN_ROUTE, RouterMetrics
 from serve_app.registry import get_registry
 
 app = FastAPI(title="serve_app", version="0.1.0")
@@ -52,46 +44,8 @@ async def _error_handler(_: Request, error: Exception) -> JSONResponse:
     return error_response(error)
 
 
-# Routes anyone may call: probes and the metrics scrape.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
-class Guard:
-    """API keys (``Authorization: Bearer``) and the request body size limit. Keys are compared in
-    constant time and never logged or echoed."""
-
-    def __init__(self, server: ServerConfig) -> None:
-        from_env = os.environ.get(server.api_keys_env, "")
-        self.keys = [k for k in [*server.api_keys, *from_env.split(",")] if k.strip()]
-        self.max_body_bytes = server.max_body_bytes
-
-    def check(self, path: str, headers: Any) -> None:
-        if self.keys and path not in OPEN_PATHS:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in self.keys):
-                raise UnauthorizedError("missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                        code="invalid_api_key")
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            raise self.too_large()
-
-    def too_large(self) -> PayloadTooLargeError:
-        return PayloadTooLargeError(f"request body over {self.max_body_bytes} bytes", code="max_body_bytes")
-
-
-@app.middleware("http")
-async def _guard(request: Request, call_next: Any) -> Any:
-    guard: Guard | None = getattr(request.app.state, "guard", None)
-    if guard is not None:
-        try:
-            guard.check(request.url.path, request.headers)
-            if request.method == "POST" and "content-length" not in request.headers:
-                body = await request.body()  # chunked upload: count what actually arrived
-                if len(body) > guard.max_body_bytes:
-                    raise guard.too_large()
-        except ServeAppError as error:
-            return error_response(error)
-    return await call_next(request)
+# Keys and the body limit come before anything reads the request; counting wraps them (a 401 counts).
+app.add_middleware(GuardMiddleware, respond=error_response)
 
 
 @app.middleware("http")
@@ -100,8 +54,10 @@ async def _count_requests(request: Request, call_next: Any) -> Any:
     metrics_module.REQUEST_LABELS.set(labels)
     response = await call_next(request)
     metrics: RouterMetrics | None = getattr(request.app.state, "metrics", None)
-    if metrics is not None and request.url.path.startswith("/v1/") and request.method == "POST":
-        metrics.requests.labels(labels["model"], request.url.path, str(response.status_code)).inc()
+    if metrics is not None:
+        # The route's template, never the raw path: a client must not be able to add series.
+        route = getattr(request.scope.get("route"), "path", None) or UNKNOWN_ROUTE
+        metrics.requests.labels(labels["model"], route, str(response.status_code)).inc()
     return response
 
 
@@ -162,33 +118,6 @@ class ModelQueue:
             self._done.append(time.monotonic())
 
 
-_PLANNED: OrderedDict[str, ConstraintError | None] = OrderedDict()  # schema -> its rejection, if any
-
-
-def validate_for_model(model: ModelConfig, rows: list[GenerationRequest]) -> None:
-    """What can be checked without the tokenizer: limits, keyword support, max_tokens."""
-    constraint: Constraint | None = rows[0].constraint
-    if constraint is not None:
-        check_limits(constraint, model.limits)
-        if isinstance(constraint, JsonSchemaConstraint) and constraint.strict:
-            default = model.backends.json_schema
-            order = [constraint.backend] if constraint.backend else \
-                model.backends.cascade if default == "cascade" else [default]
-            key = f"{','.join(order)}|{model.limits.max_ref_expansion}|{constraint.cache_key()}"
-            if key not in _PLANNED:  # normalising a large schema takes milliseconds: once per schema
-                plan = plan_schema(constraint.json_schema, order, model.limits.max_ref_expansion)
-                _PLANNED[key] = None if plan.exact else plan.rejection()
-                if len(_PLANNED) > 1024:
-                    _PLANNED.popitem(last=False)
-            rejection = _PLANNED[key]
-            if rejection is not None:
-                raise rejection
-    max_new = rows[0].sampling.max_new_tokens
-    if max_new is not None and max_new > model.limits.max_new_tokens:
-        raise LimitExceededError(f"max_tokens {max_new} exceeds the limit of {model.limits.max_new_tokens} "
-                                 f"for model {model.name}", param="max_tokens", code="max_new_tokens")
-
-
 @serve.deployment(name="router", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class Router:
@@ -199,22 +128,21 @@ class Router:
         self.registry = get_registry()
         self.metrics = app.state.metrics = RouterMetrics()
         app.state.guard = Guard(self.config.server)
+        self.checker = RequestChecker(self.config)
         self.queues = {m.name: ModelQueue(m.limits.max_pending_requests) for m in self.config.models}
 
-    def model(self, name: str) -> ModelConfig:
+    async def intake(self, request: Request, body_type: type[Any]) -> Intake:
+        """Parse and validate in a worker thread: a large or hostile body never holds the event
+        loop (other requests, /healthz) while it is checked."""
+        raw = await request.body()  # already read, and bounded, by the guard
+        intake = await asyncio.to_thread(self.checker.prepare, raw, body_type)
         labels = metrics_module.REQUEST_LABELS.get(None)
-        if labels is not None and name in self.queues:
-            labels["model"] = name
-        try:
-            return self.config.model(name)
-        except KeyError:
-            known = ", ".join(m.name for m in self.config.models)
-            raise ModelNotFoundError(f"model {name!r} not found; known models: {known}", param="model",
-                                     code="model_not_found") from None
+        if labels is not None:
+            labels["model"] = intake.model.name
+        return intake
 
-    def admit(self, model: ModelConfig, rows: list[GenerationRequest]) -> ModelQueue:
-        """Validate, then take a place in the model's bounded queue (429 when it is full)."""
-        validate_for_model(model, rows)
+    def admit(self, model: ModelConfig) -> ModelQueue:
+        """Take a place in the model's bounded queue (429 when it is full)."""
         queue = self.queues[model.name]
         queue.enter()
         self.metrics.pending.labels(model.name).set(queue.pending)
@@ -227,7 +155,7 @@ class Router:
             self.metrics.observe_result(model.name, result)
 
     async def dispatch(self, model: ModelConfig, rows: list[GenerationRequest]) -> list[GenerationResult]:
-        queue = self.admit(model, rows)
+        queue = self.admit(model)
         results: list[GenerationResult] = []
         try:
             payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
@@ -252,7 +180,7 @@ class Router:
     async def open_stream(self, model: ModelConfig, rows: list[GenerationRequest]) -> tuple[Any, Any, ModelQueue]:
         """Start a replica stream and wait for its first event, so that errors raised before any
         token (prompt too long, a constraint that does not compile) still get a 4xx response."""
-        queue = self.admit(model, rows)
+        queue = self.admit(model)
         payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
         stream = self.handles[model.name].options(stream=True).generate_stream.remote(payload)
         try:
@@ -290,27 +218,27 @@ class Router:
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(self, body: schemas.ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
-        model = self.model(body.model)
-        if body.stream:
-            return await self.openai_stream(model, body.generation_requests(), chat=True)
-        results = await self.dispatch(model, body.generation_requests())
-        return schemas.chat_completion_response(model.name, results)
+    async def chat_completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
+        intake = await self.intake(request, schemas.ChatCompletionRequest)
+        if intake.body.stream:
+            return await self.openai_stream(intake.model, intake.rows, chat=True)
+        results = await self.dispatch(intake.model, intake.rows)
+        return schemas.chat_completion_response(intake.model.name, results)
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(self, body: schemas.CompletionRequest) -> dict[str, Any] | StreamingResponse:
-        model = self.model(body.model)
-        if body.stream:
-            return await self.openai_stream(model, body.generation_requests(), chat=False)
-        results = await self.dispatch(model, body.generation_requests())
-        return schemas.completion_response(model.name, results)
+    async def completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
+        intake = await self.intake(request, schemas.CompletionRequest)
+        if intake.body.stream:
+            return await self.openai_stream(intake.model, intake.rows, chat=False)
+        results = await self.dispatch(intake.model, intake.rows)
+        return schemas.completion_response(intake.model.name, results)
 
     @app.post("/v1/generate", response_model=None)
-    async def generate(self, body: schemas.NativeGenerateRequest) -> dict[str, Any] | StreamingResponse:
+    async def generate(self, request: Request) -> dict[str, Any] | StreamingResponse:
         started = time.perf_counter()
-        model = self.model(body.model)
-        row = body.generation_request()
-        if body.stream:
+        intake = await self.intake(request, schemas.NativeGenerateRequest)
+        model, [row] = intake.model, intake.rows
+        if intake.body.stream:
             return await self.native_stream(model, row, started)
         [result] = await self.dispatch(model, [row])
         return schemas.native_response(model.name, result, row.constraint, time.perf_counter() - started)

@@ -9,6 +9,7 @@ warm replica, prints the URL and a curl example, and shuts everything down on Ct
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -90,7 +91,10 @@ def _serve(config: Any, application: dict[str, Any], host: str, port: int) -> in
     from ray import serve
 
     from serve_app.app import build_app
+    from serve_app.guard import proxy_env
 
+    # Before Ray starts: its HTTP proxy reads these when it starts (the body limit as it streams in).
+    os.environ.update(proxy_env(config.server.max_body_bytes))
     ray.init(address="local", include_dashboard=False)
     # Ctrl-C and SIGTERM both shut down cleanly (a shell's background job would ignore SIGINT).
     signal.signal(signal.SIGINT, _interrupt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -51,8 +52,16 @@ def as_serve_app_error(error: BaseException) -> ServeAppError:
     return ServeAppError(f"internal error: {type(error).__name__}")
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error that quotes a client's text (a field
+    name with a lone surrogate, say) still renders, where UTF-8 encoding would fail."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(error: BaseException) -> JSONResponse:
     mapped = as_serve_app_error(error)
     retry_after = getattr(mapped, "retry_after_s", None)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse(mapped.to_dict(), status_code=mapped.status_code, headers=headers)
+    return AsciiJSONResponse(mapped.to_dict(), status_code=mapped.status_code, headers=headers)

@@ -13,11 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.engine.constraints import Constraint, JsonSchemaConstraint, parse_constraint
-from serve_app.engine.types import ChatMessage, GenerationRequest, GenerationResult, SamplingParams
+from serve_app.engine.constraints import SOURCE_FIELD, Constraint, JsonSchemaConstraint, build_constraint
+from serve_app.engine.types import MAX_STOPS, ChatMessage, GenerationRequest, GenerationResult, SamplingParams
 from serve_app.errors import ConstraintError, InvalidRequestError
 
 MAX_N = 8
+SEED_SPAN = 2**64  # seeds are signed 64-bit: [-2**63, 2**63)
 
 
 class _Request(BaseModel):
@@ -75,8 +76,10 @@ class _OpenAIBase(_Penalties):
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if isinstance(stop, list) and len(stop) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if stop == "" or (isinstance(stop, list) and "" in stop):
+            raise ValueError("stop sequences must not be empty")
         return stop
 
     def constraint(self) -> Constraint | None:
@@ -86,6 +89,13 @@ class _OpenAIBase(_Penalties):
             raise ConstraintError("give one constraint: response_format or one guided_* field, not several",
                                   param="response_format")
         return found[0] if found else None
+
+    def constraint_source(self) -> str | None:
+        """The request field the constraint came from, for errors that name it."""
+        fields = ["guided_json", "guided_regex", "guided_choice", "guided_grammar"]
+        if self.response_format is not None and self.response_format.type == "json_schema":
+            return "response_format.json_schema"
+        return next((f for f in fields if getattr(self, f) not in (None, "")), None)
 
     def _from_response_format(self) -> Constraint | None:
         fmt = self.response_format
@@ -127,7 +137,7 @@ class _OpenAIBase(_Penalties):
 
 def _parse(data: dict[str, Any], param: str) -> Constraint:
     try:
-        return parse_constraint(data)
+        return build_constraint(data)
     except ConstraintError as error:
         detail = error.message.split(": ", 1)[-1]
         raise ConstraintError(f"{param}: {detail}", param=param, code=error.code) from None
@@ -153,11 +163,12 @@ class CompletionRequest(_OpenAIBase):
 
 
 def _n_requests(request: _OpenAIBase, inputs: dict[str, Any]) -> list[GenerationRequest]:
-    """n choices = n rows; with a seed, choice i uses seed + i so the choices differ."""
+    """n choices = n rows; with a seed, choice i uses seed + i (wrapping within the signed 64-bit
+    range) so the choices differ."""
     constraint, sampling = request.constraint(), request.sampling()
     rows = []
     for i in range(request.n):
-        seed = None if sampling.seed is None else sampling.seed + i
+        seed = None if sampling.seed is None else (sampling.seed + i + SEED_SPAN // 2) % SEED_SPAN - SEED_SPAN // 2
         rows.append(GenerationRequest(**inputs, constraint=constraint,
                                       sampling=sampling.model_copy(update={"seed": seed})))
     return rows
@@ -172,14 +183,27 @@ class NativeGenerateRequest(_Penalties):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
     stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: list[str]) -> list[str]:
+        if "" in stop:
+            raise ValueError("stop sequences must not be empty")
+        return stop
 
     @model_validator(mode="after")
     def _one_input(self) -> NativeGenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         return self
+
+    def generation_requests(self) -> list[GenerationRequest]:
+        return [self.generation_request()]
+
+    def constraint_source(self) -> str | None:
+        return None if self.constraint is None else f"constraint.{SOURCE_FIELD[self.constraint.type]}"
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest(

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,7 +34,7 @@ from serve_app.engine.constraints import (
     GrammarConstraint,
     JsonSchemaConstraint,
     RegexConstraint,
-    check_limits,
+    check_constraint,
 )
 from serve_app.engine.schema_support import VALIDATION_KEYWORDS, iter_subschemas
 from serve_app.errors import ConstraintError, LimitExceededError, ServeAppError
@@ -46,6 +47,8 @@ AnyConstraint = JsonSchemaConstraint | RegexConstraint | ChoiceConstraint | Gram
 # Compact JSON: weak models otherwise fill their budget with whitespace.
 OUTLINES_CORE_WHITESPACE = r"[ ]?"
 _COMPILE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="compile")
+# Compiles that outlived their caller's timeout, kept (bounded) so a retry waits for the same work.
+MAX_INFLIGHT_COMPILES = 64
 
 
 class RowMatcher:
@@ -173,6 +176,8 @@ class ConstraintCompiler:
         self.tokenizer = tokenizer
         self._backends: dict[str, Any] = {}
         self._encoder: ShortestEncoder | None = None
+        self._inflight: OrderedDict[str, concurrent.futures.Future[Any]] = OrderedDict()
+        self._inflight_lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
         """The fewest tokens that spell `text` (what closing spends and the minimum budget)."""
@@ -192,7 +197,7 @@ class ConstraintCompiler:
     def compile(self, constraint: AnyConstraint) -> CompiledConstraint:
         """Check limits, then compile within `compile_timeout_s`: a JSON Schema through the
         cascade, the other kinds with their configured backend."""
-        check_limits(constraint, self.limits)
+        check_constraint(constraint, self.limits)
         started = time.perf_counter()
         if isinstance(constraint, JsonSchemaConstraint):
             compiled = self._compile_schema(constraint)
@@ -232,7 +237,8 @@ class ConstraintCompiler:
                                       rewrites=plan.rewrites, attempts=_attempts(failures))
         if not constraint.strict and "llguidance" in installed_backends():
             new_matcher, size, approximated = self._within_timeout(
-                "llguidance", "json_schema", lambda: self._llguidance_lenient(normalized))
+                "llguidance", "json_schema", lambda: self._llguidance_lenient(normalized),
+                key=f"llguidance-lenient|{normalized.cache_key()}")
             return CompiledConstraint(constraint.cache_key(), "json_schema", "llguidance", new_matcher, size, 0.0,
                                       rewrites=plan.rewrites, attempts=_attempts(failures),
                                       approximated=tuple(approximated) or ("compiled leniently",))
@@ -241,18 +247,32 @@ class ConstraintCompiler:
         raise _no_exact_backend(failures, plan.schema)
 
     def _timed(self, backend: str, constraint: AnyConstraint) -> tuple[Callable[[], RowMatcher], int]:
-        return self._within_timeout(backend, constraint.type, lambda: self._compile_with(backend, constraint))
+        return self._within_timeout(backend, constraint.type, lambda: self._compile_with(backend, constraint),
+                                    key=f"{backend}|{constraint.cache_key()}")
 
-    def _within_timeout(self, backend: str, kind: str, compile_fn: Callable[[], _T]) -> _T:
-        """Compile off the caller's thread, giving up at `limits.compile_timeout_s`."""
-        future = _COMPILE_POOL.submit(compile_fn)
+    def _within_timeout(self, backend: str, kind: str, compile_fn: Callable[[], _T], key: str) -> _T:
+        """Compile off the caller's thread, giving up at `limits.compile_timeout_s`. A compile
+        that times out cannot be stopped (a thread), so it is kept: a retry of the same
+        constraint waits for that work instead of starting it again, and gets its result."""
+        with self._inflight_lock:
+            future = self._inflight.get(key)
+            if future is None:
+                future = self._inflight[key] = _COMPILE_POOL.submit(compile_fn)
+                while len(self._inflight) > MAX_INFLIGHT_COMPILES:
+                    self._inflight.popitem(last=False)
         try:
-            return future.result(timeout=self.limits.compile_timeout_s)
+            result = future.result(timeout=self.limits.compile_timeout_s)
         except concurrent.futures.TimeoutError:
             raise LimitExceededError(
                 f"compiling the {kind} constraint with {backend} took longer than "
-                f"limits.compile_timeout_s ({self.limits.compile_timeout_s:g} s)",
-                param=kind, code="compile_timeout_s") from None
+                f"limits.compile_timeout_s ({self.limits.compile_timeout_s:g} s); it goes on in the background, "
+                f"and a retry uses its result", param=kind, code="compile_timeout_s") from None
+        finally:
+            if future.done():
+                with self._inflight_lock:
+                    if self._inflight.get(key) is future:
+                        del self._inflight[key]
+        return result
 
     def _add_budget(self, compiled: CompiledConstraint, constraint: AnyConstraint) -> None:
         """The minimum budget (and, for JSON Schema, the closer that keeps output within it)."""

@@ -11,6 +11,7 @@ computed in a worker thread while the model runs the next forward pass.
 from __future__ import annotations
 
 import inspect
+import logging
 import queue
 import threading
 import time
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 
 from serve_app.engine.backends import RowMatcher
 from serve_app.engine.closing import RowCloser
+
+logger = logging.getLogger(__name__)
 
 # Below this, dividing logits by the temperature overflows to inf/NaN (found by fuzzing with
 # temperature=7.6e-285): sample greedily, which is what such a temperature means anyway.
@@ -85,6 +88,7 @@ class Stream:
         self._sent = 0  # characters of text already emitted as deltas
         self.cancelled = threading.Event()
         self.done = threading.Event()
+        self.failure: Exception | None = None  # set where computing this row's mask failed
         self.submitted_at = time.perf_counter()
 
     def cancel(self) -> None:
@@ -105,7 +109,7 @@ class Stream:
     def emit_text(self, final: bool) -> None:
         """Emit new text, holding back what a stop string or a partial character may change."""
         text = self.output.text
-        hold = 0 if final else max((len(s) - 1 for s in self.row.stop), default=0)
+        hold = 0 if final else max((len(s) - 1 for s in self.row.stop if s), default=0)
         end = len(text) - hold
         while not final and end > self._sent and text[end - 1] == _PARTIAL:
             end -= 1
@@ -261,6 +265,7 @@ class DecodeLoop:
         self._masker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="masks")
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self.steps = 0
         self.finished: Counter[str] = Counter()  # rows by finish reason
         self.closed_early = 0  # rows the closer finished before their budget ran out
@@ -268,6 +273,9 @@ class DecodeLoop:
     # -- public ----------------------------------------------------------------------------------
 
     def submit(self, stream: Stream) -> Stream:
+        if self._closed.is_set():
+            stream.emit("error", _closed_error())
+            return stream
         self.waiting.put(stream)
         self._wake.set()
         with self._lock:
@@ -280,6 +288,28 @@ class DecodeLoop:
         """(waiting, running) rows."""
         return self.waiting.qsize() + len(self.preempted), len(self.batch)
 
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the decode thread (after its current step) and fail what it had not finished;
+        joined, so no thread is left inside torch when the interpreter exits."""
+        self._closed.set()
+        self._wake.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+        self._masker.shutdown(wait=True)
+        self._fail_unfinished()
+
+    def _fail_unfinished(self) -> None:
+        unfinished = list(self.batch.streams) + list(self.preempted)
+        while not self.waiting.empty():
+            unfinished.append(self.waiting.get())
+        self.batch.clear()
+        self.preempted.clear()
+        for stream in unfinished:
+            if not stream.done.is_set():
+                stream.emit("error", _closed_error())
+
     def capacity(self) -> int:
         cap = self.max_batch_size()
         return min(cap, self.cap_after_oom) if self.cap_after_oom else cap
@@ -287,7 +317,7 @@ class DecodeLoop:
     # -- loop ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
+        while not self._closed.is_set():
             self._admit()
             if not len(self.batch):
                 if not self.preempted:
@@ -401,14 +431,10 @@ class DecodeLoop:
             matcher = stream.row.matcher
             if matcher is None:
                 continue
-            if matcher.width == width:
-                matcher.fill(bitmask, i)
-            else:  # the backend's vocabulary is narrower or wider than the model's logits
-                scratch = torch.zeros((1, matcher.width), dtype=torch.int32)
-                matcher.fill(scratch, 0)
-                bitmask[i] = 0
-                n = min(width, matcher.width)
-                bitmask[i, :n] = scratch[0, :n]
+            try:
+                _fill_row(bitmask, i, matcher, width)
+            except Exception as error:  # fails this row when it advances, not the batch
+                stream.failure = error
         return bitmask
 
     def _sample_and_advance(self, logits: torch.Tensor, bitmask: torch.Tensor | None, rows: range) -> None:
@@ -421,13 +447,20 @@ class DecodeLoop:
         ban_repeated_ngrams(logits, streams)
         tokens = sample_tokens(logits, [s.row for s in streams], self.batch.generators[rows.start:rows.stop])
         for stream, token in zip(streams, tokens, strict=True):
-            self._advance(stream, token)
+            try:
+                self._advance(stream, token)
+            except Exception as error:  # one row's failure (a bug, a backend error) is that row's alone
+                logger.exception("a row failed in the decode loop; the batch goes on")
+                self.finished["error"] += 1
+                stream.emit("error", error)
         keep = [i for i, s in enumerate(self.batch.streams) if not s.done.is_set()]
         if len(keep) != len(self.batch):
             self.batch.keep(keep)
 
     def _advance(self, stream: Stream, token: int | None) -> None:
         out, row = stream.output, stream.row
+        if stream.failure is not None:
+            raise stream.failure
         if out.first_token_s is None:
             out.first_token_s = time.perf_counter() - stream.submitted_at
         if stream.cancelled.is_set():
@@ -471,6 +504,24 @@ class DecodeLoop:
         stream.output.total_s = time.perf_counter() - stream.submitted_at
         stream.emit_text(final=True)
         stream.emit("done", stream.output)
+
+
+def _fill_row(bitmask: torch.Tensor, i: int, matcher: RowMatcher, width: int) -> None:
+    if matcher.width == width:
+        matcher.fill(bitmask, i)
+        return
+    # The backend's vocabulary is narrower or wider than the model's logits.
+    scratch = torch.zeros((1, matcher.width), dtype=torch.int32)
+    matcher.fill(scratch, 0)
+    bitmask[i] = 0
+    n = min(width, matcher.width)
+    bitmask[i, :n] = scratch[0, :n]
+
+
+def _closed_error() -> Exception:
+    from serve_app.errors import OverloadedError
+
+    return OverloadedError("the engine is shutting down; retry on another replica", code="engine_closed")
 
 
 def apply_penalties(logits: torch.Tensor, streams: list[Stream]) -> None:

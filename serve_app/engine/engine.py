@@ -30,6 +30,10 @@ from serve_app.models import CHATML_TEMPLATE
 
 logger = logging.getLogger(__name__)
 MAX_CACHED_FAILURES = 1024
+# Failures that say how long compiling took, not what the constraint is (a busy machine, or a
+# compile that finishes in the background): never cached, or one slow moment would refuse a
+# popular schema until restart.
+TRANSIENT_FAILURES = frozenset({"compile_timeout_s"})
 
 
 @dataclass
@@ -67,6 +71,16 @@ class Engine:
         engine.precompile(config.constraints.values())
         return engine
 
+    def close(self) -> None:
+        """Stop the decode thread; rows not finished get a 503 error. Idempotent."""
+        self.loop.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     # -- constraints ---------------------------------------------------------------------------
 
     def compile(self, constraint: AnyConstraint) -> CompiledConstraint:
@@ -83,9 +97,10 @@ class Engine:
         try:
             return self.cache.get_or_compile(key, lambda: self.compiler.compile(constraint))
         except (ConstraintError, LimitExceededError) as error:
-            self.failures[key] = error
-            if len(self.failures) > MAX_CACHED_FAILURES:
-                self.failures.popitem(last=False)
+            if error.code not in TRANSIENT_FAILURES:
+                self.failures[key] = error
+                if len(self.failures) > MAX_CACHED_FAILURES:
+                    self.failures.popitem(last=False)
             raise
 
     def precompile(self, constraints: Iterable[AnyConstraint]) -> None:

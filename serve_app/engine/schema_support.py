@@ -89,12 +89,40 @@ def _child_entries(schema: dict[str, Any], definitions: bool = True) -> Iterator
 
 
 def iter_subschemas(schema: Any, pointer: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every (JSON pointer, subschema) in a schema, the root first."""
-    if not isinstance(schema, dict):
-        return
-    yield pointer, schema
-    for suffix, sub in _child_entries(schema):
-        yield from iter_subschemas(sub, pointer + suffix)
+    """Every (JSON pointer, subschema) in a schema, the root first, in document order. Iterative:
+    a schema nested deeper than Python's recursion limit is walked like any other."""
+    stack: list[tuple[str, Any]] = [(pointer, schema)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, dict):
+            yield where, node
+            stack.extend(reversed([(where + suffix, sub) for suffix, sub in _child_entries(node)]))
+
+
+def schema_patterns(schema: Any) -> Iterator[str]:
+    """Every regex in a schema: `pattern` values and `patternProperties` keys."""
+    for _, sub in iter_subschemas(schema):
+        if isinstance(sub.get("pattern"), str):
+            yield sub["pattern"]
+        if isinstance(sub.get("patternProperties"), dict):
+            yield from sub["patternProperties"]
+
+
+def check_refs(schema: Any) -> None:
+    """Local $refs resolve against the root here; under a nested `$id` (a new base URI) they
+    would resolve against that subschema instead, so such a $ref is refused rather than enforced
+    with a different meaning than a validator gives it."""
+    stack: list[tuple[str, Any, bool]] = [("", schema, False)]
+    while stack:
+        where, node, rebased = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        new_id = node.get("$id")  # "#..." ids name a fragment of this document (draft 6/7): no new base
+        rebased = rebased or (bool(where) and isinstance(new_id, str) and not new_id.startswith("#"))
+        if rebased and isinstance(node.get("$ref"), str):
+            raise ConstraintError(f"$ref at #{where} is under a nested $id: only $refs that resolve against the "
+                                  f"root schema are supported", param="json_schema", code="unsupported_ref")
+        stack.extend((where + suffix, sub, rebased) for suffix, sub in _child_entries(node))
 
 
 def resolve_pointer(root: Any, ref: str) -> Any:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.engine.constraints import Constraint
+
+MAX_STOPS = 16
 
 
 class _Model(BaseModel):
@@ -25,12 +27,19 @@ class SamplingParams(_Model):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     no_repeat_ngram_size: int | None = Field(None, ge=0, le=32)
     close_json: bool | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty(cls, stop: list[str]) -> list[str]:
+        if "" in stop:  # it would match before the first character: nothing could be generated
+            raise ValueError("stop sequences must not be empty")
+        return stop
 
 
 class GenerationRequest(_Model):

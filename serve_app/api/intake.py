@@ -1,0 +1,132 @@
+"""From a raw request body to validated generation rows for one model: the router's whole
+validation, in one function it runs in a worker thread, never on its event loop.
+
+Order matters: the cheap, bounded checks come first (JSON nesting, strings, types, then each
+constraint's sizes and depths), and only then the checks that parse or compile (meta-validation,
+`re.compile`, a Lark parse, normalisation and the cascade's plan). A verdict per constraint is
+cached, so a popular schema is checked once per router.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from serve_app.api.body import load_json
+from serve_app.api.errors import from_validation_error
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.engine.cascade import plan_schema
+from serve_app.engine.constraints import AnyConstraint, JsonSchemaConstraint, check_constraint
+from serve_app.engine.types import GenerationRequest
+from serve_app.errors import (
+    ConstraintError,
+    InvalidRequestError,
+    LimitExceededError,
+    ModelNotFoundError,
+    ServeAppError,
+)
+
+logger = logging.getLogger(__name__)
+_Body = TypeVar("_Body", bound=BaseModel)
+# Constraint verdicts kept per router (a verdict is a few hundred bytes).
+MAX_VERDICTS = 1024
+
+
+@dataclass(frozen=True)
+class Intake:
+    model: ModelConfig
+    body: Any
+    rows: list[GenerationRequest]
+
+
+class RequestChecker:
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self._verdicts: OrderedDict[str, ServeAppError | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def prepare(self, raw: bytes, body_type: type[_Body]) -> Intake:
+        body = self.parse(raw, body_type)
+        model = self.model(body.model)  # type: ignore[attr-defined]
+        try:
+            rows = body.generation_requests()  # type: ignore[attr-defined]
+        except ValidationError as error:
+            raise from_validation_error(error) from None
+        self.check_rows(model, rows, body.constraint_source())  # type: ignore[attr-defined]
+        return Intake(model, body, rows)
+
+    def parse(self, raw: bytes, body_type: type[_Body]) -> _Body:
+        data = load_json(raw, self.config.server.max_json_depth)
+        if not isinstance(data, dict):
+            raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
+        if isinstance(data.get("guided_json"), str):  # a schema sent as a string: the same rules
+            data["guided_json"] = load_json(data["guided_json"], self.config.server.max_json_depth, "guided_json")
+        try:
+            return body_type.model_validate(data)
+        except ValidationError as error:
+            raise from_validation_error(error) from None
+
+    def model(self, name: str) -> ModelConfig:
+        try:
+            return self.config.model(name)
+        except KeyError:
+            known = ", ".join(m.name for m in self.config.models)
+            raise ModelNotFoundError(f"model {name!r} not found; known models: {known}", param="model",
+                                     code="model_not_found") from None
+
+    def check_rows(self, model: ModelConfig, rows: list[GenerationRequest], source: str | None = None) -> None:
+        """What can be checked without the tokenizer: the constraint, then max_tokens."""
+        if rows[0].constraint is not None:
+            self.check_constraint(model, rows[0].constraint, source)
+        max_new = rows[0].sampling.max_new_tokens
+        if max_new is not None and max_new > model.limits.max_new_tokens:
+            raise LimitExceededError(f"max_tokens {max_new} exceeds the limit of {model.limits.max_new_tokens} "
+                                     f"for model {model.name}", param="max_tokens", code="max_new_tokens")
+
+    def check_constraint(self, model: ModelConfig, constraint: AnyConstraint, source: str | None = None) -> None:
+        key = f"{model.name}|{source}|{constraint.cache_key()}"
+        with self._lock:
+            known = key in self._verdicts
+            verdict = self._verdicts.get(key)
+            if known:
+                self._verdicts.move_to_end(key)
+        if not known:
+            verdict = _verdict(model, constraint, source)
+            with self._lock:
+                self._verdicts[key] = verdict
+                while len(self._verdicts) > MAX_VERDICTS:
+                    self._verdicts.popitem(last=False)
+        if verdict is not None:
+            raise verdict
+
+
+def _verdict(model: ModelConfig, constraint: AnyConstraint, source: str | None) -> ServeAppError | None:
+    """None if the constraint may go to a replica, else the error that refuses it."""
+    try:
+        check_constraint(constraint, model.limits, source)
+        if isinstance(constraint, JsonSchemaConstraint) and constraint.strict:
+            plan = plan_schema(constraint.json_schema, _schema_order(model, constraint),
+                               model.limits.max_ref_expansion)
+            return None if plan.exact else plan.rejection()
+    except ServeAppError as error:
+        return error
+    except RecursionError:
+        return LimitExceededError(f"{constraint.type} nests too deeply to check", param=constraint.type,
+                                  code="max_schema_depth")
+    except Exception as error:  # noqa: BLE001 - a checker's own failure on odd input is the input's 400
+        logger.warning("checking a %s constraint failed", constraint.type, exc_info=True)
+        return ConstraintError(f"{constraint.type}: cannot be checked ({type(error).__name__})",
+                               param=constraint.type, code="unsupported")
+    return None
+
+
+def _schema_order(model: ModelConfig, constraint: JsonSchemaConstraint) -> list[str]:
+    if constraint.backend:
+        return [constraint.backend]
+    default = model.backends.json_schema
+    return list(model.backends.cascade) if default == "cascade" else [default]

@@ -1,0 +1,288 @@
+"""No 5xx on any input, a router that never stalls: one test per way a request used to get a 500
+or hold the event loop, then a property-based run over the whole class of hostile shapes."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from tests.hostile import hostile_requests
+from tests.integration.conftest import API_KEY
+
+USER = [{"role": "user", "content": "hi"}]
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def raw_post(client: httpx.Client, path: str, text: str, timeout: float = 30) -> httpx.Response:
+    """POST JSON text as is (escapes such as \\ud800 and literals such as NaN included)."""
+    return client.post(path, content=text.encode(), headers={"content-type": "application/json"}, timeout=timeout)
+
+
+def assert_4xx(response: httpx.Response, status: int = 400, *fragments: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == ERROR_KEYS
+    for fragment in fragments:
+        assert fragment in error["message"], error
+    return error
+
+
+def nested_schema(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def deep_text(depth: int, inner: str = "1") -> str:
+    return "[" * depth + inner + "]" * depth
+
+
+# -- 500s, one by one ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/generate", {"model": "tiny-small", "prompt": "x", "max_tokens": 4, "stop": [""]}),
+    ("/v1/completions", {"model": "tiny-small", "prompt": "x", "max_tokens": 4, "stop": ""}),
+    ("/v1/chat/completions", {"model": "tiny-small", "messages": USER, "max_tokens": 4, "stop": ["a", ""]}),
+])
+def test_an_empty_stop_string_is_a_400_naming_stop(client, route, body):
+    error = assert_4xx(client.post(route, json=body), 400, "stop sequences must not be empty")
+    assert error["param"].startswith("stop")
+
+
+def test_a_seed_at_the_top_of_the_range_with_several_choices_answers_every_choice(client):
+    body = {"model": "tiny-small", "prompt": "x", "max_tokens": 4, "n": 3, "seed": 2**63 - 1, "temperature": 1}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert [c["index"] for c in response.json()["choices"]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("route,text,where", [
+    ("/v1/completions", '{"model": "tiny-small", "prompt": "a\\ud800b", "max_tokens": 4}', "prompt"),
+    ("/v1/chat/completions", '{"model": "tiny-small", "max_tokens": 4, '
+                             '"messages": [{"role": "user", "content": "\\udfff"}]}', "messages.0.content"),
+    ("/v1/generate", '{"model": "tiny-small", "prompt": "x", "\\ud83d": 1}', "body"),
+    ("/v1/generate", '{"model": "tiny-small", "prompt": "x", "constraint": {"type": "choice", '
+                     '"choices": ["\\ud800"]}}', "constraint.choices.0"),
+])
+def test_a_lone_surrogate_anywhere_is_a_400_in_the_error_shape(client, route, text, where):
+    error = assert_4xx(raw_post(client, route, text), 400, "lone UTF-16 surrogate")
+    assert error["param"] == where
+
+
+@pytest.mark.parametrize("name,body,fragment", [
+    ("schema nested 300 deep", {"constraint": {"type": "json_schema", "schema": nested_schema(300)}},
+     "max_json_depth"),
+    ("pattern of 1500 nested groups", {"constraint": {"type": "json_schema", "schema": {
+        "type": "string", "pattern": "(" * 1500 + "a" + ")" * 1500}}}, "max_group_depth"),
+    ("regex of 1500 nested groups", {"constraint": {"type": "regex", "pattern": "(" * 1500 + "a" + ")" * 1500}},
+     "max_group_depth"),
+    ("key pattern of 1500 nested groups", {"constraint": {"type": "json_schema", "schema": {
+        "type": "object", "patternProperties": {"(" * 1500 + "a" + ")" * 1500: {}}}}}, "max_group_depth"),
+    ("grammar nested 1500 deep", {"constraint": {"type": "grammar", "grammar": "start: " + "(" * 1500 + '"a"'
+                                                 + ")" * 1500}}, "max_group_depth"),
+])
+def test_input_nested_past_the_limits_is_a_400_naming_the_limit(client, name, body, fragment):
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4, **body}
+    assert_4xx(client.post("/v1/generate", json=body), 400, fragment)
+
+
+def test_guided_json_as_a_deeply_nested_string_is_a_400(client):
+    body = {"model": "tiny", "messages": USER, "max_tokens": 4, "guided_json": deep_text(5000)}
+    error = assert_4xx(client.post("/v1/chat/completions", json=body), 400)
+    assert error["param"] == "guided_json" and error["code"] in ("max_json_depth", "invalid_value")
+
+
+def test_a_body_nested_past_the_recursion_limit_is_a_400(client):
+    text = '{"model": "tiny", "prompt": "x", "stop": ' + deep_text(100_000, '"a"') + "}"
+    assert_4xx(raw_post(client, "/v1/generate", text), 400)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_non_finite_number_in_a_schema_is_a_400(client, literal):
+    text = ('{"model": "tiny", "prompt": "x", "max_tokens": 4, "constraint": {"type": "json_schema", '
+            '"schema": {"type": "number", "maximum": ' + literal + "}}}")
+    assert_4xx(raw_post(client, "/v1/generate", text), 400)
+
+
+def test_a_ref_under_a_nested_id_is_a_400_naming_it(client):
+    schema = {"$id": "http://example.com/root.json", "$defs": {"t": {"type": "string"}}, "type": "object",
+              "properties": {"a": {"$id": "sub.json", "$ref": "#/$defs/t"}}, "required": ["a"]}
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 16, "constraint": {"type": "json_schema", "schema": schema}}
+    assert_4xx(client.post("/v1/generate", json=body), 400, "nested $id", "#/properties/a")
+
+
+@pytest.mark.parametrize("imported", ["nosuchmod.X", "os.path", ".relative.X", "/etc/passwd"])
+def test_a_grammar_may_import_only_lark_common_and_learns_nothing_about_files(client, imported):
+    grammar = f'start: X\n%import {imported}\n'
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4, "constraint": {"type": "grammar", "grammar": grammar}}
+    error = assert_4xx(client.post("/v1/generate", json=body), 400, "is not allowed")
+    assert "No such file" not in error["message"] and "Errno" not in error["message"]
+
+
+def test_a_grammar_importing_lark_common_works(client):
+    grammar = 'start: NUMBER\n%import common.NUMBER\n'
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 8, "temperature": 0,
+            "constraint": {"type": "grammar", "grammar": grammar}}
+    assert client.post("/v1/generate", json=body).status_code == 200
+
+
+def test_a_long_choice_list_is_refused_by_its_size_before_any_work(client):
+    choices = [f"{i:03d}" + "x" * 800 for i in range(250)]  # 200 KB: under the body limit
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4, "constraint": {"type": "choice", "choices": choices}}
+    started = time.perf_counter()
+    assert_4xx(client.post("/v1/generate", json=body), 400, "max_choice_bytes")
+    assert time.perf_counter() - started < 10
+
+
+# -- the router never stalls ---------------------------------------------------------------------
+
+
+class HealthProbe:
+    """Polls /healthz from its own thread while a test runs; keeps every latency."""
+
+    def __init__(self, base: str) -> None:
+        self.base, self.latencies, self._stop = base, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=30) as http:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                assert http.get("/healthz").status_code == 200
+                self.latencies.append(time.perf_counter() - started)
+                self._stop.wait(0.02)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_an_oversized_grammar_is_refused_by_size_at_once_while_healthz_stays_fast(serve_cluster, client):
+    grammar = "start: " + " | ".join(f'"w{i}"' for i in range(20_000))  # ~200 KB, under the body limit
+    body = {"model": "guarded", "prompt": "x", "constraint": {"type": "grammar", "grammar": grammar}}
+    with HealthProbe(serve_cluster) as probe:
+        started = time.perf_counter()
+        for _ in range(5):
+            assert_4xx(client.post("/v1/generate", json=body), 400, "max_grammar_bytes")
+        elapsed = time.perf_counter() - started
+    print(f"5 oversized grammars refused in {elapsed:.2f} s; /healthz max {max(probe.latencies) * 1000:.0f} ms "
+          f"over {len(probe.latencies)} probes")
+    assert elapsed < 10
+    assert len(probe.latencies) >= 1
+
+
+def _send_chunked(base: str, path: str, total: int, chunk: int = 64 * 1024) -> tuple[int, str]:
+    """Stream a chunked body of up to `total` bytes; stop as soon as the server answers. Returns
+    (bytes sent, the response's first bytes)."""
+    parts = urlsplit(base)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    sock.setblocking(False)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    piece = f"{chunk:x}\r\n".encode() + b" " * chunk + b"\r\n"
+    pending, sent, answer, deadline = head, 0, b"", time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            readable, writable, _ = select.select([sock], [sock] if sent < total else [], [], 1.0)
+            if readable:
+                answer = sock.recv(65536)
+                break
+            if writable:
+                if not pending:
+                    pending = piece
+                written = sock.send(pending)
+                sent += written
+                pending = pending[written:]
+    except (BrokenPipeError, ConnectionResetError):
+        answer = answer or b"(connection closed by the server)"
+    finally:
+        sock.close()
+    return sent, answer.decode(errors="replace")
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams_in(serve_cluster):
+    sent, answer = _send_chunked(serve_cluster, "/v1/generate", total=32 * 1024 * 1024)
+    print(f"chunked upload: {sent / 2**20:.1f} MiB sent before the answer {answer.splitlines()[0]!r}")
+    assert " 413 " in answer.splitlines()[0], answer[:300]
+    assert sent < 16 * 1024 * 1024  # the limit is 256 KiB; the rest is socket buffers
+
+
+def test_request_metrics_are_labelled_by_route_template_not_by_path(serve_cluster, client):
+    with httpx.Client(base_url=serve_cluster, timeout=30) as anonymous:
+        for i in range(20):
+            anonymous.post(f"/v1/nope-{i}", json={})  # 401: no key
+            client.get(f"/v1/random/{i}/path")  # 404
+    text = client.get("/metrics").text
+    routes = {line.split('route="', 1)[1].split('"', 1)[0]
+              for line in text.splitlines() if line.startswith("serve_app_requests_total{")}
+    assert not any("nope" in r or "random" in r for r in routes), routes
+    assert "unknown" in routes
+    assert routes <= {"unknown", "/v1/generate", "/v1/chat/completions", "/v1/completions", "/v1/models",
+                      "/v1/replicas", "/healthz", "/readyz", "/metrics"}, routes
+
+
+def test_a_non_ascii_bearer_token_is_a_401_not_a_500(serve_cluster):
+    with httpx.Client(base_url=serve_cluster, timeout=30) as http:
+        response = http.post("/v1/generate", json={"model": "tiny", "prompt": "x"},
+                             headers={"authorization": "Bearer ключ-€".encode()})
+    assert_4xx(response, 401)
+
+
+def test_a_seed_sampled_request_repeats_exactly(client):
+    body = {"model": "tiny-small", "prompt": "x", "max_tokens": 8, "temperature": 1, "seed": 7}
+    first, second = (client.post("/v1/generate", json=body).json()["text"] for _ in range(2))
+    assert first == second
+
+
+# -- the whole class: property-based, against the running app -------------------------------------
+
+HOSTILE_EXAMPLES = 300
+HOSTILE_LOG: list[tuple[int, float]] = []
+
+
+def check_answer(response: httpx.Response, elapsed: float) -> None:
+    """2xx, or a 4xx in the documented error shape; never a 5xx, not even inside a stream."""
+    assert response.status_code < 500, response.text[:500]
+    assert elapsed < 2.0, f"answered in {elapsed:.2f} s"
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == ERROR_KEYS, response.text[:500]
+    elif response.headers.get("content-type", "").startswith("text/event-stream"):
+        assert "internal_error" not in response.text, response.text[:500]
+
+
+@settings(max_examples=HOSTILE_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+          derandomize=True)
+@given(request=hostile_requests())
+def _hostile(client: httpx.Client, request: tuple[str, bytes]) -> None:
+    route, body = request
+    started = time.perf_counter()
+    response = client.post(route, content=body, headers={"content-type": "application/json"}, timeout=30)
+    elapsed = time.perf_counter() - started
+    HOSTILE_LOG.append((response.status_code, elapsed))
+    check_answer(response, elapsed)
+
+
+def test_hostile_requests_of_every_shape_get_a_4xx_or_a_2xx_fast_and_healthz_stays_fast(serve_cluster, client):
+    with HealthProbe(serve_cluster) as probe:
+        _hostile(client)  # derandomized: the same requests on every CI run (bench/hostile.py varies them)
+    codes = [code for code, _ in HOSTILE_LOG]
+    slowest = max(elapsed for _, elapsed in HOSTILE_LOG)
+    probes = sorted(probe.latencies)
+    print(f"hostile: {len(codes)} requests, codes {sorted(set(codes))}, 2xx {sum(c < 300 for c in codes)}, "
+          f"slowest answer {slowest:.2f} s; /healthz p50 {probes[len(probes) // 2] * 1000:.1f} ms, "
+          f"max {probes[-1] * 1000:.1f} ms over {len(probes)} probes")
+    assert len(codes) >= HOSTILE_EXAMPLES // 2
+    assert probes[-1] < 0.1, f"/healthz took {probes[-1] * 1000:.0f} ms"
