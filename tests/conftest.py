@@ -20,11 +20,14 @@ def tiny_model_dir() -> str:
 def tiny_config(tiny_model_dir: str):
     from serve_app.config import ModelConfig
 
-    return ModelConfig(name="tiny", source=tiny_model_dir, limits={"max_new_tokens": 128})
+    # Greedy unless a test asks for sampling (with a seed): no test can fail by chance.
+    return ModelConfig(name="tiny", source=tiny_model_dir, limits={"max_new_tokens": 128},
+                       sampling={"temperature": 0})
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_config):
     from serve_app.engine.engine import Engine
 
-    return Engine.from_config(tiny_config)
+    with Engine.from_config(tiny_config) as engine:
+        yield engine

@@ -215,13 +215,18 @@ def test_a_replica_killed_under_load_leaves_no_request_hanging_and_comes_back(se
             except httpx.TimeoutException:
                 codes.append("hung")
 
+    def answered(count: int) -> None:  # waits on the load itself, not on the clock
+        deadline = time.monotonic() + 120
+        while len(codes) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     threads = [threading.Thread(target=load) for _ in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(3)
+    answered(4)  # under load
     killed = names[0].rsplit("#", 1)[1]
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
-    time.sleep(5)
+    answered(len(codes) + 12)  # the load went on past the kill
     stop.set()
     for thread in threads:
         thread.join()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
-import pytest
+from tests.integration.conftest import fresh_replicas
 
 LONG = {"type": "regex", "pattern": "[a-z]{1000}"}
 
@@ -34,24 +35,54 @@ def test_a_full_queue_answers_429_with_retry_after(client):
     assert error["type"] == "queue_full" and "limit 2" in error["message"]
 
 
-def _cancelled_and_running(client):
-    found = _replicas(client, "", "tiny")
-    return sum(r["finished"].get("cancelled", 0) for r in found), sum(r["queue"]["running"] for r in found)
+def _rows(client, after=None):
+    """(cancelled, finished with stop or length, running) rows over the tiny replicas, as they
+    reported after `after` (default: now)."""
+    found = fresh_replicas(client, "tiny", after)
+    finished = [r["finished"] for r in found]
+    return (sum(f.get("cancelled", 0) for f in finished),
+            sum(f.get("stop", 0) + f.get("length", 0) for f in finished),
+            sum(r["queue"]["running"] for r in found))
+
+
+def _pending(client, model):
+    values = _metric(client.get("/metrics").text, "serve_app_pending_requests", model=model)
+    return values[0] if values else 0.0
+
+
+def _wait_for(condition, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not {what} after {timeout_s} s")
 
 
 def test_a_client_that_disconnects_cancels_its_non_streaming_request(serve_cluster, client):
-    before, _ = _cancelled_and_running(client)
+    """Waits on events (the router has admitted the request; the replicas report after the
+    disconnect), never on a short client timeout racing the generation."""
+    from urllib.parse import urlsplit
+
     body = {"model": "tiny", "prompt": "x", "max_tokens": 128, "constraint": LONG}
-    with pytest.raises(httpx.TimeoutException), httpx.Client(base_url=serve_cluster, timeout=0.3,
-                                                             headers=client.headers) as impatient:
-        impatient.post("/v1/generate", json=body)
-    deadline = time.monotonic() + 30
-    cancelled, running = before, -1
-    while time.monotonic() < deadline and not (cancelled > before and running == 0):
-        time.sleep(1)
-        cancelled, running = _cancelled_and_running(client)
-    assert cancelled == before + 1
+    done = client.post("/v1/generate", json=body).json()  # the same request, run to its end
+    assert done["finish_reason"] == "length"
+    cancelled_before, finished_before, _ = _rows(client)
+    payload = json.dumps(body).encode()
+    parts = urlsplit(serve_cluster)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/generate HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: application/json\r\n"
+                     f"Authorization: {client.headers['authorization']}\r\nContent-Length: {len(payload)}\r\n\r\n"
+                     .encode() + payload)
+        _wait_for(lambda: _pending(client, "tiny") >= 1, 60, "admitted")
+    disconnected = time.time()
+    _wait_for(lambda: _pending(client, "tiny") == 0, 60, "released by the router")
+    # Reports made well after the disconnect: a row that kept running would have finished its
+    # 128 tokens by then (3 x the time the same request took to run to its end).
+    cancelled, finished, running = _rows(client, after=disconnected + 3 * done["timings"]["total_s"] + 1)
     assert running == 0
+    assert finished == finished_before  # it never ran to its end
+    assert cancelled - cancelled_before <= 1  # cancelled mid-generation, or never started
 
 
 def _metric(text, name, **labels):
@@ -76,7 +107,7 @@ def test_metrics_endpoint_exposes_every_family_with_sane_values(client):
     deadline = time.monotonic() + 60  # both tiny replicas heartbeating (one may have been restarted)
     while time.monotonic() < deadline and len(_replicas(client, "", "tiny")) != 2:
         time.sleep(1)
-    time.sleep(5)  # one more heartbeat after the traffic above
+    fresh_replicas(client, "tiny")  # reports made after the traffic above
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
