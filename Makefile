@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
+PORT ?= 8000
 
 .PHONY: serve test lint prepare bench clean
 
@@ -27,17 +28,21 @@ prepare: $(STAMP)
 	$(PY) -m serve_app.models prepare smollm2-135m-instruct
 
 serve: prepare
-	$(PY) -m serve_app.serve $(CONFIG)
+	$(PY) -m serve_app.serve $(CONFIG) --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m ruff check serve_app tests bench
 	$(PY) -m pytest -q
 
 # Ratios measured side by side in one run on SmolLM2; table + JSON + PNGs in bench/out/.
+# `make bench QUICK=1`: the tiny random model and fewer repeats (the test suite runs it).
+BENCH_MODEL := $(if $(QUICK),builtin:tiny-random-llama,builtin:smollm2-135m-instruct)
+BENCH_QUICK := $(if $(QUICK),--quick,)
+BENCH_OUT ?= bench/out
 bench: prepare
 	$(PIP) install --quiet -e ".[bench]"
-	$(PY) bench/throughput.py
-	$(PY) bench/compile_cache.py
+	$(PY) bench/throughput.py --model $(BENCH_MODEL) --out $(BENCH_OUT) $(BENCH_QUICK)
+	$(PY) bench/compile_cache.py --model $(BENCH_MODEL) $(BENCH_QUICK)
 
 lint: $(STAMP)
 	$(PY) -m ruff check serve_app tests bench

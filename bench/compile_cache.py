@@ -31,8 +31,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="20 repeats (smoke run)")
     args = parser.parse_args()
-    engine = Engine.from_config(ModelConfig(name="bench", source=args.model))
+    with Engine.from_config(ModelConfig(name="bench", source=args.model)) as engine:
+        measure(engine, 20 if args.quick else args.repeats)
+
+
+def measure(engine: Engine, repeats: int) -> None:
     for backend in ("llguidance", "outlines_core"):
         constraint = parse_constraint({"type": "json_schema", "schema": SCHEMA, "backend": backend})
         if backend == "outlines_core":  # it would ignore numeric bounds: compare on a schema it enforces
@@ -42,7 +47,7 @@ def main() -> None:
         engine.compile(constraint)
         first = time.perf_counter() - started
         cached = []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             started = time.perf_counter()
             engine.compile(constraint).new_matcher()
             cached.append(time.perf_counter() - started)

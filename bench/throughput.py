@@ -1,7 +1,7 @@
 """Throughput benchmark: ratios measured side by side in one run, on one model.
 
     make bench                      # SmolLM2-135M-Instruct, writes bench/out/
-    .venv/bin/python bench/throughput.py --model builtin:tiny-random-llama --quick
+    make bench QUICK=1              # the tiny random model, fewer repeats (the test suite runs this)
 
 P1 served throughput, 16 concurrent clients / in-process engine on the same requests
 P2 constrained / unconstrained output tokens/s, at batch 1 and batch 8
@@ -43,9 +43,22 @@ def request(schema: str | None, max_tokens: int, seed: int = 0) -> GenerationReq
                                                                              seed=seed))
 
 
+def within_budget(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+    """Compile each schema, and raise max_tokens to its minimum budget where it is below (a
+    request below it is a 400): every model's tokenizer spells a schema's shortest output in its
+    own number of tokens."""
+    fitted = []
+    for r in requests:
+        least = engine.compile(r.constraint).min_tokens if r.constraint is not None else None
+        if least is not None and least > (r.sampling.max_new_tokens or 0):
+            r = r.model_copy(update={"sampling": r.sampling.model_copy(update={"max_new_tokens": least})})
+        fitted.append(r)
+    return fitted
+
+
 def tokens_per_s(engine: Engine, requests: list[GenerationRequest]) -> float:
     """Output tokens/s of one batch; schemas are compiled beforehand (P5 measures compiling)."""
-    engine.precompile(r.constraint for r in requests if r.constraint is not None)
+    requests = within_budget(engine, requests)
     started = time.perf_counter()
     results = engine.generate(requests)
     return sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - started)
@@ -59,7 +72,7 @@ def p2(engine: Engine, max_tokens: int, batch: int) -> float:
 
 
 def p3(engine: Engine, max_tokens: int) -> float:
-    requests = [request(n, max_tokens) for n in list(SCHEMAS)[:8]]
+    requests = within_budget(engine, [request(n, max_tokens) for n in list(SCHEMAS)[:8]])
     batched = tokens_per_s(engine, requests)  # compiles all 8 first
     started, tokens = time.perf_counter(), 0
     for r in requests:
@@ -72,8 +85,8 @@ def p4(engine: Engine, repeats: int) -> tuple[float, float]:
     engine.precompile([request("person", 1).constraint])  # type: ignore[list-item]
 
     def ttft(schema: str | None) -> float:
-        return statistics.median(engine.generate([request(schema, 2)])[0].timings["first_token_s"]
-                                 for _ in range(repeats))
+        [probe] = within_budget(engine, [request(schema, 2)])
+        return statistics.median(engine.generate([probe])[0].timings["first_token_s"] for _ in range(repeats))
     constrained, free = ttft("person"), ttft(None)
     return constrained / free, constrained
 
@@ -131,7 +144,7 @@ def http_body(model: str, r: GenerationRequest) -> dict[str, Any]:
 
 
 def p1(url: str, model: str, engine: Engine, max_tokens: int, clients: int) -> float:
-    requests = [request(list(SCHEMAS)[i % len(SCHEMAS)], max_tokens) for i in range(clients)]
+    requests = within_budget(engine, [request(list(SCHEMAS)[i % len(SCHEMAS)], max_tokens) for i in range(clients)])
     with httpx.Client(timeout=600) as http, ThreadPoolExecutor(clients) as pool:
         def send(r: GenerationRequest) -> dict[str, Any]:
             return http.post(f"{url}/v1/generate", json=http_body(model, r)).json()  # type: ignore[no-any-return]
@@ -143,8 +156,9 @@ def p1(url: str, model: str, engine: Engine, max_tokens: int, clients: int) -> f
     return served / tokens_per_s(engine, requests)
 
 
-def p6(url: str, model: str, max_tokens: int, repeats: int) -> float:
-    body = http_body(model, request("weather", max_tokens))
+def p6(url: str, model: str, engine: Engine, max_tokens: int, repeats: int) -> float:
+    [probe] = within_budget(engine, [request("weather", max_tokens)])
+    body = http_body(model, probe)
     outer, inner = [], []
     with httpx.Client(timeout=600) as http:
         for _ in range(repeats):
@@ -195,18 +209,25 @@ def main() -> None:
     torch.set_num_threads(2)
     config = ModelConfig(name="bench", source=args.model, limits={"max_batch_size": 16},
                          placement={"num_cpus": 2})
-    engine = Engine.from_config(config)
     repeats = 3 if args.quick else 7
     results: dict[str, float] = {}
-    results["P2_b1"] = p2(engine, args.max_tokens, 1)
-    results["P2_b8"] = p2(engine, args.max_tokens, 8)
-    results["P3"] = p3(engine, args.max_tokens)
-    results["P4"], results["P4_ttft_s"] = p4(engine, repeats)
-    results.update({f"P5_{k}": v for k, v in p5(engine).items()})
-    if not args.no_serve:
-        url = serve_app_url(config)
-        results["P1"] = p1(url, config.name, engine, args.max_tokens, 16)
-        results["P6_ms"] = p6(url, config.name, args.max_tokens, repeats * 2)
+    with Engine.from_config(config) as engine:
+        results["P2_b1"] = p2(engine, args.max_tokens, 1)
+        results["P2_b8"] = p2(engine, args.max_tokens, 8)
+        results["P3"] = p3(engine, args.max_tokens)
+        results["P4"], results["P4_ttft_s"] = p4(engine, repeats)
+        results.update({f"P5_{k}": v for k, v in p5(engine).items()})
+        if not args.no_serve:
+            import ray
+            from ray import serve
+
+            url = serve_app_url(config)
+            try:
+                results["P1"] = p1(url, config.name, engine, args.max_tokens, 16)
+                results["P6_ms"] = p6(url, config.name, engine, args.max_tokens, repeats * 2)
+            finally:
+                serve.shutdown()
+                ray.shutdown()
     report(results, args, out)
 
 

@@ -1,0 +1,75 @@
+"""The commands the README documents, run as a user runs them: `make bench QUICK=1`, and
+`make serve` answering the README's own curl examples."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+START_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_make_bench_quick_prints_its_table_and_writes_its_results(tmp_path):
+    done = subprocess.run(["make", "bench", "QUICK=1", f"BENCH_OUT={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "throughput.json").read_text())["results"]
+    assert {"P1", "P2_b1", "P2_b8", "P3", "P4", "P6_ms"} <= set(results)
+    assert all(value > 0 for key, value in results.items() if key != "P6_ms")
+    assert "cached lookup + matcher" in done.stdout  # bench/compile_cache.py ran too
+    assert (tmp_path / "throughput_ratios.png").stat().st_size > 0
+
+
+def readme_curls(port: int) -> list[str]:
+    text = README.read_text()
+    block = text[text.index("```sh\ncurl"):]
+    block = block[:block.index("```", 3)].removeprefix("```sh\n")
+    return [c.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for c in re.split(r"\n\n(?=curl)", block.strip())]
+
+
+@pytest.mark.slow
+def test_make_serve_answers_the_readme_curl_examples():
+    port = free_port()
+    server = subprocess.Popen(["make", "serve", f"PORT={port}"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert server.poll() is None, server.stdout.read() if server.stdout else ""
+        answers = [json.loads(subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300,
+                                             check=True).stdout) for command in readme_curls(port)]
+        assert len(answers) == 2
+        person = json.loads(answers[0]["choices"][0]["message"]["content"])
+        assert isinstance(person["name"], str) and isinstance(person["age"], int)
+        assert answers[1]["text"] in ("yes", "no") and answers[1]["valid"] is True
+    finally:
+        os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C does: a clean shutdown
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
