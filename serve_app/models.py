@@ -164,6 +164,8 @@ def prepare(name: str, force: bool = False) -> Path:
     # that later runs would take as prepared.
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
         BUILDERS[name](Path(tmp) / "model")
+        if is_prepared(target) and not force:  # another process (a second `make test`) finished first
+            return target
         if target.exists():
             shutil.rmtree(target)
         os.replace(Path(tmp) / "model", target)
