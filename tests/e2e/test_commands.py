@@ -67,9 +67,19 @@ def test_make_serve_answers_the_readme_curl_examples():
         assert isinstance(person["name"], str) and isinstance(person["age"], int)
         assert answers[1]["text"] in ("yes", "no") and answers[1]["valid"] is True
     finally:
-        os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C does: a clean shutdown
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_serving(server)
+
+
+def stop_serving(server: subprocess.Popen) -> None:
+    """Ctrl-C to the server itself (not to its process group, where Ray's own processes would
+    die before it shuts them down and leave their workers behind); make exits after it."""
+    import psutil
+
+    for child in psutil.Process(server.pid).children(recursive=True):
+        if "serve_app.serve" in " ".join(child.cmdline()):
+            child.send_signal(signal.SIGINT)
+    try:
+        server.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
