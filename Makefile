@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 PORT ?= 8000
 
-.PHONY: serve test lint prepare bench clean
+.PHONY: serve test test-fast lint prepare bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ serve: prepare
 
 test: $(STAMP)
 	$(PY) -m ruff check serve_app tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# What needs no Ray cluster and no SmolLM2 (the tiny model only): a few minutes.
+test-fast: $(STAMP)
+	$(PY) -m ruff check serve_app tests bench
+	$(PY) -m pytest -q -m "not cluster and not slow" --durations=15
 
 # Ratios measured side by side in one run on SmolLM2; table + JSON + PNGs in bench/out/.
 # `make bench QUICK=1`: the tiny random model and fewer repeats (the test suite runs it).

@@ -36,6 +36,7 @@ def start_app() -> str:
     from ray import serve
 
     from serve_app.app import build_app
+    from serve_app.readiness import wait_until_ready
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -44,8 +45,7 @@ def start_app() -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(APP), name="autoscale", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    while httpx.get(f"{url}/readyz", timeout=10).status_code != 200:
-        time.sleep(0.5)
+    wait_until_ready(f"{url}/readyz", 600, poll_s=0.5)
     return url
 
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from serve_app.config import ModelConfig
-from serve_app.engine.constraints import parse_constraint
-from serve_app.engine.engine import Engine
+from serve_app.constraints import parse_constraint
+from serve_app.engine.factory import create_engine
 from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import ServeAppError
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
 
-    engine = Engine.from_config(ModelConfig(name="bench", source=args.source,
+    engine = create_engine(ModelConfig(name="bench", source=args.source,
                                             limits={"max_new_tokens": args.max_tokens, "max_prompt_tokens": 8192}))
     cases = []
     for name, schema in load_schemas(args.corpus, args.max_bytes):

@@ -12,8 +12,9 @@ import statistics
 import time
 
 from serve_app.config import ModelConfig
-from serve_app.engine.constraints import parse_constraint
-from serve_app.engine.engine import Engine
+from serve_app.constraints import parse_constraint
+from serve_app.engine.factory import create_engine
+from serve_app.engine.transformers_engine import TransformersEngine
 
 SCHEMA = {
     "type": "object",
@@ -33,11 +34,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="20 repeats (smoke run)")
     args = parser.parse_args()
-    with Engine.from_config(ModelConfig(name="bench", source=args.model)) as engine:
+    with create_engine(ModelConfig(name="bench", source=args.model)) as engine:
         measure(engine, 20 if args.quick else args.repeats)
 
 
-def measure(engine: Engine, repeats: int) -> None:
+def measure(engine: TransformersEngine, repeats: int) -> None:
     for backend in ("llguidance", "outlines_core"):
         constraint = parse_constraint({"type": "json_schema", "schema": SCHEMA, "backend": backend})
         if backend == "outlines_core":  # it would ignore numeric bounds: compare on a schema it enforces

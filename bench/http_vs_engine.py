@@ -14,8 +14,8 @@ import time
 import httpx
 
 from serve_app.config import ModelConfig
-from serve_app.engine.constraints import parse_constraint
-from serve_app.engine.engine import Engine
+from serve_app.constraints import parse_constraint
+from serve_app.engine.factory import create_engine
 from serve_app.engine.types import GenerationRequest, SamplingParams
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
@@ -39,7 +39,7 @@ def http_latencies(url: str, model: str, n: int) -> list[float]:
 
 
 def engine_latencies(source: str, n: int) -> list[float]:
-    engine = Engine.from_config(ModelConfig(name="bench", source=source))
+    engine = create_engine(ModelConfig(name="bench", source=source))
     constraint = parse_constraint({"type": "json_schema", "schema": SCHEMA})
     request = GenerationRequest(messages=MESSAGES, constraint=constraint,
                                 sampling=SamplingParams(max_new_tokens=MAX_TOKENS, temperature=0))

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve_app.api.intake import _verdict
+from serve_app.api.intake import plan_or_error
 from serve_app.config import ModelConfig
-from serve_app.engine.constraints import build_constraint
-from serve_app.engine.engine import Engine
+from serve_app.constraints import Plan, build_constraint, installed_backends
+from serve_app.engine.factory import create_engine
+from serve_app.engine.transformers_engine import TransformersEngine
 
 
 def largest_schemas(top: int) -> list[tuple[str, dict[str, Any]]]:
@@ -46,13 +47,13 @@ def rss_mib() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(engine: Engine, model: ModelConfig, name: str, schema: dict[str, Any]) -> dict[str, Any]:
+def measure(engine: TransformersEngine, model: ModelConfig, name: str, schema: dict[str, Any]) -> dict[str, Any]:
     constraint = build_constraint({"type": "json_schema", "schema": schema})
     row: dict[str, Any] = {"schema": name, "kib": round(constraint.source_bytes() / 1024, 1)}
     started = time.perf_counter()
-    verdict = _verdict(model, constraint, "response_format.json_schema")
+    verdict = plan_or_error(model, constraint, "response_format.json_schema", installed_backends())
     row["router_check_s"] = round(time.perf_counter() - started, 3)
-    if verdict is not None:
+    if not isinstance(verdict, Plan):
         row["outcome"] = f"400 {verdict.code}: {verdict.message[:90]}"
         return row
     before, started = rss_mib(), time.perf_counter()
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8)
     args = parser.parse_args()
     model = ModelConfig(name="bench", source=args.model)
-    with Engine.from_config(model) as engine:
+    with create_engine(model) as engine:
         rows = [measure(engine, model, name, schema) for name, schema in largest_schemas(args.top)]
     for row in rows:
         print(json.dumps(row))

@@ -28,12 +28,13 @@ import httpx
 import jsonschema
 
 from serve_app.config import ModelConfig
-from serve_app.engine.backends import ConstraintCompiler, installed_backends
-from serve_app.engine.cascade import CASCADE
-from serve_app.engine.constraints import JsonSchemaConstraint, check_limits
+from serve_app.constraints import JsonSchemaConstraint, check_limits, installed_backends, plan_constraint
+from serve_app.constraints.keywords import unsupported_keywords
+from serve_app.constraints.registry import DEFAULT_CASCADE as CASCADE
+from serve_app.constraints.registry import BackendDefaults
+from serve_app.engine.compiler import ConstraintCompiler
 from serve_app.engine.loading import load_hf_config, load_model, resolve_source
 from serve_app.engine.placement import plan_placement
-from serve_app.engine.schema_support import unsupported_keywords
 from serve_app.errors import ServeAppError
 
 HERE = Path(__file__).parent
@@ -54,7 +55,9 @@ def single(compiler: ConstraintCompiler, backend: str, constraint: JsonSchemaCon
     started = time.perf_counter()
     try:
         check_limits(constraint, compiler.limits)
-        compiler._timed(backend, constraint)
+        timeout = compiler.limits.compile_timeout_s
+        compiler._within_timeout(backend, "json_schema", lambda: compiler.backend(backend).compile(constraint, timeout),
+                                 key=f"{backend}|{constraint.cache_key()}")
     except ServeAppError as error:
         return outcome_of(error), error.message[:160], time.perf_counter() - started
     return "exact", "", time.perf_counter() - started
@@ -63,7 +66,8 @@ def single(compiler: ConstraintCompiler, backend: str, constraint: JsonSchemaCon
 def cascade(compiler: ConstraintCompiler, constraint: JsonSchemaConstraint) -> tuple[str, str, float, str]:
     started = time.perf_counter()
     try:
-        compiled = compiler.compile(constraint)
+        plan = plan_constraint(constraint, compiler.limits, BackendDefaults(), installed_backends())
+        compiled = compiler.compile(plan)
     except ServeAppError as error:
         return outcome_of(error), error.message[:200], time.perf_counter() - started, ""
     return "exact", "", time.perf_counter() - started, compiled.backend
@@ -172,7 +176,7 @@ def main() -> None:
                                      "max_ref_expansion": 100_000, "max_schema_depth": 256})
         source = resolve_source(config)
         loaded = load_model(config, plan_placement(config, (), load_hf_config(source)), source)
-        compiler = ConstraintCompiler(loaded.model, loaded.tokenizer, config.backends, config.limits)
+        compiler = ConstraintCompiler(loaded.model, loaded.tokenizer, config.limits)
         backends = [b for b in CASCADE if b in installed_backends()]
         print(f"{len(entries)} schemas; backends {backends}; compile budget {args.timeout:g} s")
         rows = measure(compiler, backends, entries)

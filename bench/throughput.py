@@ -25,15 +25,18 @@ import httpx
 import torch
 
 from serve_app.config import ModelConfig
-from serve_app.engine.constraints import parse_constraint
-from serve_app.engine.engine import Engine
+from serve_app.constraints import parse_constraint
+from serve_app.engine.factory import create_engine
+from serve_app.engine.transformers_engine import TransformersEngine
 from serve_app.engine.types import GenerationRequest, SamplingParams
+from serve_app.readiness import wait_until_ready
 
 HERE = Path(__file__).resolve().parent
 SCHEMAS: dict[str, Any] = json.loads((HERE / "data" / "schemas.json").read_text())["schemas"]
 TARGETS = {"P1": (">=", 0.90), "P2_b1": (">=", 0.95), "P2_b8": (">=", 0.95), "P3": (">=", 3.0),
            "P4": ("<=", 1.10), "P5_llguidance": ("<=", 1.0), "P6_ms": ("<=", 5.0)}
 PROMPT = "Fill in a realistic example. Reply with JSON only."
+READY_TIMEOUT_S = 600
 
 
 def request(schema: str | None, max_tokens: int, seed: int = 0) -> GenerationRequest:
@@ -43,7 +46,7 @@ def request(schema: str | None, max_tokens: int, seed: int = 0) -> GenerationReq
                                                                              seed=seed))
 
 
-def within_budget(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+def within_budget(engine: TransformersEngine, requests: list[GenerationRequest]) -> list[GenerationRequest]:
     """Compile each schema, and raise max_tokens to its minimum budget where it is below (a
     request below it is a 400): every model's tokenizer spells a schema's shortest output in its
     own number of tokens."""
@@ -56,7 +59,7 @@ def within_budget(engine: Engine, requests: list[GenerationRequest]) -> list[Gen
     return fitted
 
 
-def tokens_per_s(engine: Engine, requests: list[GenerationRequest]) -> float:
+def tokens_per_s(engine: TransformersEngine, requests: list[GenerationRequest]) -> float:
     """Output tokens/s of one batch; schemas are compiled beforehand (P5 measures compiling)."""
     requests = within_budget(engine, requests)
     started = time.perf_counter()
@@ -64,14 +67,14 @@ def tokens_per_s(engine: Engine, requests: list[GenerationRequest]) -> float:
     return sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - started)
 
 
-def p2(engine: Engine, max_tokens: int, batch: int) -> float:
+def p2(engine: TransformersEngine, max_tokens: int, batch: int) -> float:
     names = list(SCHEMAS)[:batch]
     constrained = tokens_per_s(engine, [request(n, max_tokens) for n in names])
     free = tokens_per_s(engine, [request(None, max_tokens, seed=i) for i in range(batch)])
     return constrained / free
 
 
-def p3(engine: Engine, max_tokens: int) -> float:
+def p3(engine: TransformersEngine, max_tokens: int) -> float:
     requests = within_budget(engine, [request(n, max_tokens) for n in list(SCHEMAS)[:8]])
     batched = tokens_per_s(engine, requests)  # compiles all 8 first
     started, tokens = time.perf_counter(), 0
@@ -81,7 +84,7 @@ def p3(engine: Engine, max_tokens: int) -> float:
     return batched / sequential
 
 
-def p4(engine: Engine, repeats: int) -> tuple[float, float]:
+def p4(engine: TransformersEngine, repeats: int) -> tuple[float, float]:
     engine.precompile([request("person", 1).constraint])  # type: ignore[list-item]
 
     def ttft(schema: str | None) -> float:
@@ -91,9 +94,9 @@ def p4(engine: Engine, repeats: int) -> tuple[float, float]:
     return constrained / free, constrained
 
 
-def p5(engine: Engine) -> dict[str, float]:
-    from serve_app.engine.backends import installed_backends
-    from serve_app.engine.schema_support import unsupported_keywords
+def p5(engine: TransformersEngine) -> dict[str, float]:
+    from serve_app.constraints import installed_backends
+    from serve_app.constraints.keywords import unsupported_keywords
 
     medians = {}
     for backend in installed_backends():
@@ -104,7 +107,7 @@ def p5(engine: Engine) -> dict[str, float]:
             constraint = parse_constraint({"type": "json_schema", "schema": schema, "backend": backend})
             started = time.perf_counter()
             try:
-                engine.compiler.compile(constraint)  # bypasses the cache: every schema is unseen
+                engine.compiler.compile(engine.plan(constraint))  # bypasses the cache: every schema is unseen
             except Exception:
                 continue
             seconds.append(time.perf_counter() - started)
@@ -129,9 +132,7 @@ def serve_app_url(model: ModelConfig) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"models": [model.model_dump(mode="json", by_alias=True)]}), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while httpx.get(f"{url}/readyz", timeout=10).status_code != 200 and time.monotonic() < deadline:
-        time.sleep(1)
+    wait_until_ready(f"{url}/readyz", READY_TIMEOUT_S)
     return url
 
 
@@ -143,7 +144,7 @@ def http_body(model: str, r: GenerationRequest) -> dict[str, Any]:
     return body
 
 
-def p1(url: str, model: str, engine: Engine, max_tokens: int, clients: int) -> float:
+def p1(url: str, model: str, engine: TransformersEngine, max_tokens: int, clients: int) -> float:
     requests = within_budget(engine, [request(list(SCHEMAS)[i % len(SCHEMAS)], max_tokens) for i in range(clients)])
     with httpx.Client(timeout=600) as http, ThreadPoolExecutor(clients) as pool:
         def send(r: GenerationRequest) -> dict[str, Any]:
@@ -156,7 +157,7 @@ def p1(url: str, model: str, engine: Engine, max_tokens: int, clients: int) -> f
     return served / tokens_per_s(engine, requests)
 
 
-def p6(url: str, model: str, engine: Engine, max_tokens: int, repeats: int) -> float:
+def p6(url: str, model: str, engine: TransformersEngine, max_tokens: int, repeats: int) -> float:
     [probe] = within_budget(engine, [request("weather", max_tokens)])
     body = http_body(model, probe)
     outer, inner = [], []
@@ -211,7 +212,7 @@ def main() -> None:
                          placement={"num_cpus": 2})
     repeats = 3 if args.quick else 7
     results: dict[str, float] = {}
-    with Engine.from_config(config) as engine:
+    with create_engine(config) as engine:
         results["P2_b1"] = p2(engine, args.max_tokens, 1)
         results["P2_b8"] = p2(engine, args.max_tokens, 8)
         results["P3"] = p3(engine, args.max_tokens)

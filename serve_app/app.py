@@ -12,12 +12,14 @@ from ray import serve
 from ray.serve import Application
 
 from serve_app.autoscaling import POLICY_PATH
-from serve_app.config import AppConfig, ModelConfig, parse_config
-from serve_app.replica import RECONFIGURABLE, ModelReplica, actor_options, deployment_name
+from serve_app.config import RECONFIGURABLE, AppConfig, ModelConfig, ServerConfig, parse_config
+from serve_app.replica import ModelReplica, actor_options, deployment_name
 from serve_app.router import Router
 
 # A replica is busy with one batch at a time; more ongoing requests wait in its own queue.
 MAX_ONGOING_PER_REPLICA = 64
+# How often Serve calls a replica's check_health (a stuck replica is replaced after a few misses).
+HEALTH_CHECK_PERIOD_S = 10
 
 
 def user_config(model: ModelConfig) -> dict[str, Any]:
@@ -32,7 +34,7 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         "name": deployment_name(model.name),
         "ray_actor_options": actor_options(model),
         "max_ongoing_requests": MAX_ONGOING_PER_REPLICA,
-        "health_check_period_s": 10,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "graceful_shutdown_timeout_s": model.graceful_shutdown_timeout_s,
         "user_config": user_config(model),
     }
@@ -50,11 +52,16 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
     return options
 
 
+def router_options(server: ServerConfig) -> dict[str, Any]:
+    return {"ray_actor_options": {"num_cpus": server.router_num_cpus},
+            "max_ongoing_requests": server.router_max_ongoing_requests}
+
+
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else parse_config(args)
     handles = {}
     for model in config.models:
         deployment = serve.deployment(ModelReplica).options(**deployment_options(model))  # type: ignore[attr-defined]
         handles[model.name] = deployment.bind(model.model_dump(mode="json", by_alias=True))
-    router: Any = Router
+    router: Any = Router.options(**router_options(config.server))  # type: ignore[attr-defined]
     return router.bind(config.model_dump(mode="json", by_alias=True), handles)

@@ -35,13 +35,12 @@ from typing import Any
 
 import yaml
 
-from serve_app.config import AppConfig, ConfigError, ModelConfig, parse_config
+from serve_app.config import IN_PLACE_ONLY, AppConfig, ConfigError, ModelConfig, parse_config, read_yaml
+from serve_app.readiness import NotReadyError, wait_until_ready
 
 IMPORT_PATH = "serve_app.app:build_app"
 DEFAULT_APPLICATION = {"name": "serve_app", "route_prefix": "/", "import_path": IMPORT_PATH}
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-# Kept out of `args`: replicas apply them in place, and an `args` change would replace replicas.
-IN_PLACE_ONLY = frozenset({"sampling", "constraints"})
 ENTRYPOINT = "cluster/job_entrypoint.py"
 # Never uploaded with a job's working dir (virtualenvs alone can be gigabytes), whatever
 # .gitignore says: secrets (env files, keys, certificates, cloud credentials) stay on this machine.
@@ -64,16 +63,6 @@ class CliError(Exception):
 
 
 # -- build -------------------------------------------------------------------------------------
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"cannot read config {path}: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping (a Ray Serve config or `models:`)")
-    return data
 
 
 def app_args(config: AppConfig) -> dict[str, Any]:
@@ -215,16 +204,10 @@ def default_api_key() -> str | None:
 
 
 def wait_http_ready(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(POLL_S)
-    raise CliError(f"{url} not ready after {timeout_s:.0f} s")
+    try:
+        wait_until_ready(url, timeout_s, POLL_S)
+    except NotReadyError as error:
+        raise CliError(str(error)) from None
 
 
 # -- status ------------------------------------------------------------------------------------

@@ -6,17 +6,32 @@ This module must stay light: the router imports it, and the router never imports
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_app.engine.constraints import Constraint, check_constraint
+from serve_app.constraints import BackendDefaults, Constraint, LimitsConfig, check_constraint
 from serve_app.errors import ServeAppError
+from serve_app.fields import (
+    SAMPLING_FIELDS,
+    FrequencyPenalty,
+    MaxTokens,
+    NgramSize,
+    PresencePenalty,
+    RepetitionPenalty,
+    Temperature,
+    TopP,
+)
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
-BackendName = Literal["llguidance", "outlines_core", "xgrammar"]
+# Model config sections a `user_config` change applies in place (replicas take them in
+# `reconfigure`: no restart, no reload). `limits` also travel in `args`, because the router
+# checks requests against them; the others travel only in `user_config`.
+RECONFIGURABLE = ("sampling", "limits", "constraints")
+IN_PLACE_ONLY = frozenset(RECONFIGURABLE) - {"limits"}
 
 
 class ConfigError(ValueError):
@@ -47,62 +62,30 @@ class PlacementConfig(_Strict):
         return value
 
 
-class LimitsConfig(_Strict):
-    max_new_tokens: int = Field(512, ge=1, description="upper bound a request may ask for")
-    max_prompt_tokens: int = Field(4096, ge=1)
-    max_batch_size: int = Field(8, ge=1, description="rows generated together (also capped by memory)")
-    # Real-world schemas (Kubernetes CRDs, SchemaStore files) reach 72-157 KB; the router checks
-    # sizes before anything parses a schema, off its event loop.
-    max_schema_bytes: int = Field(512 * 1024, ge=16)
-    max_schema_depth: int = Field(32, ge=1, description="nesting of subschemas")
-    max_ref_expansion: int = Field(
-        10_000, ge=1, description="subschemas after inlining local $refs (recursion counted once)")
-    max_regex_length: int = Field(4096, ge=1)
-    max_grammar_bytes: int = Field(64 * 1024, ge=16)
-    max_group_depth: int = Field(
-        64, ge=1, description="nesting of groups in a regex or schema pattern, of brackets in a grammar "
-        "(their parsers recurse; deeper input would exhaust the stack)")
-    max_choices: int = Field(1024, ge=1)
-    max_choice_bytes: int = Field(64 * 1024, ge=1, description="all choices together, in UTF-8 bytes")
-    compile_timeout_s: float = Field(30.0, gt=0)
-    max_pending_requests: int = Field(
-        256, ge=1, description="requests accepted and not finished per model; more get 429 + Retry-After")
-
-
 class SamplingDefaults(_Strict):
     """Applied when a request leaves a parameter out."""
 
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    no_repeat_ngram_size: int = Field(0, ge=0, le=32)
-    # Close JSON-Schema output before max_tokens runs out (the last values may come out shorter).
-    close_json: bool = True
+    max_new_tokens: MaxTokens = Field(256, description="lowered with limits.max_new_tokens when not set")
+    temperature: Temperature = Field(1.0, description="0 = greedy")
+    top_p: TopP = 1.0
+    repetition_penalty: RepetitionPenalty = Field(1.0, description=">1 discourages tokens of the prompt and output")
+    frequency_penalty: FrequencyPenalty = Field(0.0, description="OpenAI's: minus count x penalty, over the output")
+    presence_penalty: PresencePenalty = Field(0.0, description="OpenAI's: minus penalty once a token appeared")
+    no_repeat_ngram_size: NgramSize = Field(0, description=">0 forbids repeating an n-gram of the output")
+    close_json: bool = Field(True, description="close JSON-Schema output before max_tokens runs out (the last "
+                             "values may come out shorter)")
 
-
-_CASCADE: tuple[BackendName, ...] = ("llguidance", "xgrammar", "outlines_core")
-
-
-class BackendDefaults(_Strict):
-    """Which Outlines backend compiles each constraint kind. llguidance is the default for every
-    kind: on SmolLM2's 49k vocab it prepares a JSON schema in ~2 ms against outlines_core's
-    ~170 ms, and it errors on keywords it cannot enforce instead of ignoring them."""
-
-    # "cascade": the first backend of `cascade` that enforces the schema exactly (README,
-    # "JSON Schema coverage"); or one backend for every schema.
-    json_schema: BackendName | Literal["cascade"] = "cascade"
-    cascade: list[BackendName] = Field(default_factory=lambda: list(_CASCADE), min_length=1)
-    regex: BackendName = "llguidance"
-    choice: BackendName = "llguidance"
-    grammar: BackendName = "llguidance"
+    def merged(self, request: Any) -> dict[str, Any]:
+        """Each sampling field: the request's value where it gives one, else this default."""
+        return {name: getattr(self, name) if getattr(request, name) is None else getattr(request, name)
+                for name in SAMPLING_FIELDS}
 
 
 class CacheConfig(_Strict):
-    max_entries: int = Field(512, ge=1)
-    max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    """Compiled constraints kept per replica (least recently used evicted first)."""
+
+    max_entries: int = Field(512, ge=1, description="compiled constraints kept")
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="their estimated memory, at most")
 
 
 class AutoscalingConfig(_Strict):
@@ -135,7 +118,11 @@ class ModelConfig(_Strict):
         "(builtin:smollm2-135m-instruct, builtin:tiny-random-llama)"
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `source`")
-    dtype: Dtype = "auto"
+    engine: Literal["transformers"] = Field(
+        "transformers", description="what generates: the project's transformers decode loop (any HF causal LM, "
+        "accelerate sharding, CPU)")
+    dtype: Dtype = Field("auto", description="auto: bfloat16 on GPUs that compute it natively, float16 on older "
+                         "ones, float32 on CPU")
     placement: PlacementConfig = PlacementConfig()
     limits: LimitsConfig = LimitsConfig()
     sampling: SamplingDefaults = SamplingDefaults()
@@ -182,6 +169,11 @@ class ServerConfig(_Strict):
         2 * 1024 * 1024, ge=1024, description="larger request bodies get 413 (counted as they arrive, chunked too)")
     max_json_depth: int = Field(
         128, ge=8, description="nesting of arrays and objects in a request body (and in guided_json as a string)")
+    router_num_cpus: float = Field(0.25, gt=0, description="CPUs Ray reserves for the router (the HTTP ingress)")
+    router_max_ongoing_requests: int = Field(
+        1000, ge=1, description="requests one router handles at once (each model's queue bounds its own share)")
+    replica_attempts: int = Field(
+        2, ge=1, le=5, description="tries of a request whose replica dies under it, each on another replica")
 
 
 class AppConfig(_Strict):
@@ -216,17 +208,55 @@ def format_validation_error(error: ValidationError) -> str:
 
 def parse_config(data: Any) -> AppConfig:
     """Validate a mapping; a Ray Serve config file is accepted too (its first application's args)."""
-    if isinstance(data, dict) and "applications" in data:
-        data = data["applications"][0].get("args", {})
+    if isinstance(data, dict):
+        data = first_application(data).get("args", {})
     try:
         return AppConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(format_validation_error(error)) from None
 
 
-def load_config(path: str | Path) -> AppConfig:
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a mapping: a Ray Serve config (`applications:`) or our `models:` file."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"cannot read config {path}: {error}") from None
-    return parse_config(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping (a Ray Serve config or `models:`)")
+    return data
+
+
+def first_application(data: dict[str, Any]) -> dict[str, Any]:
+    """A Ray Serve config's first application, or a bare `models:` file as one (its `args`)."""
+    if "applications" in data:
+        return dict(data["applications"][0])
+    return {"args": data}
+
+
+def load_config(path: str | Path) -> AppConfig:
+    return parse_config(read_yaml(path))
+
+
+def config_reference() -> str:
+    """Every config field with its default and description, as commented YAML: the reference in
+    docs/operations.md is this text (a test keeps them equal)."""
+    lines = ["server:", *_fields(ServerConfig, 1), "models:"]
+    model_lines = _fields(ModelConfig, 2)
+    model_lines[0] = "  - " + model_lines[0].lstrip()
+    return "\n".join(lines + model_lines) + "\n"
+
+
+def _fields(model: type[BaseModel], depth: int) -> list[str]:
+    indent, lines = "  " * depth, []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(f"{indent}{key}:" + (f"  # {field.description}" if field.description else ""))
+            lines += _fields(annotation, depth + 1)
+            continue
+        value = "<required>" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
+        note = f"  # {field.description}" if field.description else ""
+        lines.append(f"{indent}{key}: {value}{note}")
+    return lines

@@ -32,21 +32,13 @@ def api_keys(server: ServerConfig, environ: MutableMapping[str, str] | None = No
     return [k.encode() for k in keys]
 
 
-class Guard:
-    """Keys are compared as bytes in constant time (any header bytes, ASCII or not) and never
-    logged or echoed."""
+class BodyLimit:
+    """Refuses a body over `max_body_bytes`: by its Content-Length at once, else as it arrives."""
 
-    def __init__(self, server: ServerConfig) -> None:
-        self.keys = api_keys(server)
-        self.max_body_bytes = server.max_body_bytes
+    def __init__(self, max_body_bytes: int) -> None:
+        self.max_body_bytes = max_body_bytes
 
-    def check_headers(self, path: str, headers: dict[bytes, bytes]) -> None:
-        if self.keys and path not in OPEN_PATHS:
-            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-            token = token.strip()
-            if scheme.lower() != b"bearer" or not any(hmac.compare_digest(token, k) for k in self.keys):
-                raise UnauthorizedError("missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                        code="invalid_api_key")
+    def check_length(self, headers: dict[bytes, bytes]) -> None:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             raise self.too_large()
@@ -68,6 +60,24 @@ class Guard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+class Guard(BodyLimit):
+    """API keys, then the body limit. Keys are compared as bytes in constant time (any header
+    bytes, ASCII or not) and never logged or echoed."""
+
+    def __init__(self, server: ServerConfig) -> None:
+        super().__init__(server.max_body_bytes)
+        self.keys = api_keys(server)
+
+    def check_headers(self, path: str, headers: dict[bytes, bytes]) -> None:
+        if self.keys and path not in OPEN_PATHS:
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            token = token.strip()
+            if scheme.lower() != b"bearer" or not any(hmac.compare_digest(token, k) for k in self.keys):
+                raise UnauthorizedError("missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                        code="invalid_api_key")
+        self.check_length(headers)
 
 
 def route_path(scope: Scope) -> str:
@@ -136,15 +146,14 @@ class ProxyBodyLimit:
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
-        self.guard = Guard.__new__(Guard)
-        self.guard.keys, self.guard.max_body_bytes = [], max_body_bytes
+        self.limit = BodyLimit(max_body_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         try:
-            self.guard.check_headers(route_path(scope), dict(scope.get("headers", [])))
-            body = await self.guard.read_body(receive)
+            self.limit.check_length(dict(scope.get("headers", [])))
+            body = await self.limit.read_body(receive)
         except ServeAppError as error:
             return await _send_error(error, send)
         if body is not None:

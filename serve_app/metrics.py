@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -20,10 +19,6 @@ from prometheus_client.registry import Collector
 from serve_app.engine.types import GenerationResult
 
 PREFIX = "serve_app"
-# The model a request named, for the requests_total label: the router's middleware puts a dict
-# here and the handler (run in a copy of the middleware's context) fills it in. It lives here, not
-# in router.py, because Serve pickles the router's FastAPI app and a ContextVar cannot be pickled.
-REQUEST_LABELS: ContextVar[dict[str, str]] = ContextVar("request_labels")
 TOKEN_RATE_WINDOW_S = 60.0
 UNKNOWN_ROUTE = "unknown"  # the one route label of every path no route matched (401s before routing too)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

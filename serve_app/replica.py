@@ -15,13 +15,13 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.config import ModelConfig
+from serve_app.config import RECONFIGURABLE, ModelConfig
 from serve_app.registry import HEARTBEAT_S, get_registry
 
 logger = logging.getLogger(__name__)
-
-# Config sections a `user_config` change applies in place (no restart, no reload).
-RECONFIGURABLE = ("sampling", "limits", "constraints")
+# Without CUDA, the GPUs Ray assigns are logical: plan for them as 16 GiB cards (a T4's size),
+# then load on CPU (placement tests run this way on machines without GPUs).
+LOGICAL_GPU_BYTES = 16 * 2**30
 
 
 def actor_options(model: ModelConfig) -> dict[str, Any]:
@@ -40,13 +40,13 @@ class ModelReplica:
     def __init__(self, model_config: dict[str, Any]) -> None:
         import ray
 
-        from serve_app.engine.engine import Engine
-        from serve_app.engine.placement import GIB, detect_gpus
+        from serve_app.engine.factory import create_engine
+        from serve_app.engine.placement import detect_gpus
 
         self.config = ModelConfig.model_validate(model_config)
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        gpus = detect_gpus(self.gpu_ids, assumed_bytes=16 * GIB)
-        self.engine = Engine.from_config(self.config, gpus)
+        gpus = detect_gpus(self.gpu_ids, assumed_bytes=LOGICAL_GPU_BYTES)
+        self.engine = create_engine(self.config, gpus)
         self._preparing = 0  # rows being validated/compiled, not yet in the decode loop
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
@@ -73,13 +73,17 @@ class ModelReplica:
             logger.info("reconfigured %s: %s", self.config.name, sorted(update))
 
     def check_health(self) -> None:
-        if self.engine.model is None:
-            raise RuntimeError("model is not loaded")
+        self.engine.check_health()
 
     def __del__(self) -> None:
-        """Serve calls this when it stops the replica: stop reporting, stop the decode thread."""
+        """Serve calls this when it stops the replica: stop reporting, leave the registry (so
+        /readyz and /metrics stop counting it at once), stop the decode thread."""
         if hasattr(self, "_stop"):
             self._stop.set()
+            try:
+                self._registry.remove.remote(self.replica_id)
+            except Exception:  # noqa: BLE001 - the registry may be gone with the cluster
+                logger.debug("could not leave the replica registry", exc_info=True)
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()

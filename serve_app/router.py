@@ -1,18 +1,16 @@
-"""The HTTP ingress: validates requests, dispatches them to the right model's replicas.
+"""The HTTP ingress: thin routes over the guard (guard.py), the intake that validates off the
+event loop (api/intake.py), each model's bounded queue (model_queue.py) and the stream relay
+(relay.py). Route handlers read: intake -> dispatch or stream -> shape the response.
 
-It never imports torch or Outlines (a test checks this), so it starts fast and stays small.
-Route handlers are thin: parse -> validate against the model's config -> dispatch -> shape.
+It never imports torch, a backend or the decode loop (a test checks this), so it starts fast
+and stays small.
 """
 
 # No `from __future__ import annotations` here: Serve re-creates the route handlers in the
 # replica from a pickle that keeps only the globals their code uses, so a string annotation such
 # as "Request" could not be resolved there and FastAPI would take it for a query parameter.
 import asyncio
-import json
-import math
 import time
-from collections import deque
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,19 +20,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app import metrics as metrics_module
 from serve_app.api import schemas
-from serve_app.api.errors import as_serve_app_error, error_response
+from serve_app.api.errors import error_response
 from serve_app.api.intake import Intake, RequestChecker
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine.types import GenerationRequest, GenerationResult
-from serve_app.errors import QueueFullError, ServeAppError
+from serve_app.errors import ServeAppError
 from serve_app.guard import Guard, GuardMiddleware
 from serve_app.metrics import UNKNOWN_ROUTE, RouterMetrics
+from serve_app.model_queue import ModelQueue
 from serve_app.registry import get_registry
+from serve_app.relay import StreamFormat, relay
 
 app = FastAPI(title="serve_app", version="0.1.0")
-REPLICA_ATTEMPTS = 2
 
 
 @app.exception_handler(RequestValidationError)
@@ -44,23 +42,6 @@ async def _error_handler(_: Request, error: Exception) -> JSONResponse:
     return error_response(error)
 
 
-# Keys and the body limit come before anything reads the request; counting wraps them (a 401 counts).
-app.add_middleware(GuardMiddleware, respond=error_response)
-
-
-@app.middleware("http")
-async def _count_requests(request: Request, call_next: Any) -> Any:
-    labels = {"model": "unknown"}
-    metrics_module.REQUEST_LABELS.set(labels)
-    response = await call_next(request)
-    metrics: RouterMetrics | None = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        # The route's template, never the raw path: a client must not be able to add series.
-        route = getattr(request.scope.get("route"), "path", None) or UNKNOWN_ROUTE
-        metrics.requests.labels(labels["model"], route, str(response.status_code)).inc()
-    return response
-
-
 @app.exception_handler(StarletteHTTPException)
 async def _http_error_handler(_: Request, error: StarletteHTTPException) -> JSONResponse:
     body = {"error": {"message": str(error.detail), "type": "not_found" if error.status_code == 404
@@ -68,57 +49,23 @@ async def _http_error_handler(_: Request, error: StarletteHTTPException) -> JSON
     return JSONResponse(body, status_code=error.status_code)
 
 
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+# Keys and the body limit come before anything reads the request; counting wraps them (a 401 counts).
+app.add_middleware(GuardMiddleware, respond=error_response)
 
 
-async def _chain(first: Any, rest: Any) -> AsyncIterator[Any]:
-    yield first
-    async for item in rest:
-        yield item
+@app.middleware("http")
+async def _count_requests(request: Request, call_next: Any) -> Any:
+    response = await call_next(request)
+    metrics: RouterMetrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        # The route's template, never the raw path: a client must not be able to add series.
+        route = getattr(request.scope.get("route"), "path", None) or UNKNOWN_ROUTE
+        model = getattr(request.state, "model", UNKNOWN_ROUTE)
+        metrics.requests.labels(model, route, str(response.status_code)).inc()
+    return response
 
 
-class ModelQueue:
-    """A model's bounded queue at the router: requests accepted and not finished, and how fast
-    they drain (completions per second over a recent window), for an honest Retry-After."""
-
-    WINDOW_S = 30.0
-    MAX_RETRY_AFTER_S = 60
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.pending = 0
-        self._done: deque[float] = deque(maxlen=1000)
-
-    def drain_rate(self) -> float:
-        now = time.monotonic()
-        while self._done and now - self._done[0] > self.WINDOW_S:
-            self._done.popleft()
-        if len(self._done) < 2:
-            return 0.0
-        return len(self._done) / max(now - self._done[0], 1e-3)
-
-    def retry_after_s(self) -> int:
-        rate = self.drain_rate()
-        if rate <= 0:
-            return self.MAX_RETRY_AFTER_S // 6
-        excess = self.pending - self.limit + 1
-        return max(1, min(self.MAX_RETRY_AFTER_S, math.ceil(excess / rate)))
-
-    def enter(self) -> None:
-        if self.pending >= self.limit:
-            retry = self.retry_after_s()
-            raise QueueFullError(f"the queue for this model is full ({self.pending} requests pending, limit "
-                                 f"{self.limit}); retry after {retry} s", retry_after_s=retry, code="queue_full")
-        self.pending += 1
-
-    def leave(self, finished: bool) -> None:
-        self.pending -= 1
-        if finished:
-            self._done.append(time.monotonic())
-
-
-@serve.deployment(name="router", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1000)
+@serve.deployment(name="router")
 @serve.ingress(app)
 class Router:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
@@ -136,9 +83,7 @@ class Router:
         loop (other requests, /healthz) while it is checked."""
         raw = await request.body()  # already read, and bounded, by the guard
         intake = await asyncio.to_thread(self.checker.prepare, raw, body_type)
-        labels = metrics_module.REQUEST_LABELS.get(None)
-        if labels is not None:
-            labels["model"] = intake.model.name
+        request.state.model = intake.model.name  # the requests_total label
         return intake
 
     def admit(self, model: ModelConfig) -> ModelQueue:
@@ -165,19 +110,20 @@ class Router:
             self.leave(model, queue, results)
 
     async def call_replica(self, model: ModelConfig, payload: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """A replica that dies under a request (killed, crashed) gets it retried once on another;
-        a second failure is a 503 with Retry-After (see api/errors.py)."""
+        """A replica that dies under a request (killed, crashed) gets it retried on another, up to
+        `server.replica_attempts` tries; then a 503 with Retry-After (see api/errors.py)."""
         from ray.exceptions import RayActorError
 
-        for attempt in range(REPLICA_ATTEMPTS):
+        attempts = self.config.server.replica_attempts
+        for attempt in range(1, attempts + 1):
             try:
                 return await self.handles[model.name].generate.remote(payload)
             except RayActorError:
-                if attempt + 1 == REPLICA_ATTEMPTS:
+                if attempt == attempts:
                     raise
         raise AssertionError("unreachable")
 
-    async def open_stream(self, model: ModelConfig, rows: list[GenerationRequest]) -> tuple[Any, Any, ModelQueue]:
+    async def stream(self, model: ModelConfig, rows: list[GenerationRequest], fmt: StreamFormat) -> StreamingResponse:
         """Start a replica stream and wait for its first event, so that errors raised before any
         token (prompt too long, a constraint that does not compile) still get a 4xx response."""
         queue = self.admit(model)
@@ -189,49 +135,25 @@ class Router:
             stream.cancel()
             self.leave(model, queue, [])
             raise
-        return stream, first, queue
+        events = relay(first, stream, fmt, lambda results: self.leave(model, queue, results))
+        return StreamingResponse(events, media_type="text/event-stream")
 
-    async def openai_stream(self, model: ModelConfig, rows: list[GenerationRequest], chat: bool) -> StreamingResponse:
-        stream, first, queue = await self.open_stream(model, rows)
-        formatter = schemas.ChunkFormatter(model.name, chat, len(rows))
-
-        async def chunks() -> AsyncIterator[str]:
-            results: dict[int, GenerationResult] = {}
-            try:
-                for chunk in formatter.start():
-                    yield _sse(chunk)
-                async for event in _chain(first, stream):
-                    if "delta" in event:
-                        yield _sse(formatter.delta(event["index"], event["delta"]))
-                        continue
-                    results[event["index"]] = GenerationResult.model_validate(event["done"])
-                    last = len(results) == len(rows)
-                    usage = schemas.usage_of(list(results.values())) if last else None
-                    yield _sse(formatter.finish(event["index"], results[event["index"]], usage))
-                yield "data: [DONE]\n\n"
-            except Exception as error:  # after the 200 has been sent: report in the stream itself
-                yield _sse(as_serve_app_error(error).to_dict())
-            finally:
-                stream.cancel()  # the client went away or we are done: stop generating
-                self.leave(model, queue, list(results.values()))
-
-        return StreamingResponse(chunks(), media_type="text/event-stream")
+    async def openai(self, request: Request, body_type: type[Any], chat: bool) -> dict[str, Any] | StreamingResponse:
+        intake = await self.intake(request, body_type)
+        model, rows = intake.model, intake.rows
+        if intake.body.stream:
+            return await self.stream(model, rows, schemas.ChunkFormatter(model.name, chat, len(rows)))
+        results = await self.dispatch(model, rows)
+        shape = schemas.chat_completion_response if chat else schemas.completion_response
+        return shape(model.name, results)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
-        intake = await self.intake(request, schemas.ChatCompletionRequest)
-        if intake.body.stream:
-            return await self.openai_stream(intake.model, intake.rows, chat=True)
-        results = await self.dispatch(intake.model, intake.rows)
-        return schemas.chat_completion_response(intake.model.name, results)
+        return await self.openai(request, schemas.ChatCompletionRequest, chat=True)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
-        intake = await self.intake(request, schemas.CompletionRequest)
-        if intake.body.stream:
-            return await self.openai_stream(intake.model, intake.rows, chat=False)
-        results = await self.dispatch(intake.model, intake.rows)
-        return schemas.completion_response(intake.model.name, results)
+        return await self.openai(request, schemas.CompletionRequest, chat=False)
 
     @app.post("/v1/generate", response_model=None)
     async def generate(self, request: Request) -> dict[str, Any] | StreamingResponse:
@@ -239,32 +161,9 @@ class Router:
         intake = await self.intake(request, schemas.NativeGenerateRequest)
         model, [row] = intake.model, intake.rows
         if intake.body.stream:
-            return await self.native_stream(model, row, started)
+            return await self.stream(model, [row], schemas.NativeEvents(model.name, row.constraint, started))
         [result] = await self.dispatch(model, [row])
         return schemas.native_response(model.name, result, row.constraint, time.perf_counter() - started)
-
-    async def native_stream(self, model: ModelConfig, row: GenerationRequest, started: float) -> StreamingResponse:
-        stream, first, queue = await self.open_stream(model, [row])
-
-        async def events() -> AsyncIterator[str]:
-            results: list[GenerationResult] = []
-            try:
-                async for event in _chain(first, stream):
-                    if "delta" in event:
-                        yield _sse({"delta": event["delta"]})
-                    else:
-                        result = GenerationResult.model_validate(event["done"])
-                        results.append(result)
-                        elapsed = time.perf_counter() - started
-                        yield _sse({"done": schemas.native_response(model.name, result, row.constraint, elapsed)})
-                yield "data: [DONE]\n\n"
-            except Exception as error:
-                yield _sse(as_serve_app_error(error).to_dict())
-            finally:
-                stream.cancel()
-                self.leave(model, queue, results)
-
-        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:

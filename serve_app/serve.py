@@ -14,13 +14,11 @@ import signal
 import socket
 import sys
 import time
-import urllib.request
 from typing import Any
 
-import yaml
-
-from serve_app.config import ConfigError, parse_config
+from serve_app.config import ConfigError, first_application, parse_config, read_yaml
 from serve_app.models import BUILTIN_PREFIX, prepare
+from serve_app.readiness import wait_until_ready
 
 READY_TIMEOUT_S = 600
 
@@ -29,19 +27,6 @@ def port_in_use(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
-
-
-def wait_ready(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not become ready within {timeout_s} s")
 
 
 def example(base: str, model: str) -> str:
@@ -54,12 +39,6 @@ def example(base: str, model: str) -> str:
     return f"curl -s {base}/v1/chat/completions -H 'content-type: application/json' -d '{body}'"
 
 
-def _application(path: str) -> dict[str, Any]:
-    with open(path) as file:
-        data = yaml.safe_load(file)
-    return data["applications"][0] if "applications" in data else {"args": data}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_app.serve")
     parser.add_argument("config", nargs="?", default="configs/local.yaml")
@@ -67,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     try:
-        application = _application(args.config)
+        application = first_application(read_yaml(args.config))
         config = parse_config(application.get("args", {}))
-    except (OSError, ConfigError, yaml.YAMLError, KeyError, IndexError) as error:
+    except (ConfigError, KeyError, IndexError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if port_in_use(args.host, args.port):
@@ -104,7 +83,7 @@ def _serve(config: Any, application: dict[str, Any], host: str, port: int) -> in
         prefix = application.get("route_prefix", "/")
         serve.run(build_app(config), name=application.get("name", "serve_app"), route_prefix=prefix)
         base = f"http://{host}:{port}{prefix.rstrip('/')}"
-        wait_ready(f"{base}/readyz", READY_TIMEOUT_S)
+        wait_until_ready(f"{base}/readyz", READY_TIMEOUT_S)
         print(f"\nserve_app is ready on {base}  (models: {', '.join(m.name for m in config.models)})")
         print(f"try:\n  {example(base, config.models[0].name)}\nCtrl-C to stop.", flush=True)
         while True:

@@ -9,6 +9,16 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers by scope, so `make test-fast` can leave out what needs Ray or SmolLM2."""
+    for item in items:
+        parts = item.path.parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.cluster)
+        if "e2e" in parts:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     from serve_app.models import TINY, prepare
@@ -27,7 +37,7 @@ def tiny_config(tiny_model_dir: str):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_config):
-    from serve_app.engine.engine import Engine
+    from serve_app.engine.factory import create_engine
 
-    with Engine.from_config(tiny_config) as engine:
+    with create_engine(tiny_config) as engine:
         yield engine

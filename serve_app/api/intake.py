@@ -20,8 +20,7 @@ from pydantic import BaseModel, ValidationError
 from serve_app.api.body import load_json
 from serve_app.api.errors import from_validation_error
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.engine.cascade import plan_schema
-from serve_app.engine.constraints import AnyConstraint, JsonSchemaConstraint, check_constraint
+from serve_app.constraints import AnyConstraint, Plan, check_max_new_tokens, installed_backends, plan_constraint
 from serve_app.engine.types import GenerationRequest
 from serve_app.errors import (
     ConstraintError,
@@ -47,6 +46,9 @@ class Intake:
 class RequestChecker:
     def __init__(self, config: AppConfig) -> None:
         self.config = config
+        self.installed = installed_backends()
+        # Refusals, and None for a constraint that passed (a plan holds the normalised schema,
+        # up to max_schema_bytes each: not worth keeping at the router).
         self._verdicts: OrderedDict[str, ServeAppError | None] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -83,20 +85,20 @@ class RequestChecker:
         """What can be checked without the tokenizer: the constraint, then max_tokens."""
         if rows[0].constraint is not None:
             self.check_constraint(model, rows[0].constraint, source)
-        max_new = rows[0].sampling.max_new_tokens
-        if max_new is not None and max_new > model.limits.max_new_tokens:
-            raise LimitExceededError(f"max_tokens {max_new} exceeds the limit of {model.limits.max_new_tokens} "
-                                     f"for model {model.name}", param="max_tokens", code="max_new_tokens")
+        if rows[0].sampling.max_new_tokens is not None:
+            check_max_new_tokens(rows[0].sampling.max_new_tokens, model.limits, model.name)
 
     def check_constraint(self, model: ModelConfig, constraint: AnyConstraint, source: str | None = None) -> None:
+        """Plan the constraint as the engine will (its 4xx if it cannot be); cached per router."""
         key = f"{model.name}|{source}|{constraint.cache_key()}"
         with self._lock:
             known = key in self._verdicts
-            verdict = self._verdicts.get(key)
             if known:
                 self._verdicts.move_to_end(key)
+            verdict = self._verdicts.get(key)
         if not known:
-            verdict = _verdict(model, constraint, source)
+            planned = plan_or_error(model, constraint, source, self.installed)
+            verdict = planned if isinstance(planned, ServeAppError) else None
             with self._lock:
                 self._verdicts[key] = verdict
                 while len(self._verdicts) > MAX_VERDICTS:
@@ -105,28 +107,18 @@ class RequestChecker:
             raise verdict
 
 
-def _verdict(model: ModelConfig, constraint: AnyConstraint, source: str | None) -> ServeAppError | None:
-    """None if the constraint may go to a replica, else the error that refuses it."""
+def plan_or_error(model: ModelConfig, constraint: AnyConstraint, source: str | None,
+                  installed: tuple[str, ...]) -> Plan | ServeAppError:
+    """The plan, or the error that refuses the constraint (a checker's own failure on odd input
+    is that input's 400, never a 500)."""
     try:
-        check_constraint(constraint, model.limits, source)
-        if isinstance(constraint, JsonSchemaConstraint) and constraint.strict:
-            plan = plan_schema(constraint.json_schema, _schema_order(model, constraint),
-                               model.limits.max_ref_expansion)
-            return None if plan.exact else plan.rejection()
+        return plan_constraint(constraint, model.limits, model.backends, installed, source)
     except ServeAppError as error:
         return error
     except RecursionError:
         return LimitExceededError(f"{constraint.type} nests too deeply to check", param=constraint.type,
                                   code="max_schema_depth")
-    except Exception as error:  # noqa: BLE001 - a checker's own failure on odd input is the input's 400
+    except Exception as error:  # noqa: BLE001
         logger.warning("checking a %s constraint failed", constraint.type, exc_info=True)
         return ConstraintError(f"{constraint.type}: cannot be checked ({type(error).__name__})",
                                param=constraint.type, code="unsupported")
-    return None
-
-
-def _schema_order(model: ModelConfig, constraint: JsonSchemaConstraint) -> list[str]:
-    if constraint.backend:
-        return [constraint.backend]
-    default = model.backends.json_schema
-    return list(model.backends.cascade) if default == "cascade" else [default]

@@ -11,14 +11,26 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve_app.engine.constraints import SOURCE_FIELD, Constraint, JsonSchemaConstraint, build_constraint
-from serve_app.engine.types import MAX_STOPS, ChatMessage, GenerationRequest, GenerationResult, SamplingParams
+from serve_app.constraints import SOURCE_FIELD, Constraint, JsonSchemaConstraint, build_constraint
+from serve_app.engine.types import ChatMessage, GenerationRequest, GenerationResult, SamplingParams
 from serve_app.errors import ConstraintError, InvalidRequestError
+from serve_app.fields import (
+    FrequencyPenalty,
+    MaxTokens,
+    NgramSize,
+    PresencePenalty,
+    RepetitionPenalty,
+    Seed,
+    StopList,
+    Temperature,
+    TopP,
+    seed_for_choice,
+    stops_validator,
+)
 
 MAX_N = 8
-SEED_SPAN = 2**64  # seeds are signed 64-bit: [-2**63, 2**63)
 
 
 class _Request(BaseModel):
@@ -45,10 +57,10 @@ class _Penalties(_Request):
     """Loop control, applied inside the constrained decode (they never allow an invalid token),
     and closing JSON before the budget runs out. Left out = the model's configured default."""
 
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    no_repeat_ngram_size: int | None = Field(None, ge=0, le=32)
+    repetition_penalty: RepetitionPenalty | None = None
+    frequency_penalty: FrequencyPenalty | None = None
+    presence_penalty: PresencePenalty | None = None
+    no_repeat_ngram_size: NgramSize | None = None
     close_json: bool | None = None
 
     def penalties(self) -> dict[str, Any]:
@@ -57,11 +69,11 @@ class _Penalties(_Request):
 
 class _OpenAIBase(_Penalties):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
@@ -73,14 +85,7 @@ class _OpenAIBase(_Penalties):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences")
-        if stop == "" or (isinstance(stop, list) and "" in stop):
-            raise ValueError("stop sequences must not be empty")
-        return stop
+    _stops = stops_validator()
 
     def constraint(self) -> Constraint | None:
         """The one constraint this request asks for, from response_format or a guided_* field."""
@@ -168,7 +173,7 @@ def _n_requests(request: _OpenAIBase, inputs: dict[str, Any]) -> list[Generation
     constraint, sampling = request.constraint(), request.sampling()
     rows = []
     for i in range(request.n):
-        seed = None if sampling.seed is None else (sampling.seed + i + SEED_SPAN // 2) % SEED_SPAN - SEED_SPAN // 2
+        seed = None if sampling.seed is None else seed_for_choice(sampling.seed, i)
         rows.append(GenerationRequest(**inputs, constraint=constraint,
                                       sampling=sampling.model_copy(update={"seed": seed})))
     return rows
@@ -179,19 +184,14 @@ class NativeGenerateRequest(_Penalties):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     constraint: Constraint | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    stop: StopList = Field(default_factory=list)
     stream: bool = False
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, stop: list[str]) -> list[str]:
-        if "" in stop:
-            raise ValueError("stop sequences must not be empty")
-        return stop
+    _stops = stops_validator()
 
     @model_validator(mode="after")
     def _one_input(self) -> NativeGenerateRequest:
@@ -300,7 +300,25 @@ class ChunkFormatter:
     def delta(self, index: int, text: str) -> dict[str, Any]:
         return self._chunk([self._choice(index, text, None)])
 
-    def finish(self, index: int, result: GenerationResult, usage: dict[str, int] | None) -> dict[str, Any]:
+    def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> dict[str, Any]:
+        """A row's last chunk; the usage of every row rides on the last row's."""
         choice = {**self._choice(index, None, result.finish_reason), "valid": result.valid,
                   "closed_early": result.closed_early}
+        usage = usage_of(done) if len(done) == self.n else None
         return self._chunk([choice], **({"usage": usage} if usage is not None else {}))
+
+
+class NativeEvents:
+    """The native stream: ``{"delta": text}`` events, then ``{"done": <native response>}``."""
+
+    def __init__(self, model: str, constraint: Constraint | None, started: float) -> None:
+        self.model, self.constraint, self.started = model, constraint, started
+
+    def start(self) -> list[dict[str, Any]]:
+        return []
+
+    def delta(self, index: int, text: str) -> dict[str, Any]:
+        return {"delta": text}
+
+    def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> dict[str, Any]:
+        return {"done": native_response(self.model, result, self.constraint, time.perf_counter() - self.started)}

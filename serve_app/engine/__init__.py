@@ -1,4 +1,6 @@
-"""Generation without Ray: placement, loading, constraints, compile cache, decoding.
+"""Generation without Ray: placement, loading, backends, the compile cache, decoding.
 
-Submodules import torch lazily where they can; `constraints` never does (the router uses it).
+`serve_app.engine.factory.create_engine(model_config)` builds the engine a model's config names;
+engines follow protocol.py. This package's `__init__` imports nothing: the router imports
+`serve_app.engine.types` and must not pull in torch with it.
 """

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve_app.engine.constraints import Constraint
-
-MAX_STOPS = 16
+from serve_app.constraints import Constraint
+from serve_app.fields import (
+    FrequencyPenalty,
+    MaxTokens,
+    NgramSize,
+    PresencePenalty,
+    RepetitionPenalty,
+    Seed,
+    StopList,
+    Temperature,
+    TopP,
+    stops_validator,
+)
 
 
 class _Model(BaseModel):
@@ -23,23 +33,18 @@ class ChatMessage(_Model):
 class SamplingParams(_Model):
     """Left out = the model's configured default."""
 
-    max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    no_repeat_ngram_size: int | None = Field(None, ge=0, le=32)
+    max_new_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    stop: StopList = Field(default_factory=list)
+    repetition_penalty: RepetitionPenalty | None = None
+    frequency_penalty: FrequencyPenalty | None = None
+    presence_penalty: PresencePenalty | None = None
+    no_repeat_ngram_size: NgramSize | None = None
     close_json: bool | None = None
 
-    @field_validator("stop")
-    @classmethod
-    def _non_empty(cls, stop: list[str]) -> list[str]:
-        if "" in stop:  # it would match before the first character: nothing could be generated
-            raise ValueError("stop sequences must not be empty")
-        return stop
+    _stops = stops_validator()
 
 
 class GenerationRequest(_Model):

@@ -6,8 +6,8 @@ import jsonschema
 import pytest
 
 from serve_app.config import ModelConfig
-from serve_app.engine.constraints import parse_constraint
-from serve_app.engine.engine import Engine
+from serve_app.constraints import parse_constraint
+from serve_app.engine.factory import create_engine
 from serve_app.engine.types import GenerationRequest, SamplingParams
 
 PERSON = {
@@ -25,7 +25,7 @@ PERSON = {
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return Engine.from_config(ModelConfig(name="smollm2", source="builtin:smollm2-135m-instruct"))
+    return create_engine(ModelConfig(name="smollm2", source="builtin:smollm2-135m-instruct"))
 
 
 def test_smollm2_returns_json_valid_for_a_four_field_schema(smollm2):

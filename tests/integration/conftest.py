@@ -11,6 +11,8 @@ import time
 import httpx
 import pytest
 
+from serve_app.readiness import wait_until_ready
+
 API_KEY = "sk-test-0123456789"
 MAIN_APP = {"server": {"api_keys": [API_KEY], "max_body_bytes": 256 * 1024}, "models": [
     {"name": "tiny", "source": "builtin:tiny-random-llama",
@@ -44,15 +46,7 @@ def free_port() -> int:
 
 
 def wait_ready(url: str, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+    wait_until_ready(url, timeout_s)
 
 
 def fresh_replicas(client: httpx.Client, model: str, after: float | None = None, prefix: str = "",

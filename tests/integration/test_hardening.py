@@ -40,7 +40,8 @@ def test_requests_without_a_valid_api_key_get_401_and_probes_stay_open(serve_clu
             assert response.status_code == 401
             error = response.json()["error"]
             assert error["type"] == "authentication_error" and "wrong-key" not in response.text
-        assert anonymous.get("/v1/models").status_code == 401
+        models = anonymous.get("/v1/models")
+        assert models.status_code == 401 and models.json()["error"]["code"] == "invalid_api_key"
         assert anonymous.get("/healthz").status_code == 200
         assert anonymous.get("/readyz").status_code == 200
         assert anonymous.get("/metrics").status_code == 200

@@ -3,7 +3,7 @@
 import json
 
 from serve_app.api.schemas import native_response
-from serve_app.engine.constraints import parse_constraint
+from serve_app.constraints import parse_constraint
 from serve_app.engine.types import GenerationResult, Usage
 
 

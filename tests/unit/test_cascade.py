@@ -8,9 +8,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from serve_app.engine.cascade import plan_schema
-from serve_app.engine.constraints import parse_constraint
-from serve_app.engine.schema_support import unsupported_keywords
+from serve_app.constraints import BackendDefaults, LimitsConfig, installed_backends, parse_constraint, plan_constraint
+from serve_app.constraints.keywords import unsupported_keywords
+from serve_app.constraints.plan import plan_schema
 from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import ConstraintError, LimitExceededError
 
@@ -81,26 +81,23 @@ def test_real_world_shapes_compile_exactly_and_generate_valid_output(tiny_engine
     constraint = parse_constraint({"type": "json_schema", "schema": schema})
     compiled = tiny_engine.compile(constraint)
     assert compiled.approximated == ()
-    results = tiny_engine.generate([GenerationRequest(prompt="JSON please", constraint=constraint,
-                                                      sampling=SamplingParams(max_new_tokens=48, seed=seed))
-                                    for seed in range(3)])
+    sampled = [SamplingParams(max_new_tokens=48, seed=seed, temperature=1) for seed in range(3)]
+    results = tiny_engine.generate([GenerationRequest(prompt="JSON please", constraint=constraint, sampling=s)
+                                    for s in sampled])
     for result in results:
         assert result.finish_reason == "stop" and result.valid is True, result.text
         jsonschema.validate(json.loads(result.text), schema)
 
 
 def test_an_explicit_error_falls_through_to_the_next_backend(tiny_engine, monkeypatch):
-    compiler = tiny_engine.compiler
-
-    def refuse(constraint):
+    def refuse(constraint, timeout_s):
         raise ConstraintError("llguidance would only approximate this json_schema: test", code="approximated")
 
-    monkeypatch.setattr(compiler, "_llguidance", refuse)
-    monkeypatch.setattr(compiler, "defaults", compiler.defaults.model_copy(
-        update={"cascade": ["llguidance", "outlines_core"]}))
+    monkeypatch.setattr(tiny_engine.compiler.backend("llguidance"), "_compile", refuse)
     schema = {"type": "object", "properties": {"fallthrough": {"enum": ["x", "y"]}}, "required": ["fallthrough"]}
     constraint = parse_constraint({"type": "json_schema", "schema": schema})
-    compiled = compiler.compile(constraint)
+    cascade = BackendDefaults(cascade=["llguidance", "outlines_core"])
+    compiled = tiny_engine.compiler.compile(plan_constraint(constraint, LimitsConfig(), cascade, installed_backends()))
     assert compiled.backend == "outlines_core"
     assert compiled.attempts == ("llguidance: llguidance would only approximate this json_schema: test",)
     # Greedy and seeded: the same output on every run (a sampled one once ran to `length`).
@@ -128,7 +125,7 @@ def test_strict_false_approximates_says_what_and_still_checks_the_output(tiny_en
     compiled = tiny_engine.compile(constraint)
     assert any("uniqueItems" in note for note in compiled.approximated)
     results = tiny_engine.generate([GenerationRequest(prompt="x", constraint=constraint,
-                                                      sampling=SamplingParams(max_new_tokens=24, seed=s))
+                                                      sampling=SamplingParams(max_new_tokens=24, seed=s, temperature=1))
                                     for s in range(8)])
     for result in results:
         assert result.approximated == list(compiled.approximated)

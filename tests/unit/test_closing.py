@@ -6,9 +6,9 @@ import json
 import jsonschema
 import pytest
 
-from serve_app.engine.backends import installed_backends
-from serve_app.engine.closing import JsonCloser, regex_example
-from serve_app.engine.constraints import ENFORCED_FORMATS, parse_constraint
+from serve_app.constraints import installed_backends, parse_constraint
+from serve_app.constraints.checking import ENFORCED_FORMATS
+from serve_app.constraints.completion import JsonCloser, regex_example
 from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import InvalidRequestError
 
@@ -156,7 +156,7 @@ def test_closing_works_with_every_installed_backend(tiny_engine, backend):
     schema = SCHEMAS["free_text"]
     constraint = parse_constraint({"type": "json_schema", "schema": schema, "backend": backend})
     results = tiny_engine.generate([GenerationRequest(prompt="x", constraint=constraint, sampling=SamplingParams(
-        max_new_tokens=20, seed=seed)) for seed in range(3)])
+        max_new_tokens=20, seed=seed, temperature=1)) for seed in range(3)])
     for result in results:
         assert result.backend == backend
         assert result.finish_reason == "stop" and result.valid is True and result.closed_early, result.text

@@ -1,8 +1,8 @@
 import pytest
 
 from serve_app.config import LimitsConfig
-from serve_app.engine.constraints import check_limits, parse_constraint
-from serve_app.engine.schema_support import check_schema_supported, keyword_table_markdown
+from serve_app.constraints import check_limits, parse_constraint
+from serve_app.constraints.keywords import check_schema_supported, keyword_table_markdown, unsupported_keywords
 from serve_app.errors import ConstraintError, LimitExceededError
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -90,8 +90,12 @@ def test_outlines_core_numeric_bounds_are_rejected_not_ignored():
 
 
 def test_annotations_and_extension_keys_are_allowed():
-    check_schema_supported({"type": "string", "title": "t", "description": "d", "examples": ["x"],
-                            "x-vendor": {"not": 1}, "default": "x", "$comment": "c"}, "llguidance")
+    annotated = {"type": "string", "title": "t", "description": "d", "examples": ["x"],
+                 "x-vendor": {"not": 1}, "default": "x", "$comment": "c"}
+    assert unsupported_keywords(annotated, "llguidance") == []
+    check_schema_supported(annotated, "llguidance")  # raises for a keyword it would not enforce
+    with pytest.raises(ConstraintError, match="'not' at #/"):
+        check_schema_supported({**annotated, "not": {"const": "y"}}, "llguidance")
 
 
 def test_keyword_table_lists_every_backend():

@@ -6,9 +6,10 @@ import time
 
 import pytest
 
+from serve_app.constraints import parse_constraint
 from serve_app.engine.cache import CompileCache
-from serve_app.engine.constraints import parse_constraint
-from serve_app.engine.engine import Engine
+from serve_app.engine.factory import create_engine
+from serve_app.engine.transformers_engine import TransformersEngine
 from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import ConstraintError, InvalidRequestError, LimitExceededError
 
@@ -137,7 +138,7 @@ def test_grammar_on_a_backend_without_lark_is_rejected(tiny_engine):
 
 
 def test_token_limits_are_enforced(tiny_engine):
-    with pytest.raises(LimitExceededError, match="exceeds this model's limit of 128"):
+    with pytest.raises(LimitExceededError, match="exceeds the limit of 128 for model tiny"):
         tiny_engine.generate([request(None, max_new_tokens=500)])
     long_prompt = GenerationRequest(prompt="word " * 5000)
     with pytest.raises(LimitExceededError, match="max_prompt_tokens|the limit is"):
@@ -147,7 +148,7 @@ def test_token_limits_are_enforced(tiny_engine):
 def test_context_length_is_enforced(tiny_config):
     config = tiny_config.model_copy(update={"limits": tiny_config.limits.model_copy(
         update={"max_prompt_tokens": 4000, "max_new_tokens": 4000})})
-    engine = Engine(config, Engine.from_config(tiny_config).loaded)
+    engine = TransformersEngine(config, create_engine(tiny_config).loaded)
     with pytest.raises(InvalidRequestError, match="context length of 2048"):
         engine.generate([GenerationRequest(prompt="word " * 1000, sampling=SamplingParams(max_new_tokens=1500))])
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from serve_app.config import LimitsConfig
-from serve_app.engine.constraints import check_limits, parse_constraint
-from serve_app.engine.engine import Engine
-from serve_app.engine.schema_support import schema_size
+from serve_app.constraints import check_limits, parse_constraint
+from serve_app.constraints.keywords import schema_size
+from serve_app.engine.factory import create_engine
+from serve_app.engine.transformers_engine import TransformersEngine
 from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import ConstraintError, LimitExceededError, OverloadedError
 
@@ -26,7 +27,7 @@ def requests(count=8):
 
 @pytest.fixture
 def fresh_engine(tiny_config):
-    return Engine.from_config(tiny_config)
+    return create_engine(tiny_config)
 
 
 def simulated_oom(when):
@@ -68,7 +69,7 @@ def test_oom_that_persists_for_one_row_moves_the_model_to_cpu(fresh_engine):
 def test_oom_without_cpu_fallback_is_a_clear_503(tiny_config):
     config = tiny_config.model_copy(update={"placement": tiny_config.placement.model_copy(
         update={"cpu_fallback": False})})
-    engine = Engine.from_config(config)
+    engine = create_engine(config)
     engine.loaded.plan = engine.loaded.plan.model_copy(update={"device": "cuda"})
     engine.loop.fault_injector = simulated_oom(lambda n: True)
     with pytest.raises(OverloadedError, match="out of memory") as error:
@@ -81,7 +82,7 @@ def test_oom_without_cpu_fallback_is_a_clear_503(tiny_config):
 def test_compile_cache_stays_within_its_byte_bound_over_10000_distinct_schemas(tiny_config):
     config = tiny_config.model_copy(update={"compile_cache": tiny_config.compile_cache.model_copy(
         update={"max_entries": 100_000, "max_bytes": 2 * 1024 * 1024})})
-    engine = Engine(config, Engine.from_config(tiny_config).loaded)
+    engine = TransformersEngine(config, create_engine(tiny_config).loaded)
     peak = 0
     for i in range(10_000):
         schema = {"type": "object", "properties": {f"field_{i}": {"type": "integer"}}}

@@ -17,7 +17,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
-from serve_app.engine.normalize import normalize_schema
+from serve_app.constraints.normalize import normalize_schema
 
 KNOWN = frozenset({"date-time", "date", "uuid", "email"})
 D4 = "http://json-schema.org/draft-04/schema#"
@@ -81,8 +81,11 @@ def test_recursive_targets_with_the_same_name_get_distinct_defs() -> None:
     assert _valid(out, {"p": {"x": {}}, "q": {"y": {"y": {}}}}) and not _valid(out, {"q": {"y": {"x": 1, "y": 2}}})
 
 
-def test_normalizing_imports_neither_torch_nor_outlines() -> None:
-    code = "import sys, serve_app.engine.normalize; print(sorted({'torch', 'outlines'} & set(sys.modules)))"
+def test_the_constraint_language_imports_no_torch_and_no_backend() -> None:
+    modules = ", ".join(f"serve_app.constraints.{m}" for m in (
+        "kinds", "limits", "keywords", "normalize", "plan", "registry", "checking", "completion"))
+    heavy = "{'torch', 'outlines', 'llguidance', 'outlines_core', 'xgrammar', 'transformers'}"
+    code = f"import sys, {modules}; print(sorted({heavy} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from serve_app.api.body import load_json
 from serve_app.config import ConfigError, LimitsConfig, ModelConfig, ServerConfig
-from serve_app.engine.constraints import build_constraint, check_constraint, group_depth, parse_constraint
+from serve_app.constraints import build_constraint, check_constraint, group_depth, parse_constraint
 from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import ConstraintError, InvalidRequestError, LimitExceededError
 from serve_app.guard import Guard, api_keys
@@ -119,8 +119,11 @@ def test_a_grammar_may_import_only_lark_common(grammar):
 
 
 def test_a_grammar_importing_from_common_is_accepted():
-    parse_constraint({"type": "grammar", "grammar": 'start: WORD\n%import common.WORD'})
-    parse_constraint({"type": "grammar", "grammar": 'start: A B\n%import common (LETTER, DIGIT)\nA: LETTER\nB: DIGIT'})
+    word = parse_constraint({"type": "grammar", "grammar": 'start: WORD\n%import common.WORD'})
+    assert word.is_satisfied_by("hello") and not word.is_satisfied_by("hello world")
+    grammar = 'start: A B\n%import common (LETTER, DIGIT)\nA: LETTER\nB: DIGIT'
+    pair = parse_constraint({"type": "grammar", "grammar": grammar})
+    assert pair.is_satisfied_by("a1") and not pair.is_satisfied_by("1a")
 
 
 def test_the_error_names_the_request_field_the_constraint_came_from():
@@ -153,10 +156,10 @@ def test_a_backtracking_key_pattern_is_decided_within_its_time_limit(schema, exp
 
 
 def test_a_key_pattern_not_decided_in_time_never_makes_output_valid(monkeypatch):
-    import serve_app.engine.constraints as constraints
+    import serve_app.constraints.checking as checking
 
     constraint = parse_constraint({"type": "json_schema", "schema": {"patternProperties": {"^k": {}}}})
-    monkeypatch.setattr(constraints, "regex_search", lambda *args: None)  # every match times out
+    monkeypatch.setattr(checking, "regex_search", lambda *args: None)  # every match times out
     assert constraint.is_satisfied_by('{"k": 1}') is False
 
 
@@ -191,19 +194,20 @@ def test_a_non_ascii_token_is_compared_as_bytes_and_refused():
 
 
 def test_a_compile_timeout_is_not_cached_and_a_retry_gets_the_background_result(tiny_config, monkeypatch):
-    from serve_app.engine.engine import Engine
+    from serve_app.engine.factory import create_engine
 
-    engine = Engine.from_config(tiny_config.model_copy(update={"limits": tiny_config.limits.model_copy(
+    engine = create_engine(tiny_config.model_copy(update={"limits": tiny_config.limits.model_copy(
         update={"compile_timeout_s": 0.5})}))
     release, calls = threading.Event(), []
-    original = engine.compiler._compile_with
+    llguidance = engine.compiler.backend("llguidance")
+    original = llguidance.compile
 
-    def slow(backend, constraint):  # a compile that outlives the caller's timeout, then succeeds
-        calls.append(backend)
+    def slow(constraint, timeout_s):  # a compile that outlives the caller's timeout, then succeeds
+        calls.append("llguidance")
         assert release.wait(30)
-        return original(backend, constraint)
+        return original(constraint, timeout_s)
 
-    monkeypatch.setattr(engine.compiler, "_compile_with", slow)
+    monkeypatch.setattr(llguidance, "compile", slow)
     constraint = parse_constraint({"type": "regex", "pattern": "slow[0-9]{3}"})
     try:
         with pytest.raises(LimitExceededError, match="compile_timeout_s"):
@@ -282,9 +286,9 @@ def test_a_row_that_fails_in_the_decode_loop_does_not_take_the_batch_down(tiny_e
 def test_engine_close_stops_the_decode_thread_and_the_process_exits_cleanly(tiny_model_dir):
     script = f"""
 from serve_app.config import ModelConfig
-from serve_app.engine.engine import Engine
+from serve_app.engine.factory import create_engine
 from serve_app.engine.types import GenerationRequest, SamplingParams
-with Engine.from_config(ModelConfig(name="t", source={tiny_model_dir!r})) as engine:
+with create_engine(ModelConfig(name="t", source={tiny_model_dir!r})) as engine:
     engine.generate([GenerationRequest(prompt="x", sampling=SamplingParams(max_new_tokens=4))])
 print("closed", engine.loop._thread.is_alive())
 """
@@ -295,10 +299,10 @@ print("closed", engine.loop._thread.is_alive())
 
 
 def test_a_closed_engine_fails_new_rows_with_a_503(tiny_config):
-    from serve_app.engine.engine import Engine
+    from serve_app.engine.factory import create_engine
     from serve_app.errors import OverloadedError
 
-    engine = Engine.from_config(tiny_config)
+    engine = create_engine(tiny_config)
     engine.close()
     submission = engine.submit(GenerationRequest(prompt="x", sampling=SamplingParams(max_new_tokens=4)))
     with pytest.raises(OverloadedError, match="shutting down"):

@@ -1,7 +1,9 @@
-"""The engine: a loaded model wrapped by Outlines, a compile cache, and batched generation.
+"""The transformers engine (the default): any Hugging Face causal LM, loaded where the
+placement plan puts it (CPU, a GPU share, or sharded with accelerate), a compile cache, and the
+project's own continuous-batching decode loop.
 
-    engine = Engine.from_config(model_config)
-    [result] = engine.generate([GenerationRequest(messages=[...], constraint=...)])
+    with create_engine(model_config) as engine:   # serve_app.engine.factory
+        [result] = engine.generate([GenerationRequest(messages=[...], constraint=...)])
 
 It knows nothing about Ray; replicas and benchmarks use it the same way.
 """
@@ -16,10 +18,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve_app.config import ModelConfig
-from serve_app.engine.backends import AnyConstraint, CompiledConstraint, ConstraintCompiler, choose_backend
+from serve_app.constraints import (
+    AnyConstraint,
+    ChoiceConstraint,
+    Plan,
+    check_max_new_tokens,
+    installed_backends,
+    plan_constraint,
+)
+from serve_app.constraints.plan import backend_order
 from serve_app.engine.cache import CompileCache
 from serve_app.engine.closing import RowCloser
-from serve_app.engine.constraints import ChoiceConstraint, JsonSchemaConstraint
+from serve_app.engine.compiler import CompiledConstraint, ConstraintCompiler
 from serve_app.engine.decode import DecodeLoop, Row, RowOutput, Stream
 from serve_app.engine.loading import LoadedModel, load_hf_config, load_model, move_to_cpu, resolve_source
 from serve_app.engine.memory import gpu_memory
@@ -44,13 +54,14 @@ class Submission:
     approximated: tuple[str, ...] = ()
 
 
-class Engine:
+class TransformersEngine:
     def __init__(self, config: ModelConfig, loaded: LoadedModel) -> None:
         self.config = config
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.compiler = ConstraintCompiler(self.model, self.tokenizer, config.backends, config.limits)
+        self.installed = installed_backends()
+        self.compiler = ConstraintCompiler(self.model, self.tokenizer, config.limits)
         self.cache = CompileCache(config.compile_cache.max_entries, config.compile_cache.max_bytes)
         self.failures: OrderedDict[str, ServeAppError] = OrderedDict()  # constraints that did not compile
         self.failed_hits = 0
@@ -61,7 +72,7 @@ class Engine:
         self.loop.on_oom = lambda: move_to_cpu(self.loaded, self.config, "out of memory during generation")
 
     @classmethod
-    def from_config(cls, config: ModelConfig, gpus: Sequence[GpuInfo] = ()) -> Engine:
+    def from_config(cls, config: ModelConfig, gpus: Sequence[GpuInfo] = ()) -> TransformersEngine:
         """Plan for `gpus` (none = CPU), load, warm up and precompile the named constraints."""
         source = resolve_source(config)
         hf_config = load_hf_config(source)
@@ -71,11 +82,15 @@ class Engine:
         engine.precompile(config.constraints.values())
         return engine
 
+    def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError("model is not loaded")
+
     def close(self) -> None:
         """Stop the decode thread; rows not finished get a 503 error. Idempotent."""
         self.loop.close()
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> TransformersEngine:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -83,19 +98,21 @@ class Engine:
 
     # -- constraints ---------------------------------------------------------------------------
 
+    def plan(self, constraint: AnyConstraint) -> Plan:
+        """The same plan the router made (serve_app/constraints/plan.py), for this model."""
+        return plan_constraint(constraint, self.config.limits, self.config.backends, self.installed)
+
     def compile(self, constraint: AnyConstraint) -> CompiledConstraint:
-        """Cached, failures included: a repeated bad schema is rejected without compiling again."""
-        if isinstance(constraint, JsonSchemaConstraint):
-            key = f"{'|'.join(self.compiler.schema_order(constraint))}|{constraint.cache_key()}"
-        else:
-            key = f"{choose_backend(constraint, self.config.backends)}|{constraint.cache_key()}"
+        """Cached, failures included: a repeated bad schema is rejected without compiling again.
+        The key is the plan's, known before planning (planning a large schema is not free)."""
+        key = f"{'|'.join(backend_order(constraint, self.config.backends, self.installed))}|{constraint.cache_key()}"
         failed = self.failures.get(key)
         if failed is not None:
             self.failures.move_to_end(key)
             self.failed_hits += 1
             raise failed
         try:
-            return self.cache.get_or_compile(key, lambda: self.compiler.compile(constraint))
+            return self.cache.get_or_compile(key, lambda: self.compiler.compile(self.plan(constraint)))
         except (ConstraintError, LimitExceededError) as error:
             if error.code not in TRANSIENT_FAILURES:
                 self.failures[key] = error
@@ -127,11 +144,9 @@ class Engine:
         return list(self.tokenizer(request.prompt)["input_ids"])
 
     def _row(self, request: GenerationRequest) -> tuple[Row, CompiledConstraint | None]:
-        sampling, defaults, limits = request.sampling, self.config.sampling, self.config.limits
-        max_new = sampling.max_new_tokens or defaults.max_new_tokens
-        if max_new > limits.max_new_tokens:
-            raise LimitExceededError(f"max_tokens {max_new} exceeds this model's limit of "
-                                     f"{limits.max_new_tokens}", param="max_tokens", code="max_new_tokens")
+        """Checks (max_tokens, prompt, the constraint's minimum budget), then the row to decode."""
+        max_new = request.sampling.max_new_tokens or self.config.sampling.max_new_tokens
+        check_max_new_tokens(max_new, self.config.limits, self.config.name)
         ids = self.prompt_ids(request)
         self._check_prompt(len(ids), max_new)
         compiled = self.compile(request.constraint) if request.constraint is not None else None
@@ -139,18 +154,17 @@ class Engine:
             raise InvalidRequestError(
                 f"max_tokens {max_new} is too small for this {compiled.kind} constraint: its shortest valid "
                 f"output takes {compiled.min_tokens} tokens", param="max_tokens", code="max_tokens_too_small")
+        return self._new_row(request, ids, max_new, compiled), compiled
 
-        def pick(name: str) -> Any:
-            value = getattr(sampling, name)
-            return getattr(defaults, name) if value is None else value
-
-        closer = compiled.closer if compiled is not None else None
-        row = Row(ids, max_new, pick("temperature"), sampling.top_p or defaults.top_p, sampling.seed,
-                  list(sampling.stop), compiled.new_matcher() if compiled else None,
-                  closer=RowCloser(closer) if closer is not None and pick("close_json") else None,
-                  repetition_penalty=pick("repetition_penalty"), frequency_penalty=pick("frequency_penalty"),
-                  presence_penalty=pick("presence_penalty"), no_repeat_ngram_size=pick("no_repeat_ngram_size"))
-        return row, compiled
+    def _new_row(self, request: GenerationRequest, ids: list[int], max_new: int,
+                 compiled: CompiledConstraint | None) -> Row:
+        pick = self.config.sampling.merged(request.sampling)  # the request's values, else the defaults
+        closer = compiled.closer if compiled is not None and pick["close_json"] else None
+        return Row(ids, max_new, pick["temperature"], pick["top_p"], request.sampling.seed, list(request.sampling.stop),
+                   compiled.new_matcher() if compiled else None,
+                   closer=RowCloser(closer) if closer is not None else None,
+                   repetition_penalty=pick["repetition_penalty"], frequency_penalty=pick["frequency_penalty"],
+                   presence_penalty=pick["presence_penalty"], no_repeat_ngram_size=pick["no_repeat_ngram_size"])
 
     def _check_prompt(self, prompt_tokens: int, max_new: int) -> None:
         if prompt_tokens == 0:  # found by fuzzing: a model cannot continue from nothing

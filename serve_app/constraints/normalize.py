@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.engine.schema_support import (
+from serve_app.constraints.keywords import (
     _SCHEMA_LISTS,
     _SCHEMA_MAPS,
     _SCHEMA_VALUES,

@@ -1,9 +1,10 @@
-"""Which JSON Schema keywords each backend enforces, and a walker that finds the rest.
+"""Which JSON Schema keywords and formats each backend enforces, and the walkers over a schema
+(subschemas, patterns, $refs, size) that every later step relies on.
 
 A keyword a backend would silently ignore makes the request fail with the keyword and its JSON
 pointer, instead of returning output that violates the schema. The tables come from probing the
 installed backends (llguidance errors on exactly the keys in its "unimplemented" set; see
-``../shared/notes/outlines-facts.md`` for outlines_core and xgrammar, which ignore keys silently).
+docs/json-schema.md for outlines_core and xgrammar, which ignore keys silently).
 No torch or Outlines import: the router uses this to reject early.
 """
 
@@ -47,15 +48,19 @@ SUPPORTED: dict[str, frozenset[str]] = {
     },
 }
 
-# Formats llguidance enforces; an unknown one is an error there, and outlines_core/xgrammar
-# support a subset (the pre-scan rejects the rest for every backend).
+# Every `format` some backend enforces, with its shortest instance (what closing writes; each
+# is checked by jsonschema before use), and the subset each backend enforces. An unknown format
+# is an annotation: normalisation drops it (llguidance would refuse it).
+FORMATS: dict[str, str] = {
+    "date-time": "2000-01-01T00:00:00Z", "date": "2000-01-01", "time": "00:00:00Z", "duration": "P1D",
+    "email": "a@a.aa", "hostname": "a", "ipv4": "0.0.0.0", "ipv6": "::1",
+    "uuid": "00000000-0000-0000-0000-000000000000", "uri": "a:a",
+}
 SUPPORTED_FORMATS: dict[str, frozenset[str]] = {
-    "llguidance": frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4",
-                             "ipv6", "uuid", "uri"}),
+    "llguidance": frozenset(FORMATS),
     "outlines_core": frozenset({"date-time", "time", "date", "uuid", "email", "uri"}),
     "xgrammar": frozenset({"date-time", "time", "date", "email", "ipv4", "ipv6", "hostname", "uuid", "uri"}),
 }
-
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
 _SCHEMA_VALUES = ("not", "if", "then", "else", "additionalProperties", "additionalItems",

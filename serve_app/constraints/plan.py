@@ -1,0 +1,119 @@
+"""One plan per constraint: `plan_constraint` decides everything that needs no tokenizer, once,
+with the same function at the router (to reject early) and in the engine (whose compiler
+consumes the plan and checks nothing again).
+
+A plan has passed `check_constraint` (limits, then semantics); for a JSON Schema, the schema is
+normalised (rewrites that keep meaning, `normalize.py`) and each backend of the cascade, in
+order, is checked against its keyword table (`keywords.SUPPORTED`): those that pass are the
+plan's backends, compiled in that order by the engine's compiler, which falls through on an
+explicit error, a detected approximation or the compile timeout. No torch or Outlines import.
+
+Default order, from measurement (`bench/schema_coverage.py`, SmolLM2's tokenizer): llguidance
+first (compiles in milliseconds and errors instead of approximating), then xgrammar when it is
+installed (fast, but approximates silently: its warnings are parsed), then outlines_core (its
+regex index takes from 0.1 s to timeouts on large schemas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve_app.constraints.keywords import FORMATS, unsupported_keywords
+from serve_app.constraints.kinds import AnyConstraint, JsonSchemaConstraint
+from serve_app.constraints.limits import LimitsConfig, check_constraint
+from serve_app.constraints.normalize import normalize_schema
+from serve_app.constraints.registry import KINDS, BackendDefaults
+from serve_app.errors import ConstraintError
+
+KNOWN_FORMATS = frozenset(FORMATS)
+KIND_NAMES = {"json_schema": "JSON Schemas", "regex": "regexes", "choice": "choice lists", "grammar": "Lark grammars"}
+# The backend that approximates a schema no backend enforces exactly, under `strict: false`.
+LENIENT_BACKEND = "llguidance"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the compiler needs: which backends to try, in order, on what."""
+
+    constraint: AnyConstraint  # as sent: outputs are checked against it
+    target: AnyConstraint  # what the backends compile (a JSON Schema normalised)
+    backends: tuple[str, ...]  # in order; for a JSON Schema, those whose tables cover it
+    key: str  # the cache key of what is compiled: candidate order + the constraint's key
+    rewrites: tuple[str, ...] = ()  # meaning-preserving rewrites of the schema
+    lenient: bool = False  # strict: false; when no backend is exact, llguidance approximates
+
+
+def plan_constraint(constraint: AnyConstraint, limits: LimitsConfig, defaults: BackendDefaults,
+                    installed: Sequence[str], source: str | None = None) -> Plan:
+    """The plan, or the 4xx error that refuses the constraint (naming `source`, the request
+    field it came from, where the error is about its text)."""
+    check_constraint(constraint, limits, source)
+    order = backend_order(constraint, defaults, installed)
+    key = f"{'|'.join(order)}|{constraint.cache_key()}"
+    if not isinstance(constraint, JsonSchemaConstraint):
+        return Plan(constraint, constraint, tuple(order), key)
+    schema_plan = plan_schema(constraint.json_schema, order, limits.max_ref_expansion)
+    lenient = not constraint.strict and LENIENT_BACKEND in installed
+    if not schema_plan.exact and not lenient:
+        raise schema_plan.rejection(constraint.strict)
+    target = constraint.model_copy(update={"json_schema": schema_plan.schema})
+    return Plan(constraint, target, schema_plan.exact, key, schema_plan.rewrites, lenient)
+
+
+def backend_order(constraint: AnyConstraint, defaults: BackendDefaults, installed: Sequence[str]) -> list[str]:
+    """The backends to try: the one the request names, the cascade (JSON Schema), or the kind's
+    configured backend; each installed here and able to compile the kind."""
+    chosen = constraint.backend or getattr(defaults, constraint.type)
+    if chosen == "cascade":
+        order: list[str] = [b for b in defaults.cascade if b in installed]
+        if not order:
+            raise ConstraintError(f"no backend of backends.cascade ({', '.join(defaults.cascade)}) is installed "
+                                  f"here; installed: {', '.join(installed)}", param="backend")
+        return order
+    if chosen not in installed:
+        raise ConstraintError(f"backend {chosen!r} is not installed here; installed: {', '.join(installed)}",
+                              param="backend")
+    if constraint.type not in KINDS[chosen]:
+        able = [b for b, kinds in KINDS.items() if constraint.type in kinds]
+        raise ConstraintError(f"{KIND_NAMES[constraint.type]} compile with {', '.join(able)} only, not {chosen}",
+                              param="backend")
+    return [chosen]
+
+
+@dataclass(frozen=True)
+class SchemaPlan:
+    schema: dict[str, Any]  # normalised
+    rewrites: tuple[str, ...]
+    exact: tuple[str, ...]  # backends whose tables cover every keyword, in cascade order
+    missing: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # backend -> (keyword, pointer)
+
+    def rejection(self, strict: bool = True) -> ConstraintError:
+        """The 400 for a schema no backend enforces: the first keyword (and its pointer in the
+        schema as sent) that the first backend of the cascade lacks."""
+        backend = next(iter(self.missing))
+        keyword, pointer = self.missing[backend][0]
+        others = [f"{b} also lacks '{m[0][0]}' at #{m[0][1] or '/'}" for b, m in self.missing.items() if b != backend]
+        more = f" ({len(self.missing[backend]) - 1} more)" if len(self.missing[backend]) > 1 else ""
+        hint = "; set strict: false to accept an approximation checked after generation" if strict else ""
+        return ConstraintError(
+            f"unsupported JSON Schema keyword '{keyword}' at #{pointer or '/'} for backend {backend}{more}: "
+            f"no backend enforces it exactly{' (' + '; '.join(others) + ')' if others else ''}{hint}",
+            param="json_schema", code="unsupported_keyword")
+
+
+def plan_schema(schema: dict[str, Any], order: Sequence[str], max_nodes: int = 10_000) -> SchemaPlan:
+    normalized = normalize_schema(schema, KNOWN_FORMATS, max_nodes)
+    exact: list[str] = []
+    missing: dict[str, list[tuple[str, str]]] = {}
+    for backend in order:
+        found = unsupported_keywords(normalized.schema, backend)
+        if found:  # point into the schema as sent where the keyword is there too ($refs get inlined)
+            as_sent: dict[str, str] = {}
+            for keyword, pointer in unsupported_keywords(schema, backend):
+                as_sent.setdefault(keyword, pointer)
+            missing[backend] = [(k, as_sent.get(k, p)) for k, p in found]
+        else:
+            exact.append(backend)
+    return SchemaPlan(normalized.schema, normalized.rewrites, tuple(exact), missing)

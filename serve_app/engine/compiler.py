@@ -1,0 +1,185 @@
+"""Compiling a planned constraint for one model's tokenizer: the plan's backends in order,
+each within `compile_timeout_s`, falling through on an explicit error, a detected approximation
+or a timeout; then the closer and the minimum budget, which need the tokenizer.
+
+The compiler checks nothing the plan has checked (serve_app/constraints/plan.py): limits,
+semantics, normalisation and backend order are decided there, by the same function the router
+runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+from serve_app.constraints import ChoiceConstraint, JsonSchemaConstraint, LimitsConfig, Plan
+from serve_app.constraints.checking import ENFORCED_FORMATS
+from serve_app.constraints.completion import JsonCloser
+from serve_app.constraints.keywords import VALIDATION_KEYWORDS, iter_subschemas
+from serve_app.constraints.plan import LENIENT_BACKEND
+from serve_app.engine.backends import Backend, BackendContext, Matcher, backend_class
+from serve_app.engine.closing import ShortestEncoder
+from serve_app.errors import ConstraintError, LimitExceededError, ServeAppError
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# Threads that run compiles: a few at once, so a burst of new schemas cannot starve the replica.
+_COMPILE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="compile")
+# Compiles that outlived their caller's timeout, kept (bounded) so a retry waits for the same work.
+MAX_INFLIGHT_COMPILES = 64
+
+
+@dataclass
+class CompiledConstraint:
+    key: str
+    kind: str
+    backend: str
+    new_matcher: Callable[[], Matcher]
+    size_bytes: int
+    compile_seconds: float
+    rewrites: tuple[str, ...] = ()  # meaning-preserving rewrites applied before compiling
+    attempts: tuple[str, ...] = ()  # backends tried first, and why each fell through
+    approximated: tuple[str, ...] = ()  # what is not enforced (only with strict: false)
+    closer: JsonCloser | None = None  # shortest completions, for closing JSON within max_tokens
+    min_tokens: int | None = None  # fewest tokens of a complete output we can construct
+
+
+class ConstraintCompiler:
+    """Compiles plans for one model's tokenizer, with every installed backend."""
+
+    def __init__(self, hf_model: Any, tokenizer: Any, limits: LimitsConfig) -> None:
+        import outlines
+
+        self.limits = limits
+        self.vocab_size = int(hf_model.config.get_text_config().vocab_size)
+        self.context = BackendContext(outlines.from_transformers(hf_model, tokenizer), self.vocab_size)
+        self.tokenizer = tokenizer
+        self._backends: dict[str, Backend] = {}
+        self._encoder: ShortestEncoder | None = None
+        self._inflight: OrderedDict[str, concurrent.futures.Future[Any]] = OrderedDict()
+        self._inflight_lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        """The fewest tokens that spell `text` (what closing spends and the minimum budget)."""
+        if self._encoder is None:
+            self._encoder = ShortestEncoder(self.tokenizer, self.vocab_size)
+        return self._encoder(text)
+
+    def backend(self, name: str) -> Backend:
+        if name not in self._backends:
+            self._backends[name] = backend_class(name)(self.context)
+        return self._backends[name]
+
+    def compile(self, plan: Plan) -> CompiledConstraint:
+        started = time.perf_counter()
+        failures: list[tuple[str, ServeAppError]] = []
+        compiled = self._first_that_compiles(plan, failures)
+        if compiled is None:
+            raise failures[0][1] if len(failures) == 1 and plan.target.type != "json_schema" else \
+                _no_exact_backend(failures, plan.target.json_schema)  # type: ignore[union-attr]
+        compiled.compile_seconds = time.perf_counter() - started
+        self._add_budget(compiled, plan)
+        return compiled
+
+    def _first_that_compiles(self, plan: Plan, failures: list[tuple[str, ServeAppError]]) -> CompiledConstraint | None:
+        target, timeout = plan.target, self.limits.compile_timeout_s
+        for name in plan.backends:
+            compile_fn = partial(self.backend(name).compile, target, timeout)
+            try:
+                done = self._within_timeout(name, target.type, compile_fn, key=f"{name}|{target.cache_key()}")
+            except (ConstraintError, LimitExceededError) as error:
+                failures.append((name, error))
+                continue
+            return self._compiled(plan, name, done, failures)
+        if plan.lenient and isinstance(target, JsonSchemaConstraint):
+            backend = self.backend(LENIENT_BACKEND)
+            done = self._within_timeout(LENIENT_BACKEND, target.type,
+                                        lambda: backend.compile_lenient(target, timeout),
+                                        key=f"{LENIENT_BACKEND}-lenient|{target.cache_key()}")
+            return self._compiled(plan, LENIENT_BACKEND, done, failures)
+        return None
+
+    @staticmethod
+    def _compiled(plan: Plan, name: str, done: Any, failures: list[tuple[str, ServeAppError]]) -> CompiledConstraint:
+        return CompiledConstraint(plan.constraint.cache_key(), plan.constraint.type, name, done.new_matcher,
+                                  done.size_bytes, 0.0, rewrites=plan.rewrites, attempts=_attempts(failures),
+                                  approximated=done.approximated)
+
+    def _within_timeout(self, backend: str, kind: str, compile_fn: Callable[[], _T], key: str) -> _T:
+        """Compile off the caller's thread, giving up at `limits.compile_timeout_s`. A compile
+        that times out cannot be stopped (a thread), so it is kept: a retry of the same
+        constraint waits for that work instead of starting it again, and gets its result."""
+        future = self._inflight_future(key, compile_fn)
+        try:
+            return future.result(timeout=self.limits.compile_timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise LimitExceededError(
+                f"compiling the {kind} constraint with {backend} took longer than "
+                f"limits.compile_timeout_s ({self.limits.compile_timeout_s:g} s); it goes on in the background, "
+                f"and a retry uses its result", param=kind, code="compile_timeout_s") from None
+        finally:
+            if future.done():
+                with self._inflight_lock:
+                    if self._inflight.get(key) is future:
+                        del self._inflight[key]
+
+    def _inflight_future(self, key: str, compile_fn: Callable[[], _T]) -> concurrent.futures.Future[_T]:
+        with self._inflight_lock:
+            future = self._inflight.get(key)
+            if future is None:
+                future = self._inflight[key] = _COMPILE_POOL.submit(compile_fn)
+                while len(self._inflight) > MAX_INFLIGHT_COMPILES:
+                    self._inflight.popitem(last=False)
+            return future
+
+    def _add_budget(self, compiled: CompiledConstraint, plan: Plan) -> None:
+        """The minimum budget (and, for JSON Schema, the closer that keeps output within it)."""
+        constraint = plan.constraint
+        if isinstance(constraint, ChoiceConstraint):
+            compiled.min_tokens = min(len(self.encode(choice)) for choice in constraint.choices)
+        elif isinstance(constraint, JsonSchemaConstraint):
+            try:
+                separators = self.backend(compiled.backend).json_separators
+                closer = JsonCloser(constraint.json_schema, self.encode, ENFORCED_FORMATS, separators)
+            except Exception:  # noqa: BLE001 - no closer means honest truncation, never a failed request
+                logger.warning("cannot build a closer for %s", compiled.key, exc_info=True)
+                return
+            compiled.closer, compiled.min_tokens = closer, closer.min_tokens
+
+
+# Keywords that appear in most schemas and in prose: they do not locate an error.
+_COMMON_WORDS = {"type", "items", "properties", "required", "enum", "const", "not", "if", "then", "else"}
+# Words in backends' errors that stand for a keyword ("regex parse error" is about a `pattern`).
+_ERROR_WORDS = {"regex": "pattern", "lookarounds": "pattern", "circular": "$ref", "references": "$ref"}
+
+
+def _attempts(failures: list[tuple[str, ServeAppError]]) -> tuple[str, ...]:
+    return tuple(f"{backend}: {error.message}" for backend, error in failures)
+
+
+def _no_exact_backend(failures: list[tuple[str, ServeAppError]], schema: dict[str, Any]) -> ServeAppError:
+    """Every candidate failed to compile: name the keyword the first error mentions and where it
+    first occurs, and what each backend said."""
+    first = failures[0][1]
+    if all(error.code == "compile_timeout_s" for _, error in failures):
+        return first
+    where = ""
+    present = {k for _, sub in iter_subschemas(schema) for k in sub if k in VALIDATION_KEYWORDS}
+    words = [_ERROR_WORDS.get(w, w) for w in re.findall(r"[A-Za-z$]+", first.message)]
+    keyword = next((w for w in words if w in present and w not in _COMMON_WORDS), None)  # the first one named
+    if keyword is not None:
+        pointer = next(p for p, sub in iter_subschemas(schema) if keyword in sub)
+        where = f"'{keyword}' at #{pointer or '/'}: "
+    return ConstraintError(
+        f"no backend enforces this JSON Schema exactly: {where}" + "; ".join(_attempts(failures))
+        + "; set strict: false to accept an approximation checked after generation",
+        param="json_schema", code=first.code if first.code != "compile_timeout_s" else "unsupported")

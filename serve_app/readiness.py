@@ -1,0 +1,27 @@
+"""Waiting until a URL answers 200 (an app's /readyz): `make serve`, the CLI, the job
+entrypoint, the benchmarks and the tests all wait this one way."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+POLL_S = 1.0  # between probes
+PROBE_TIMEOUT_S = 10  # one probe; a router busy starting can be slow to answer
+
+
+class NotReadyError(TimeoutError):
+    pass
+
+
+def wait_until_ready(url: str, timeout_s: float, poll_s: float = POLL_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused, reset, timed out, or an HTTP error status (503: not ready yet)
+            pass
+        time.sleep(poll_s)
+    raise NotReadyError(f"{url} not ready after {timeout_s:.0f} s")

@@ -1,0 +1,55 @@
+"""Relaying a replica's event stream to the client as server-sent events, in either format
+(OpenAI chunks or native events, api/schemas.py): the same lifecycle for both. Errors after the
+200 has been sent are reported in the stream itself, in the error shape; whatever ends the
+stream (done, an error, the client gone) cancels the generation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from serve_app.api.errors import as_serve_app_error
+from serve_app.engine.types import GenerationResult
+
+DONE = "data: [DONE]\n\n"
+
+
+class StreamFormat(Protocol):
+    def start(self) -> list[dict[str, Any]]: ...
+
+    def delta(self, index: int, text: str) -> dict[str, Any]: ...
+
+    def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> dict[str, Any]: ...
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _chain(first: Any, rest: Any) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def relay(first: dict[str, Any], stream: Any, fmt: StreamFormat,
+                on_end: Callable[[list[GenerationResult]], None]) -> AsyncIterator[str]:
+    """`first` is the stream's first event (already awaited, so that errors before any token
+    were still a 4xx); `on_end` gets the finished rows' results, however the stream ends."""
+    results: dict[int, GenerationResult] = {}
+    try:
+        for chunk in fmt.start():
+            yield sse(chunk)
+        async for event in _chain(first, stream):
+            if "delta" in event:
+                yield sse(fmt.delta(event["index"], event["delta"]))
+                continue
+            results[event["index"]] = GenerationResult.model_validate(event["done"])
+            yield sse(fmt.finish(event["index"], results[event["index"]], list(results.values())))
+        yield DONE
+    except Exception as error:  # after the 200 has been sent: report in the stream itself
+        yield sse(as_serve_app_error(error).to_dict())
+    finally:
+        stream.cancel()  # the client went away or we are done: stop generating
+        on_end(list(results.values()))
