@@ -88,7 +88,9 @@ def report(log: list[tuple[int, float]], probes: list[float], failures: list[str
     summary: dict[str, Any] = {
         "requests": len(log), "codes": dict(sorted(codes.items())), "5xx": sum(n for c, n in codes.items() if c >= 500),
         "slowest_answer_s": round(slowest, 3), "p50_answer_s": round(statistics.median(e for _, e in log), 4),
-        "healthz_p50_ms": round(probes[len(probes) // 2] * 1000, 1), "healthz_max_ms": round(probes[-1] * 1000, 1),
+        "healthz_p50_ms": round(probes[len(probes) // 2] * 1000, 1),
+        "healthz_p95_ms": round(probes[int(0.95 * (len(probes) - 1))] * 1000, 1),
+        "healthz_max_ms": round(probes[-1] * 1000, 1),
         "healthz_probes": len(probes), "failures": len(failures)}
     print(summary)
     for failure in failures[:20]:
