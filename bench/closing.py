@@ -50,10 +50,13 @@ def main() -> None:
     parser.add_argument("--max-bytes", type=int, default=6000, help="skip corpus schemas larger than this")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--out", default=str(OUT / "closing.json"))
     args = parser.parse_args()
 
-    engine = create_engine(ModelConfig(name="bench", source=args.source,
-                                            limits={"max_new_tokens": args.max_tokens, "max_prompt_tokens": 8192}))
+    engine = create_engine(ModelConfig(name="bench", source=args.source, dtype=args.dtype,
+                                       limits={"max_new_tokens": args.max_tokens, "max_prompt_tokens": 8192}))
+    print(f"dtype {engine.loaded.plan.dtype}")
     cases = []
     for name, schema in load_schemas(args.corpus, args.max_bytes):
         try:
@@ -104,9 +107,9 @@ def main() -> None:
             summary.append(line)
             print(f"| {mode} | {'on' if close else 'off'} | {line['valid_share']:.0%} | {line['length_share']:.0%} "
                   f"| {line['closed_early']} | {line['mean_tokens']:.1f} |")
-    OUT.mkdir(exist_ok=True)
-    (OUT / "closing.json").write_text(json.dumps({"max_tokens": args.max_tokens, "summary": summary,
-                                                  "rows": rows}, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"max_tokens": args.max_tokens, "dtype": engine.loaded.plan.dtype,
+                                          "summary": summary, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,16 @@ class PlacementConfig(_Strict):
         0.05, ge=0, lt=0.9, description="share of the replica's GPU memory kept free (allocator, spikes)"
     )
     num_cpus: float = Field(1, gt=0, description="CPUs Ray reserves for the replica")
+    torch_threads: int | Literal["auto", "all"] = Field(
+        "auto", description="torch threads in the replica: auto = num_cpus (as Ray sets OMP_NUM_THREADS), "
+        "all = every core of the machine (one replica alone on it), or a number")
+
+    @field_validator("torch_threads")
+    @classmethod
+    def _positive_threads(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, auto or all")
+        return value
 
     @field_validator("gpus_per_replica")
     @classmethod
@@ -122,7 +132,8 @@ class ModelConfig(_Strict):
         "transformers", description="what generates: the project's transformers decode loop (any HF causal LM, "
         "accelerate sharding, CPU)")
     dtype: Dtype = Field("auto", description="auto: bfloat16 on GPUs that compute it natively, float16 on older "
-                         "ones, float32 on CPU")
+                         "ones; on CPU bfloat16 where it has native bf16 math (AVX-512 BF16, AMX, Arm BF16), else "
+                         "float32")
     placement: PlacementConfig = PlacementConfig()
     limits: LimitsConfig = LimitsConfig()
     sampling: SamplingDefaults = SamplingDefaults()

@@ -110,7 +110,7 @@ class ModelReplica:
     async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One HTTP request's rows (n choices); they join the running batch between steps."""
         results: list[dict[str, Any] | None] = [None] * len(requests)
-        events = self.generate_stream(requests)
+        events = self._events(requests, deltas=False)
         try:
             async for event in events:
                 if "done" in event:
@@ -123,6 +123,16 @@ class ModelReplica:
         """Yield ``{"index", "delta"}`` as text is generated and ``{"index", "done"}`` per row.
 
         If the caller goes away (client disconnect), the rows are cancelled in the decode loop."""
+        events = self._events(requests, deltas=True)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    async def _events(self, requests: list[dict[str, Any]], deltas: bool) -> AsyncGenerator[dict[str, Any], None]:
+        """The rows' events; without `deltas` only the final ones (no wake-up of this event loop
+        per generated token, which would take the GIL from the decode thread)."""
         from serve_app.engine.types import GenerationRequest
 
         loop = asyncio.get_running_loop()
@@ -142,7 +152,7 @@ class ModelReplica:
             prepared = await asyncio.to_thread(lambda: [self.engine.prepare(r) for r in parsed])
         finally:
             self._preparing -= len(parsed)
-        submissions = [self.engine.submit_prepared(request, row, notifier(i))
+        submissions = [self.engine.submit_prepared(request, row, notifier(i), deltas=deltas)
                        for i, (request, row) in enumerate(zip(parsed, prepared, strict=True))]
         pending, served_by = len(submissions), self.served_by()
         try:

@@ -32,7 +32,7 @@ class LimitsConfig(BaseModel):
 
     max_new_tokens: int = Field(512, ge=1, description="upper bound a request may ask for")
     max_prompt_tokens: int = Field(4096, ge=1, description="tokens of the prompt (the chat template applied)")
-    max_batch_size: int = Field(8, ge=1, description="rows generated together (also capped by memory)")
+    max_batch_size: int = Field(16, ge=1, description="rows generated together (also capped by memory)")
     # Real-world schemas (Kubernetes CRDs, SchemaStore files) reach 72-157 KB; the router checks
     # sizes before anything parses a schema, off its event loop.
     max_schema_bytes: int = Field(512 * 1024, ge=16, description="a JSON Schema's size, as compact JSON")

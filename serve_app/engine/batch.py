@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from serve_app.engine.sampling import new_generator
 from serve_app.engine.stream import Stream
@@ -14,7 +15,11 @@ from serve_app.engine.stream import Stream
 
 def cache_keyword(model: Any) -> str:
     """transformers 5 renamed ``past_key_values`` to ``cache``; accept both."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if accepts_keyword(model, "cache") else "past_key_values"
+
+
+def accepts_keyword(model: Any, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
 
 
 class Batch:
@@ -78,6 +83,72 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 def joinable_cache(cache: Any) -> bool:
     """Rows can join a running batch only with plain per-layer key/value tensors."""
     layers = list(getattr(cache, "layers", None) or [])
-    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+    return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "GrowableLayer") for layer in layers)
 
 
+def preallocate(cache: Any) -> None:
+    """Swap a prefilled cache's plain layers for ones that append in place into spare capacity:
+    transformers' own layer concatenates (copies) the whole cache of every layer at every step."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not joinable_cache(cache):
+        return
+    for i, layer in enumerate(layers):
+        if type(layer).__name__ == "DynamicLayer" and layer.is_initialized:
+            layers[i] = GrowableLayer.from_layer(layer)
+
+
+class GrowableLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views of buffers with room to grow: a decode
+    step writes its column in place. Assigning `keys`/`values` (as Batch.merge and Batch.keep
+    do) copies into a fresh buffer with spare room."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
+        self._lengths = {"keys": 0, "values": 0}
+        super().__init__()
+
+    @classmethod
+    def from_layer(cls, layer: Any) -> GrowableLayer:
+        new = cls()
+        new.device, new.is_initialized = layer.device, True
+        new.keys, new.values = layer.keys, layer.values
+        return new
+
+    def _get(self, name: str) -> torch.Tensor | None:
+        buf = self._bufs[name]
+        return None if buf is None else buf[:, :, :self._lengths[name]]
+
+    def _set(self, name: str, tensor: torch.Tensor | None) -> None:
+        if tensor is None or tensor.dim() != 4:  # reset, or lazy initialisation's empty tensor
+            self._bufs[name], self._lengths[name] = None, 0
+            return
+        length = tensor.shape[2]
+        buf = tensor.new_empty((*tensor.shape[:2], length + _spare(length), tensor.shape[3]))
+        buf[:, :, :length] = tensor
+        self._bufs[name], self._lengths[name] = buf, length
+
+    keys = property(lambda self: self._get("keys"), lambda self, t: self._set("keys", t))
+    values = property(lambda self: self._get("values"), lambda self, t: self._set("values", t))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        for name, new in (("keys", key_states), ("values", value_states)):
+            buf, start = self._bufs[name], self._lengths[name]
+            if buf is None:
+                self._set(name, new)
+                continue
+            end = start + new.shape[2]
+            if end > buf.shape[2]:  # full: move into a larger buffer
+                grown = buf.new_empty((*buf.shape[:2], end + _spare(end), buf.shape[3]))
+                grown[:, :, :start] = buf[:, :, :start]
+                self._bufs[name] = buf = grown
+            buf[:, :, start:end] = new
+            self._lengths[name] = end
+        return self.keys, self.values
+
+
+def _spare(length: int) -> int:
+    """Room to grow: half again, at least 64 columns (one reallocation per ~64+ steps)."""
+    return max(64, length // 2)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from serve_app.engine.batch import Batch, cache_keyword, joinable_cache
+from serve_app.engine.batch import Batch, accepts_keyword, cache_keyword, joinable_cache, preallocate
 from serve_app.engine.policies import CLOSED, TokenStep, advance_row, constraint_bitmask, row_policies
 from serve_app.engine.sampling import next_tokens
 from serve_app.engine.stream import Row, RowOutput, Stream
@@ -47,6 +47,9 @@ class DecodeLoop:
         self.vocab_size = vocab_size
         self.max_batch_size = max_batch_size
         self.cache_kw = cache_keyword(model)
+        # A prefill needs the logits of the last position only; the rest would cost a full
+        # vocabulary projection per prompt token.
+        self.last_logits_only = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
         self.device = model.device
         self.waiting: queue.SimpleQueue[Stream] = queue.SimpleQueue()
         self.preempted: deque[Stream] = deque()  # rows split off on out-of-memory, resumed first
@@ -65,6 +68,8 @@ class DecodeLoop:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self.steps = 0
+        self.rows_stepped = 0  # sum of the batch size over decode steps (mean batch = this / steps)
+        self.prefills = 0  # forward passes that prefilled newly admitted rows
         self.finished: Counter[str] = Counter()  # rows by finish reason
         self.closed_early = 0  # rows the closer finished before their budget ran out
 
@@ -170,11 +175,11 @@ class DecodeLoop:
                 group.append(stream)
             else:
                 self._finish(stream, "cancelled")
-        if group:
+        for part in prefill_groups(group):
             try:
-                self._prefill(group)
+                self._prefill(part)
             except Exception as error:
-                self._recover(group, error)
+                self._recover(part, error)
 
     @torch.inference_mode()
     def _prefill(self, group: list[Stream]) -> None:
@@ -187,9 +192,12 @@ class DecodeLoop:
             mask[i, width - len(context):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            **self.last_logits_only)
+        self.prefills += 1
         cache = out[self.cache_kw]
         self.joinable = joinable_cache(cache)
+        preallocate(cache)
         first = len(self.batch)
         self.batch.merge(group, cache, mask)
         logits = out.logits[:, -1, :].float()
@@ -212,6 +220,7 @@ class DecodeLoop:
         batch.cache = out[self.cache_kw]
         batch.positions = [p + 1 for p in batch.positions]
         self.steps += 1
+        self.rows_stepped += len(batch)
         self._sample_and_advance(out.logits[:, -1, :].float(), pending.result(), range(len(batch)))
 
     def _forward(self, **inputs: Any) -> Any:
@@ -249,6 +258,28 @@ class DecodeLoop:
         stream.output.total_s = time.perf_counter() - stream.submitted_at
         stream.emit_text(final=True)
         stream.emit("done", stream.output)
+
+
+# A prefill left-pads its rows to the longest; padding beyond this share of the real tokens costs
+# more than the extra forward pass that prefilling the rows apart would.
+MAX_PADDING_SHARE = 0.25
+
+
+def prefill_groups(streams: list[Stream]) -> list[list[Stream]]:
+    """Split newly admitted rows into groups prefilled together: rows sorted by context length,
+    a group grows while its left padding stays within MAX_PADDING_SHARE of its tokens."""
+    ordered = sorted(streams, key=lambda s: len(s.row.prompt_ids) + len(s.output.token_ids))
+    groups: list[list[Stream]] = []
+    tokens = 0
+    for stream in ordered:
+        length = len(stream.row.prompt_ids) + len(stream.output.token_ids)
+        if groups and length * (len(groups[-1]) + 1) <= (1 + MAX_PADDING_SHARE) * (tokens + length):
+            groups[-1].append(stream)
+            tokens += length
+        else:
+            groups.append([stream])
+            tokens = length
+    return groups
 
 
 def _closed_error() -> Exception:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from serve_app.config import ModelConfig
-from serve_app.engine.placement import PlacementPlan, plan_placement
+from serve_app.engine.placement import PlacementPlan, available_cpu_memory, plan_placement
 from serve_app.errors import ModelLoadError
 from serve_app.models import BUILTIN_PREFIX, prepare
 
@@ -67,6 +68,20 @@ def load_tokenizer(source: ModelSource) -> Any:
     return tokenizer
 
 
+def apply_torch_threads(setting: int | str) -> int:
+    """Size torch's intra-op thread pool for this replica: "auto" keeps what Ray gave the process
+    (OMP_NUM_THREADS = its whole num_cpus), "all" takes every core this process may run on, a
+    number is taken as is. Returns the thread count in effect."""
+    import torch
+
+    if setting == "all":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores))
+    elif isinstance(setting, int):
+        torch.set_num_threads(setting)
+    return int(torch.get_num_threads())
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     import torch
 
@@ -114,7 +129,7 @@ def move_to_cpu(loaded: LoadedModel, model_cfg: ModelConfig, reason: str) -> boo
 
 def _cpu_fallback_plan(model_cfg: ModelConfig, hf_config: Any, reason: str) -> PlacementPlan:
     plan = plan_placement(model_cfg.model_copy(update={"placement": model_cfg.placement.model_copy(
-        update={"gpus_per_replica": 0})}), [], hf_config)
+        update={"gpus_per_replica": 0})}), [], hf_config, cpu_memory=available_cpu_memory())
     return plan.model_copy(update={"reason": f"CPU fallback: {reason}"})
 
 

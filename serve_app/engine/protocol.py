@@ -20,8 +20,10 @@ class Engine(Protocol):
     def prepare(self, request: GenerationRequest) -> Any:
         """Check a request and compile its constraint (raises the 4xx errors); no generation."""
 
-    def submit_prepared(self, request: GenerationRequest, prepared: Any, notify: Notify | None = None) -> Any:
-        """Queue a prepared request; `notify` receives ("delta", text), ("done", output) or ("error", e)."""
+    def submit_prepared(self, request: GenerationRequest, prepared: Any, notify: Notify | None = None,
+                        deltas: bool = True) -> Any:
+        """Queue a prepared request; `notify` receives ("delta", text) (only with `deltas`), ("done",
+        output) or ("error", e)."""
 
     def submit(self, request: GenerationRequest, notify: Notify | None = None) -> Any:
         """`prepare` and `submit_prepared` in one call."""

@@ -64,8 +64,10 @@ class Stream:
     ``("error", exception)``). ``notify`` (optional) is called from the decode thread for each
     event, e.g. to wake an asyncio loop."""
 
-    def __init__(self, row: Row, notify: Callable[[tuple[str, Any]], None] | None = None) -> None:
+    def __init__(self, row: Row, notify: Callable[[tuple[str, Any]], None] | None = None,
+                 deltas: bool = True) -> None:
         self.row = row
+        self.deltas = deltas  # False: no ("delta", text) events until the final one
         self.output = RowOutput()
         self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._notify = notify
@@ -92,6 +94,8 @@ class Stream:
 
     def emit_text(self, final: bool) -> None:
         """Emit new text, holding back what a stop string or a partial character may change."""
+        if not final and not self.deltas:
+            return
         text = self.output.text
         hold = 0 if final else max((len(s) - 1 for s in self.row.stop if s), default=0)
         end = len(text) - hold

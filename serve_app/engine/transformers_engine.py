@@ -31,9 +31,16 @@ from serve_app.engine.cache import CompileCache
 from serve_app.engine.closing import RowCloser
 from serve_app.engine.compiler import CompiledConstraint, ConstraintCompiler
 from serve_app.engine.decode import DecodeLoop, Row, RowOutput, Stream
-from serve_app.engine.loading import LoadedModel, load_hf_config, load_model, move_to_cpu, resolve_source
+from serve_app.engine.loading import (
+    LoadedModel,
+    apply_torch_threads,
+    load_hf_config,
+    load_model,
+    move_to_cpu,
+    resolve_source,
+)
 from serve_app.engine.memory import gpu_memory
-from serve_app.engine.placement import GpuInfo, plan_placement
+from serve_app.engine.placement import GpuInfo, available_cpu_memory, plan_placement
 from serve_app.engine.types import GenerationRequest, GenerationResult, SamplingParams, Usage
 from serve_app.errors import ConstraintError, InvalidRequestError, LimitExceededError, ServeAppError
 from serve_app.models import CHATML_TEMPLATE
@@ -74,9 +81,10 @@ class TransformersEngine:
     @classmethod
     def from_config(cls, config: ModelConfig, gpus: Sequence[GpuInfo] = ()) -> TransformersEngine:
         """Plan for `gpus` (none = CPU), load, warm up and precompile the named constraints."""
+        apply_torch_threads(config.placement.torch_threads)
         source = resolve_source(config)
         hf_config = load_hf_config(source)
-        plan = plan_placement(config, gpus, hf_config)
+        plan = plan_placement(config, gpus, hf_config, cpu_memory=available_cpu_memory())
         engine = cls(config, load_model(config, plan, source, hf_config))
         engine.warmup()
         engine.precompile(config.constraints.values())
@@ -191,8 +199,8 @@ class TransformersEngine:
         return self._row(request)
 
     def submit_prepared(self, request: GenerationRequest, prepared: tuple[Row, CompiledConstraint | None],
-                        notify: Callable[[tuple[str, Any]], None] | None = None) -> Submission:
-        return self._submit(request, *prepared, notify)
+                        notify: Callable[[tuple[str, Any]], None] | None = None, deltas: bool = True) -> Submission:
+        return self._submit(request, *prepared, notify, deltas)
 
     def submit(self, request: GenerationRequest,
                notify: Callable[[tuple[str, Any]], None] | None = None) -> Submission:
@@ -201,15 +209,15 @@ class TransformersEngine:
         return self._submit(request, row, compiled, notify)
 
     def _submit(self, request: GenerationRequest, row: Row, compiled: CompiledConstraint | None,
-                notify: Callable[[tuple[str, Any]], None] | None = None) -> Submission:
-        stream = self.loop.submit(Stream(row, notify))
+                notify: Callable[[tuple[str, Any]], None] | None = None, deltas: bool = True) -> Submission:
+        stream = self.loop.submit(Stream(row, notify, deltas))
         return Submission(request, stream, compiled.backend if compiled else None,
                           compiled.approximated if compiled else ())
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate for all requests together (validated first: one bad request fails the call)."""
         prepared = [self._row(request) for request in requests]
-        submissions = [self._submit(request, row, compiled)
+        submissions = [self._submit(request, row, compiled, deltas=False)
                        for request, (row, compiled) in zip(requests, prepared, strict=True)]
         return [self.result(s, s.stream.result()) for s in submissions]
 
@@ -247,6 +255,8 @@ class TransformersEngine:
             "gpu_plan": loaded.gpu_plan.summary() if loaded.gpu_plan else None,
             "device_map": {k: str(v) for k, v in loaded.device_map.items()},
             "dtype": loaded.plan.dtype,
+            "torch_threads": torch_threads(),
+            "max_batch_size": self.loop.capacity(),
             "fell_back_to_cpu": loaded.fell_back,
             "fallback_reason": loaded.fallback_reason,
             "load_seconds": round(loaded.load_seconds, 3),
@@ -256,9 +266,17 @@ class TransformersEngine:
             "finished": dict(self.loop.finished),
             "closed_early": self.loop.closed_early,
             "decode_steps": self.loop.steps,
+            "mean_batch_size": round(self.loop.rows_stepped / self.loop.steps, 2) if self.loop.steps else None,
+            "prefills": self.loop.prefills,
             "out_of_memory": dict(self.loop.oom_events),
             "gpu_memory": gpu_memory(),
         }
+
+
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -83,3 +83,26 @@ def stop_serving(server: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+@pytest.mark.slow
+def test_the_peers_bench_runs_against_serve_app_and_writes_its_table(tmp_path):
+    """`make bench-peers` needs vLLM's venv, which `make test` never installs; its harness (start,
+    workloads over HTTP, validation, table, JSON, PNG) runs here against serve_app alone."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "applications:\n  - name: serve_app\n    route_prefix: /\n    import_path: serve_app.app:build_app\n"
+        "    args:\n      models:\n        - name: tiny\n          source: builtin:tiny-random-llama\n"
+        "          limits: {max_new_tokens: 512}\n")
+    done = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "bench/peers.py", "--servers", "serve_app",
+                           "--quick", "--config", str(config), "--served-model", "tiny", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| person |" in done.stdout and "| free |" in done.stdout
+    results = json.loads((tmp_path / "peers.json").read_text())["servers"]["serve_app"]["workloads"]
+    for name, outcome in results.items():
+        assert outcome["errors"] == {}, (name, outcome)
+        assert outcome["tok_s"] > 0 and outcome["requests"] > 0
+        if name != "free":
+            assert outcome["valid"] + outcome["invalid"] == outcome["requests"]
+    assert (tmp_path / "peers.png").stat().st_size > 0

@@ -156,7 +156,10 @@ def test_context_length_is_enforced(tiny_config):
 def test_status_reports_plan_and_cache(tiny_engine):
     status = tiny_engine.status()
     assert status["plan"]["device"] == "cpu"
-    assert status["dtype"] == "float32"
+    from serve_app.engine.placement import choose_dtype
+
+    assert status["dtype"] == choose_dtype("auto", [])  # bfloat16 where this CPU computes it natively
+    assert status["torch_threads"] >= 1 and status["max_batch_size"] == status["plan"]["max_batch_size"]
     assert status["fell_back_to_cpu"] is False
     assert status["compile_cache"]["entries"] >= 1
 
@@ -210,6 +213,16 @@ def test_streamed_deltas_concatenate_to_the_final_text(tiny_engine):
     assert len(deltas) > 3
     assert "".join(deltas) == value.text
     json.loads(value.text)
+
+
+def test_a_row_submitted_without_deltas_emits_its_text_once_at_the_end(tiny_engine):
+    """What a non-streaming request uses: no event per token for the caller to wake up for."""
+    seen = []
+    req = request(CONSTRAINTS["json_schema"], temperature=0)
+    submission = tiny_engine.submit_prepared(req, tiny_engine.prepare(req), seen.append, deltas=False)
+    out = submission.stream.result(timeout=120)
+    assert [kind for kind, _ in seen] == ["delta", "done"]
+    assert seen[0][1] == out.text and len(out.token_ids) > 3
 
 
 def test_cancelling_a_row_stops_its_generation_and_the_loop_goes_on(tiny_engine):

@@ -25,12 +25,39 @@ def model(share, dtype="auto", **limits):
                        limits={"max_prompt_tokens": 1024, "max_new_tokens": 512, **limits})
 
 
-def test_cpu_plan_is_float32_with_no_device_map():
-    plan = plan_placement(model(0), [], LLAMA_7B)
+def test_cpu_plan_without_native_bf16_is_float32_with_no_device_map():
+    plan = plan_placement(model(0), [], LLAMA_7B, cpu_features=frozenset({"avx2", "avx512f", "fma"}))
     assert plan.device == "cpu"
     assert plan.dtype == "float32"
     assert plan.device_map is None and plan.max_memory is None
     assert plan.gpu_ids == []
+
+
+@pytest.mark.parametrize("flag", ["avx512_bf16", "amx_bf16", "bf16"])
+def test_cpu_plan_is_bfloat16_where_the_cpu_computes_it_natively(flag):
+    plan = plan_placement(model(0), [], LLAMA_7B, cpu_features=frozenset({"avx2", flag}))
+    assert plan.dtype == "bfloat16"
+    assert "bfloat16" in plan.reason
+    assert plan_placement(model(0, dtype="float32"), [], LLAMA_7B, cpu_features=frozenset({flag})).dtype == "float32"
+
+
+def test_this_machines_cpu_flags_decide_the_auto_dtype():
+    from serve_app.engine.placement import CPU_BF16_FLAGS, cpu_flags
+
+    expected = "bfloat16" if cpu_flags() & CPU_BF16_FLAGS else "float32"
+    assert plan_placement(model(0), [], LLAMA_7B).dtype == expected
+
+
+def test_cpu_batch_cap_comes_from_memory_and_respects_max_batch_size():
+    roomy = plan_placement(model(0, max_batch_size=64), [], LLAMA_7B, cpu_memory=512 * GIB, cpu_features=frozenset())
+    tight = plan_placement(model(0, max_batch_size=64), [], LLAMA_7B, cpu_memory=64 * GIB, cpu_features=frozenset())
+    starved = plan_placement(model(0, max_batch_size=64), [], LLAMA_7B, cpu_memory=8 * GIB, cpu_features=frozenset())
+    assert roomy.max_batch_size == 64
+    assert 1 < tight.max_batch_size < 64
+    assert starved.max_batch_size == 1  # loaded anyway on CPU: one row at a time
+    assert "batch cap" in tight.reason
+    unplanned = plan_placement(model(0, max_batch_size=64), [], LLAMA_7B, cpu_features=frozenset())
+    assert unplanned.max_batch_size == 64 and unplanned.budget_bytes == 0
 
 
 def test_no_visible_gpu_plans_cpu_even_when_gpus_were_asked_for():
@@ -117,3 +144,23 @@ def test_without_cpu_fallback_an_unusable_gpu_plan_is_an_error(tiny_model_dir):
     plan = plan_placement(config, [gpu(0, 16)])
     with pytest.raises(ModelLoadError, match="cannot load m on GPU"):
         load_model(config, plan, resolve_source(config))
+
+
+def test_torch_threads_follow_the_placement_setting():
+    import os
+
+    import torch
+
+    from serve_app.engine.loading import apply_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert apply_torch_threads(1) == 1
+        assert apply_torch_threads("all") == len(os.sched_getaffinity(0))
+        assert apply_torch_threads("auto") == len(os.sched_getaffinity(0))  # "auto" leaves it as it is
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="torch_threads"):
+        ModelConfig(name="m", source="x", placement={"torch_threads": 0})
+    with pytest.raises(ValueError, match="torch_threads"):
+        ModelConfig(name="m", source="x", placement={"torch_threads": "many"})
