@@ -4,7 +4,7 @@
     make bench QUICK=1              # the tiny random model, fewer repeats (the test suite runs this)
 
 P1 served throughput, 16 concurrent clients / in-process engine on the same requests
-P2 constrained / unconstrained output tokens/s, at batch 1 and batch 8
+P2 constrained / unconstrained output tokens/s, at batch 1, 8 and 16
 P3 8 different schemas batched together / the same 8 one after another
 P4 time to first token with a precompiled schema / unconstrained time to first token
 P5 compile seconds for an unseen schema, median per backend (bench/data/schemas.json)
@@ -33,7 +33,7 @@ from serve_app.readiness import wait_until_ready
 
 HERE = Path(__file__).resolve().parent
 SCHEMAS: dict[str, Any] = json.loads((HERE / "data" / "schemas.json").read_text())["schemas"]
-TARGETS = {"P1": (">=", 0.90), "P2_b1": (">=", 0.95), "P2_b8": (">=", 0.95), "P3": (">=", 3.0),
+TARGETS = {"P1": (">=", 0.90), "P2_b1": (">=", 0.95), "P2_b8": (">=", 0.95), "P2_b16": (">=", 0.90), "P3": (">=", 3.0),
            "P4": ("<=", 1.10), "P5_llguidance": ("<=", 1.0), "P6_ms": ("<=", 5.0)}
 PROMPT = "Fill in a realistic example. Reply with JSON only."
 READY_TIMEOUT_S = 600
@@ -68,7 +68,7 @@ def tokens_per_s(engine: TransformersEngine, requests: list[GenerationRequest]) 
 
 
 def p2(engine: TransformersEngine, max_tokens: int, batch: int) -> float:
-    names = list(SCHEMAS)[:batch]
+    names = [list(SCHEMAS)[i % len(SCHEMAS)] for i in range(batch)]
     constrained = tokens_per_s(engine, [request(n, max_tokens) for n in names])
     free = tokens_per_s(engine, [request(None, max_tokens, seed=i) for i in range(batch)])
     return constrained / free
@@ -215,6 +215,7 @@ def main() -> None:
     with create_engine(config) as engine:
         results["P2_b1"] = p2(engine, args.max_tokens, 1)
         results["P2_b8"] = p2(engine, args.max_tokens, 8)
+        results["P2_b16"] = p2(engine, args.max_tokens, 16)
         results["P3"] = p3(engine, args.max_tokens)
         results["P4"], results["P4_ttft_s"] = p4(engine, repeats)
         results.update({f"P5_{k}": v for k, v in p5(engine).items()})
