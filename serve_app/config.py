@@ -139,6 +139,9 @@ class ModelConfig(_Strict):
     sampling: SamplingDefaults = SamplingDefaults()
     backends: BackendDefaults = BackendDefaults()
     compile_cache: CacheConfig = CacheConfig()
+    prefix_cache_bytes: int = Field(
+        128 * 1024 * 1024, ge=0, description="KV cache of recent prompts kept on the model's device, so a prompt "
+        "that starts like one of them is prefilled from where they differ (0 = off)")
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     constraints: dict[str, Constraint] = Field(
         default_factory=dict, description="named constraints compiled before the replica is ready"

@@ -25,6 +25,7 @@ import torch
 
 from serve_app.engine.batch import Batch, accepts_keyword, cache_keyword, joinable_cache, preallocate
 from serve_app.engine.policies import CLOSED, TokenStep, advance_row, constraint_bitmask, row_policies
+from serve_app.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache
 from serve_app.engine.sampling import next_tokens
 from serve_app.engine.stream import Row, RowOutput, Stream
 
@@ -39,7 +40,7 @@ class DecodeLoop:
     """Runs in one background thread per engine; `submit` is thread-safe."""
 
     def __init__(self, model: Any, decode_text: Callable[[list[int]], str], pad_id: int, eos_ids: set[int],
-                 vocab_size: int, max_batch_size: Callable[[], int]) -> None:
+                 vocab_size: int, max_batch_size: Callable[[], int], prefix_cache_bytes: int = 0) -> None:
         self.model = model
         self.decode_text = decode_text
         self.pad_id = pad_id
@@ -47,6 +48,7 @@ class DecodeLoop:
         self.vocab_size = vocab_size
         self.max_batch_size = max_batch_size
         self.cache_kw = cache_keyword(model)
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         # A prefill needs the logits of the last position only; the rest would cost a full
         # vocabulary projection per prompt token.
         self.last_logits_only = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
@@ -152,6 +154,8 @@ class DecodeLoop:
             self.preempted.extendleft(reversed(rows))
         elif self.on_oom is not None and self.on_oom():
             self.oom_events["cpu_fallback"] += 1
+            if self.prefixes is not None:
+                self.prefixes.clear()  # its tensors live on the old device
             self.device = self.model.device
             # Rows still running keep a KV cache on the old device: resume them on CPU too.
             running = list(self.batch.streams)
@@ -184,25 +188,48 @@ class DecodeLoop:
     @torch.inference_mode()
     def _prefill(self, group: list[Stream]) -> None:
         contexts = [s.context_ids() for s in group]
-        width = max(len(c) for c in contexts)
+        hit = self.prefixes.find(contexts) if self.prefixes is not None and self.joinable else None
+        reused = hit[1] if hit is not None else 0
+        tails = [c[reused:] for c in contexts]
+        width = max(len(t) for t in tails)
         ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
-        for i, context in enumerate(contexts):
-            ids[i, width - len(context):] = torch.tensor(context, dtype=torch.long)
-            mask[i, width - len(context):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        for i, tail in enumerate(tails):
+            ids[i, width - len(tail):] = torch.tensor(tail, dtype=torch.long)
+            mask[i, width - len(tail):] = 1
+        positions = reused + (mask.cumsum(-1) - 1).clamp(min=0)
+        extra: dict[str, Any] = dict(self.last_logits_only)
+        if hit is not None:  # the shared prefix comes from the cache; its columns are real tokens
+            assert self.prefixes is not None
+            from transformers import DynamicCache
+
+            extra[self.cache_kw] = DynamicCache(self.prefixes.layers(hit[0], reused, len(group)),
+                                                config=self.model.config)
+            mask = torch.cat([torch.ones((len(group), reused), dtype=torch.long), mask], dim=1)
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            **self.last_logits_only)
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         self.prefills += 1
         cache = out[self.cache_kw]
         self.joinable = joinable_cache(cache)
         preallocate(cache)
+        if self.prefixes is not None and self.joinable:
+            self._remember_prompts(group, contexts, cache, mask, reused)
         first = len(self.batch)
         self.batch.merge(group, cache, mask)
         logits = out.logits[:, -1, :].float()
         bitmask = constraint_bitmask(group, self.vocab_size)
         self._sample_and_advance(logits, bitmask, range(first, first + len(group)))
+
+    def _remember_prompts(self, group: list[Stream], contexts: list[list[int]], cache: Any, mask: torch.Tensor,
+                          reused: int) -> None:
+        """Keep the KV cache of prompts seen for the first time (not of resumed rows)."""
+        assert self.prefixes is not None
+        for i, (stream, context) in enumerate(zip(group, contexts, strict=True)):
+            if stream.output.token_ids or len(context) - reused < MIN_PREFIX_TOKENS:
+                continue
+            columns = mask[i].nonzero(as_tuple=True)[0]
+            self.prefixes.add(context, [(layer.keys[i:i + 1].index_select(2, columns),
+                                         layer.values[i:i + 1].index_select(2, columns)) for layer in cache.layers])
 
     @torch.inference_mode()
     def _step(self) -> None:

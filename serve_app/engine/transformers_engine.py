@@ -75,7 +75,8 @@ class TransformersEngine:
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.loop = DecodeLoop(self.model, self._decode, self.tokenizer.pad_token_id, self.eos_ids,
-                               self.compiler.vocab_size, lambda: max(1, self.loaded.plan.max_batch_size))
+                               self.compiler.vocab_size, lambda: max(1, self.loaded.plan.max_batch_size),
+                               prefix_cache_bytes=config.prefix_cache_bytes)
         self.loop.on_oom = lambda: move_to_cpu(self.loaded, self.config, "out of memory during generation")
 
     @classmethod
@@ -268,6 +269,7 @@ class TransformersEngine:
             "decode_steps": self.loop.steps,
             "mean_batch_size": round(self.loop.rows_stepped / self.loop.steps, 2) if self.loop.steps else None,
             "prefills": self.loop.prefills,
+            "prefix_cache": self.loop.prefixes.stats() if self.loop.prefixes is not None else None,
             "out_of_memory": dict(self.loop.oom_events),
             "gpu_memory": gpu_memory(),
         }

@@ -53,3 +53,58 @@ def test_rows_of_very_different_lengths_are_prefilled_apart_and_similar_ones_tog
         assert max(group) * len(group) <= (1 + MAX_PADDING_SHARE) * sum(group)
     assert sorted(map(id, rows)) == sorted(id(s) for g in groups for s in g)  # every row, once
     assert prefill_groups([]) == []
+
+
+def test_common_prefix_and_the_prefix_cache_bounds():
+    from serve_app.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, common_prefix
+
+    assert common_prefix([1, 2, 3, 4], [1, 2, 9]) == 2
+    assert common_prefix([], [1]) == 0 and common_prefix([5] * 40, [5] * 40) == 40
+    layer = (torch.zeros(1, 2, 40, 4), torch.zeros(1, 2, 40, 4))
+    size = 2 * layer[0].numel() * layer[0].element_size()
+    cache = PrefixCache(max_bytes=2 * size)
+    first, second, third = list(range(40)), list(range(100, 140)), list(range(200, 240))
+    cache.add(first, [layer])
+    cache.add(list(range(MIN_PREFIX_TOKENS - 1)), [layer])  # too short to be worth it
+    assert len(cache.entries) == 1
+    # Every context must share the prefix, and each keeps at least one token to prefill.
+    assert cache.find([first[:30] + [7], first[:25] + [8, 9]]) == (tuple(first), 25)
+    assert cache.find([first]) == (tuple(first), 39)
+    assert cache.find([first[:10] + [1] * 30]) is None  # under MIN_PREFIX_TOKENS shared
+    reused = cache.layers(tuple(first), 25, rows=3)
+    assert reused[0][0].shape == (3, 2, 25, 4)
+    cache.add(second, [layer])
+    cache.add(third, [layer])  # over the byte bound: the least recently used goes
+    assert list(cache.entries) == [tuple(second), tuple(third)] and cache.bytes == 2 * size
+    assert cache.stats()["hits"] == 2 and cache.stats()["tokens_reused"] == 2 * 25 + 39
+
+
+def test_prompts_that_share_a_prefix_generate_what_they_generate_without_the_prefix_cache(tiny_config):
+    from serve_app.constraints import parse_constraint
+    from serve_app.engine.factory import create_engine
+    from serve_app.engine.types import GenerationRequest, SamplingParams
+
+    system = "You are a careful assistant who answers in the requested format and nothing else. " * 3
+
+    def request(i, constraint=None):
+        return GenerationRequest(messages=[{"role": "system", "content": system},
+                                           {"role": "user", "content": f"Question {i}: describe item {i * 7}."}],
+                                 constraint=parse_constraint(constraint) if constraint else None,
+                                 sampling=SamplingParams(max_new_tokens=24, temperature=0))
+
+    schema = {"type": "json_schema", "schema": {"type": "object", "properties": {"n": {"type": "integer"}},
+                                                "required": ["n"]}}
+    requests = [request(0), request(1, schema), request(2), request(3, schema), request(4)]
+    outputs = {}
+    for size in (0, 64 * 1024 * 1024):
+        config = tiny_config.model_copy(update={"prefix_cache_bytes": size, "dtype": "float32"})
+        with create_engine(config) as engine:
+            first = engine.generate(requests[:1])  # fills the prefix cache
+            rest = engine.generate(requests[1:])  # prefilled from the shared prefix, together
+            outputs[size] = [r.text for r in first + rest]
+            stats = engine.status()["prefix_cache"]
+        if size:
+            assert stats["hits"] >= 1 and stats["tokens_reused"] >= 4 * 32, stats
+        else:
+            assert stats is None
+    assert outputs[0] == outputs[64 * 1024 * 1024]
