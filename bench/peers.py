@@ -11,7 +11,8 @@ Workloads (OpenAI chat completions over HTTP, temperature 0, every request its o
   free      16 clients x 3 requests, no constraint, 128 max tokens
 
 For each: output tokens/s (completion tokens over the wall time of the whole workload), p50
-latency, outputs that parse and validate against their schema, finish reasons and 5xx; then
+latency, outputs that validate against their schema, that were cut off by max_tokens, that
+finished but do not validate (silent violations), and 5xx; then
 serve_app / vLLM as ratios. Each workload runs --repeats times (interleaved); the table shows the
 median run (tokens/s varies by about 10% between runs on 2 cores), validity summed over all.
 Writes peers.json and peers.png to --out.
@@ -61,7 +62,8 @@ class Outcome:
     completion_tokens: int = 0
     valid: int = 0
     valid_tokens: int = 0  # completion tokens of the answers that validate
-    invalid: int = 0  # parsed output that breaks its schema, or unparseable output
+    invalid: int = 0  # finished ("stop") but breaks its schema or does not parse: a silent violation
+    cut: int = 0  # cut off by max_tokens ("length") before it validates
     finish: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)  # HTTP status -> count
 
@@ -69,7 +71,7 @@ class Outcome:
         return {"tok_s": self.completion_tokens / self.seconds if self.seconds else 0.0,
                 "valid_tok_s": self.valid_tokens / self.seconds if self.seconds else 0.0,
                 "p50_s": statistics.median(self.latencies) if self.latencies else None,
-                "requests": len(self.latencies), "valid": self.valid, "invalid": self.invalid,
+                "requests": len(self.latencies), "valid": self.valid, "invalid": self.invalid, "cut": self.cut,
                 "finish": dict(self.finish), "errors": dict(self.errors), "seconds": self.seconds,
                 "completion_tokens": self.completion_tokens}
 
@@ -131,6 +133,8 @@ def run_workload(base: str, model: str, workload: Workload, server: str) -> Outc
             if check(choice["message"]["content"], item["schema"]):
                 outcome.valid += 1
                 outcome.valid_tokens += int(answer["usage"]["completion_tokens"])
+            elif choice["finish_reason"] == "length":
+                outcome.cut += 1
             else:
                 outcome.invalid += 1
 
@@ -215,7 +219,7 @@ def bench_server(server: str, args: argparse.Namespace, loads: list[Workload], o
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The repeat with the median tokens/s, its validity counts summed over all repeats."""
     middle = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
-    summed = {key: sum(r[key] for r in runs) for key in ("requests", "valid", "invalid")}
+    summed = {key: sum(r.get(key, 0) for r in runs) for key in ("requests", "valid", "invalid", "cut")}
     errors: Counter[str] = Counter()
     for r in runs:
         errors.update(r["errors"])
@@ -227,7 +231,7 @@ def table(results: dict[str, dict[str, Any]], loads: list[Workload]) -> str:
     that runs into max_tokens spends tokens on answers nobody can use)."""
     servers = list(results)
     head = ["workload"] + [f"{s} tok/s" for s in servers] + [f"{s} valid tok/s" for s in servers] + \
-        [f"{s} p50 s" for s in servers] + [f"{s} valid/invalid/5xx" for s in servers]
+        [f"{s} p50 s" for s in servers] + [f"{s} valid/cut/invalid/5xx" for s in servers]
     if len(servers) > 1:
         head += [f"tok/s {servers[0]} / {s}" for s in servers[1:]]
         head += [f"valid tok/s {servers[0]} / {s}" for s in servers[1:]]
@@ -238,13 +242,16 @@ def table(results: dict[str, dict[str, Any]], loads: list[Workload]) -> str:
         cells = [workload.name] + [f"{r['tok_s']:.1f}" for r in rows] + \
             [f"{r['valid_tok_s']:.1f}" if constrained else "-" for r in rows] + \
             [f"{r['p50_s']:.2f}" if r["p50_s"] is not None else "-" for r in rows] + \
-            [f"{r['valid']}/{r['invalid']}/{sum(v for k, v in r['errors'].items() if k.startswith('5'))}"
-             if constrained else "-" for r in rows]
+            [f"{r['valid']}/{r.get('cut', 0)}/{r['invalid']}/{server_errors(r)}" if constrained else "-" for r in rows]
         if len(servers) > 1:
             cells += [ratio(rows[0]["tok_s"], r["tok_s"]) for r in rows[1:]]
             cells += [ratio(rows[0]["valid_tok_s"], r["valid_tok_s"]) if constrained else "-" for r in rows[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def server_errors(run: dict[str, Any]) -> int:
+    return sum(count for status, count in run["errors"].items() if status.startswith("5"))
 
 
 def ratio(ours: float, theirs: float) -> str:
