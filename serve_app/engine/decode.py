@@ -189,6 +189,12 @@ class DecodeLoop:
     def _prefill(self, group: list[Stream]) -> None:
         contexts = [s.context_ids() for s in group]
         hit = self.prefixes.find(contexts) if self.prefixes is not None and self.joinable else None
+        extra: dict[str, Any] = dict(self.last_logits_only)
+        if hit is not None:  # the shared prefix comes from the cache
+            extra[self.cache_kw] = self._prefix_cache(hit, len(group))
+            if extra[self.cache_kw] is None:
+                hit = None
+                del extra[self.cache_kw]
         reused = hit[1] if hit is not None else 0
         tails = [c[reused:] for c in contexts]
         width = max(len(t) for t in tails)
@@ -198,13 +204,7 @@ class DecodeLoop:
             ids[i, width - len(tail):] = torch.tensor(tail, dtype=torch.long)
             mask[i, width - len(tail):] = 1
         positions = reused + (mask.cumsum(-1) - 1).clamp(min=0)
-        extra: dict[str, Any] = dict(self.last_logits_only)
-        if hit is not None:  # the shared prefix comes from the cache; its columns are real tokens
-            assert self.prefixes is not None
-            from transformers import DynamicCache
-
-            extra[self.cache_kw] = DynamicCache(self.prefixes.layers(hit[0], reused, len(group)),
-                                                config=self.model.config)
+        if reused:  # the cached prefix's columns are real tokens
             mask = torch.cat([torch.ones((len(group), reused), dtype=torch.long), mask], dim=1)
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
@@ -219,6 +219,20 @@ class DecodeLoop:
         logits = out.logits[:, -1, :].float()
         bitmask = constraint_bitmask(group, self.vocab_size)
         self._sample_and_advance(logits, bitmask, range(first, first + len(group)))
+
+    def _prefix_cache(self, hit: tuple[tuple[int, ...], int], rows: int) -> Any:
+        """A cache holding the prefix for `rows` rows; None (and the prefix cache off) where this
+        transformers cannot build one from tensors."""
+        assert self.prefixes is not None
+        try:
+            from transformers import DynamicCache
+
+            return DynamicCache(self.prefixes.layers(hit[0], hit[1], rows), config=self.model.config)
+        except Exception:  # noqa: BLE001 - an older cache API: prefill in full from now on
+            logger.warning("the prefix cache is off: this transformers cannot build a cache from tensors",
+                           exc_info=True)
+            self.prefixes = None
+            return None
 
     def _remember_prompts(self, group: list[Stream], contexts: list[list[int]], cache: Any, mask: torch.Tensor,
                           reused: int) -> None:

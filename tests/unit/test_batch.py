@@ -108,3 +108,25 @@ def test_prompts_that_share_a_prefix_generate_what_they_generate_without_the_pre
         else:
             assert stats is None
     assert outputs[0] == outputs[64 * 1024 * 1024]
+
+
+def test_where_a_cache_cannot_be_built_from_tensors_the_prefix_cache_turns_off_and_rows_still_generate(
+        tiny_config, monkeypatch):
+    import transformers
+
+    from serve_app.engine.factory import create_engine
+    from serve_app.engine.types import GenerationRequest, SamplingParams
+
+    def old_api(*args, **kwargs):
+        raise TypeError("DynamicCache() takes no tensors here")
+
+    system = "You are a careful assistant who answers in the requested format and nothing else. " * 3
+    requests = [GenerationRequest(messages=[{"role": "system", "content": system},
+                                            {"role": "user", "content": f"Question {i}."}],
+                                  sampling=SamplingParams(max_new_tokens=8, temperature=0)) for i in range(2)]
+    with create_engine(tiny_config) as engine:
+        engine.generate(requests[:1])
+        monkeypatch.setattr(transformers, "DynamicCache", old_api)
+        [result] = engine.generate(requests[1:])
+        assert result.usage.completion_tokens == 8
+        assert engine.loop.prefixes is None and engine.status()["prefix_cache"] is None
