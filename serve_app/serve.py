@@ -75,7 +75,8 @@ def _serve(config: Any, application: dict[str, Any], host: str, port: int) -> in
     # Before Ray starts: its HTTP proxy reads these when it starts (the body limit as it streams in).
     os.environ.update(proxy_env(config.server.max_body_bytes))
     # Ray starts its workers at niceness 15; on a machine that only serves, a replica would then
-    # yield its cores to anything else (measured: 181 vs 200 tokens/s at 16 clients on 2 cores).
+    # yield its cores to anything else on it (one run each at 16 clients on 2 cores: 181 vs 200
+    # tokens/s, within run-to-run spread).
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", include_dashboard=False)
     # Ctrl-C and SIGTERM both shut down cleanly (a shell's background job would ignore SIGINT).
