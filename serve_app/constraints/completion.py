@@ -207,6 +207,15 @@ class JsonCloser:
         declared = [k for k in s.get("properties", {}) if k in required]
         return declared + [k for k in required if k not in declared]
 
+    def declared_after(self, s: dict[str, Any], seen: tuple[str, ...]) -> list[str]:
+        """Declared properties that may still come: backends emit them in declared order, and
+        none after an additional (undeclared) one."""
+        declared = list(s.get("properties", {}))
+        if any(k not in declared for k in seen):
+            return []
+        last = max((declared.index(k) for k in seen), default=-1)
+        return declared[last + 1:]
+
     def property_schema(self, s: dict[str, Any], key: str) -> Any:
         properties = s.get("properties", {})
         if key in properties:
@@ -306,7 +315,9 @@ class JsonCloser:
         if ch == "\\":
             return stack[:-1] + (("str", branches, chars, "\\", is_key),)
         if ch == '"':
-            return self._value_done(stack[:-1], chars if is_key else None)
+            if is_key:
+                return self._value_done(stack[:-1], chars)
+            return self._value_done(stack[:-1], None, chars)
         return stack[:-1] + (("str", branches, chars + ch, "", is_key),)
 
     def _start_value(self, stack: Stack, schema: Any, ch: str) -> Stack | None:
@@ -324,8 +335,11 @@ class JsonCloser:
             return stack + (("lit", branches, ch),)
         return stack + (("num", branches, ch),)
 
-    def _value_done(self, stack: Stack, key: str | None) -> Stack | None:
-        """The innermost value just ended (`key`: it was an object key)."""
+    def _value_done(self, stack: Stack, key: str | None, string: str | None = None) -> Stack | None:
+        """The innermost value just ended (`key`: it was an object key; `string`: it was a
+        string value). A string member value drops the object's alternatives it rules out, so
+        that in ``anyOf: [{kind: const a, ...}, {kind: const b, ...}]`` the completion follows
+        the branch the output chose (tool calls: the function's name picks its arguments)."""
         top = stack[-1]
         if top[0] == "root":
             return stack[:-1] + (("root", top[1], True),)
@@ -335,7 +349,17 @@ class JsonCloser:
         if key is not None:
             allowed = tuple(b for b in branches if self.property_schema(b, key) is not False)
             return stack[:-1] + (("obj", allowed or branches, seen, "colon", key),)
+        if string is not None and len(branches) > 1:
+            kept = tuple(b for b in branches if not self._rules_out(self.property_schema(b, current), string))
+            branches = kept or branches
         return stack[:-1] + (("obj", branches, seen + (current,), "after", None),)
+
+    def _rules_out(self, schema: Any, value: str) -> bool:
+        """Whether `schema` certainly rejects `value` (a check that cannot finish rules nothing out)."""
+        try:
+            return not self._validator.evolve(schema=self.resolve(schema)).is_valid(value)
+        except Exception:  # noqa: BLE001
+            return False
 
     # -- completion ------------------------------------------------------------------------------
 
@@ -395,7 +419,10 @@ class JsonCloser:
             if not missing:
                 piece = None if phase == "key" else "}"
                 if piece is None:  # after a comma a member must follow: the cheapest declared one
-                    options = [k for k in branch.get("properties", {}) if k not in seen]
+                    options = self.declared_after(branch, seen)
+                    fresh = next((k for k in ("", "0", "1") if k not in seen and k not in _declared((branch,))), None)
+                    if fresh is not None and self.property_schema(branch, fresh) is not False:
+                        options.append(fresh)  # or an additional property
                     members = [self._member(branch, k) for k in options]
                     piece = min((m for m in members if m), key=len, default=None)
             else:
@@ -433,10 +460,12 @@ class JsonCloser:
             chars += chr(int((escape[1:] + fix)[:4], 16))
         if is_key:
             obj = stack[-2]
-            names = [k for b in obj[1] for k in b.get("properties", {}) if k.startswith(chars) and k not in obj[2]]
+            names = [k for b in obj[1] for k in self.declared_after(b, obj[2]) if k.startswith(chars)]
             options = [k[len(chars):] for k in names]  # declared names first: backends keep their order
-            if not options and any(self.property_schema(b, chars) is not False for b in obj[1]) and chars not in obj[2]:
-                options.append("")
+            for rest in ("", "0", "1"):  # else an additional property, under a name not used yet
+                if not options and chars + rest not in obj[2] and chars + rest not in _declared(obj[1]) and any(
+                        self.property_schema(b, chars + rest) is not False for b in obj[1]):
+                    options.append(rest)
             if not options:  # a key that must match a patternProperties pattern: follow its example
                 options = [rest for rest in self._pattern_key_rests(obj[1], chars) if chars + rest not in obj[2]]
             if not options or fix and "" not in options:
@@ -524,6 +553,10 @@ def _class_char(items: Any) -> str:
         if name == "NEGATE":
             return "a"  # checked against the pattern afterwards
     return "a"
+
+
+def _declared(branches: tuple[dict[str, Any], ...]) -> set[str]:
+    return {k for b in branches for k in b.get("properties", {})}
 
 
 def _merge(base: dict[str, Any], extra: Any) -> dict[str, Any]:

@@ -34,6 +34,15 @@ SCHEMAS = {
                 "required": ["number", "lines"]},
     "free_text": {"type": "object", "properties": {"story": {"type": "string"}, "ok": {"type": "boolean"}},
                   "required": ["story", "ok"]},
+    # A tool call over two tools (api/tools.py): the name chosen decides which arguments complete.
+    "tagged": {"anyOf": [
+        {"type": "object", "properties": {"name": {"const": "zz_long"}, "arguments": {
+            "type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}},
+         "required": ["name", "arguments"], "additionalProperties": False},
+        {"type": "object", "properties": {"name": {"const": "b"}, "arguments": {
+            "type": "object", "properties": {"yy": {"type": "integer"}, "z": {"enum": ["on", "off"]}},
+            "required": ["yy", "z"], "additionalProperties": False}},
+         "required": ["name", "arguments"], "additionalProperties": False}]},
 }
 INSTANCES = {
     "person": {"name": "Molina \\\"x\\\" é", "age": 42, "email": "a@b.co"},
@@ -44,6 +53,7 @@ INSTANCES = {
     "union": {"pet": {"kind": "cat", "lives": 9}, "when": "2024-02-03"},
     "free_text": {"story": "once upon a time", "ok": True},
     "invoice": {"number": "INV-2024", "lines": ["a", "b"]},
+    "tagged": {"name": "zz_long", "arguments": {"x": "sunny"}},
 }
 
 
@@ -63,6 +73,24 @@ def test_every_prefix_of_a_valid_instance_closes_into_a_valid_instance(name):
         completion = closer.completion(stack)
         assert completion is not None, (name, text[:cut])
         jsonschema.validate(json.loads(text[:cut] + completion), schema)
+
+
+def test_a_string_member_picks_the_branch_the_completion_follows():
+    closer = JsonCloser(SCHEMAS["tagged"], _encode)
+    assert closer.completion(closer.feed(closer.start, '{"name":"zz_long","arguments":{')) == '"x":""}}'
+    assert closer.completion(closer.feed(closer.start, '{"name":"b","arguments":{')) == '"yy":0,"z":"on"}}'
+
+
+def test_after_an_additional_property_the_completion_adds_no_declared_one():
+    """Backends emit declared properties in order and none after an undeclared one (found on
+    SmolLM2: the closer's `"ports":[]` was rejected by llguidance and the row ran to length)."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "ports": {"type": "array"}},
+              "required": ["name"]}
+    closer = JsonCloser(schema, _encode)
+    for prefix, completion in [('{"name":"a","image":"x","', '":0}'), ('{"name":"a","image":"x",', '"":0}'),
+                               ('{"name":"a",', '"":0}'), ('{"name":"a","":1,"', '0":0}')]:
+        assert closer.completion(closer.feed(closer.start, prefix)) == completion, prefix
+        jsonschema.validate(json.loads(prefix + completion), schema)
 
 
 def test_the_distance_is_the_token_count_of_the_shortest_completion():
