@@ -19,10 +19,12 @@ from serve_app.fields import (
     SAMPLING_FIELDS,
     FrequencyPenalty,
     MaxTokens,
+    MinP,
     NgramSize,
     PresencePenalty,
     RepetitionPenalty,
     Temperature,
+    TopK,
     TopP,
 )
 
@@ -78,6 +80,8 @@ class SamplingDefaults(_Strict):
     max_new_tokens: MaxTokens = Field(256, description="lowered with limits.max_new_tokens when not set")
     temperature: Temperature = Field(1.0, description="0 = greedy")
     top_p: TopP = 1.0
+    top_k: TopK = Field(0, description="sample among the k most likely tokens; 0 or -1 = all")
+    min_p: MinP = Field(0.0, description="drop tokens below min_p x the most likely token's probability")
     repetition_penalty: RepetitionPenalty = Field(1.0, description=">1 discourages tokens of the prompt and output")
     frequency_penalty: FrequencyPenalty = Field(0.0, description="OpenAI's: minus count x penalty, over the output")
     presence_penalty: PresencePenalty = Field(0.0, description="OpenAI's: minus penalty once a token appeared")
@@ -142,6 +146,9 @@ class ModelConfig(_Strict):
     prefix_cache_bytes: int = Field(
         128 * 1024 * 1024, ge=0, description="KV cache of recent prompts kept on the model's device, so a prompt "
         "that starts like one of them is prefilled from where they differ (0 = off)")
+    strict_by_default: bool = Field(
+        True, description="a json_schema (or a tool) that leaves `strict` out is enforced exactly; false follows "
+        "OpenAI's default (strict: false), where keywords no backend enforces are approximated and the output checked")
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     constraints: dict[str, Constraint] = Field(
         default_factory=dict, description="named constraints compiled before the replica is ready"

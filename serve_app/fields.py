@@ -11,6 +11,9 @@ from pydantic import Field, field_validator
 MaxTokens = Annotated[int, Field(ge=1)]
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(gt=0, le=1)]
+TopK = Annotated[int, Field(ge=-1, le=1_000_000)]  # -1 or 0: off (vLLM's convention)
+MinP = Annotated[float, Field(ge=0, le=1)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # OpenAI's bound
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # signed 64-bit, as OpenAI's API
 RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
 FrequencyPenalty = Annotated[float, Field(ge=-2, le=2)]
@@ -20,8 +23,8 @@ MAX_STOPS = 16  # as OpenAI's API allows 4; vLLM takes any number: 16 bounds the
 StopList = Annotated[list[str], Field(max_length=MAX_STOPS)]
 SEED_SPAN = 2**64
 # Sampling parameters a request may leave out (the model's defaults apply), besides max tokens.
-SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
-                   "no_repeat_ngram_size", "close_json")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+                   "presence_penalty", "no_repeat_ngram_size", "close_json")
 
 
 def check_stops(stop: list[str]) -> list[str]:

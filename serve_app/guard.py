@@ -18,7 +18,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Routes anyone may call: probes and the metrics scrape.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_PATHS = frozenset({"/healthz", "/health", "/readyz", "/metrics"})
 
 
 def api_keys(server: ServerConfig, environ: MutableMapping[str, str] | None = None) -> list[bytes]:

@@ -10,17 +10,19 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from serve_app.api.errors import as_serve_app_error
-from serve_app.engine.types import GenerationResult
+from serve_app.engine.types import GenerationResult, TokenLogprobs
 
 DONE = "data: [DONE]\n\n"
 
 
 class StreamFormat(Protocol):
+    """Each method returns the chunks to send (none, one or several)."""
+
     def start(self) -> list[dict[str, Any]]: ...
 
-    def delta(self, index: int, text: str) -> dict[str, Any]: ...
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprobs] | None = None) -> list[dict[str, Any]]: ...
 
-    def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> dict[str, Any]: ...
+    def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> list[dict[str, Any]]: ...
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -43,10 +45,14 @@ async def relay(first: dict[str, Any], stream: Any, fmt: StreamFormat,
             yield sse(chunk)
         async for event in _chain(first, stream):
             if "delta" in event:
-                yield sse(fmt.delta(event["index"], event["delta"]))
+                logprobs = event.get("logprobs")
+                entries = None if logprobs is None else [TokenLogprobs.model_validate(e) for e in logprobs]
+                for chunk in fmt.delta(event["index"], event["delta"], entries):
+                    yield sse(chunk)
                 continue
             results[event["index"]] = GenerationResult.model_validate(event["done"])
-            yield sse(fmt.finish(event["index"], results[event["index"]], list(results.values())))
+            for chunk in fmt.finish(event["index"], results[event["index"]], list(results.values())):
+                yield sse(chunk)
         yield DONE
     except Exception as error:  # after the 200 has been sent: report in the stream itself
         yield sse(as_serve_app_error(error).to_dict())

@@ -155,11 +155,15 @@ class ModelReplica:
         submissions = [self.engine.submit_prepared(request, row, notifier(i), deltas=deltas)
                        for i, (request, row) in enumerate(zip(parsed, prepared, strict=True))]
         pending, served_by = len(submissions), self.served_by()
+        logprobs: dict[int, list[dict[str, Any]]] = {}  # entries that go with each row's next delta
         try:
             while pending:
                 index, (kind, value) = await events.get()
-                if kind == "delta":
-                    yield {"index": index, "delta": value}
+                if kind == "logprobs":
+                    logprobs[index] = [e.model_dump() for e in self.engine.logprobs(value)]
+                elif kind == "delta":
+                    extra = {"logprobs": logprobs.pop(index)} if index in logprobs else {}
+                    yield {"index": index, "delta": value, **extra}
                 elif kind == "error":
                     raise value
                 else:

@@ -25,7 +25,7 @@ from serve_app.api.errors import error_response
 from serve_app.api.intake import Intake, RequestChecker
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine.types import GenerationRequest, GenerationResult
-from serve_app.errors import ServeAppError
+from serve_app.errors import ModelNotFoundError, ServeAppError
 from serve_app.guard import Guard, GuardMiddleware
 from serve_app.metrics import UNKNOWN_ROUTE, RouterMetrics
 from serve_app.model_queue import ModelQueue
@@ -63,6 +63,10 @@ async def _count_requests(request: Request, call_next: Any) -> Any:
         model = getattr(request.state, "model", UNKNOWN_ROUTE)
         metrics.requests.labels(model, route, str(response.status_code)).inc()
     return response
+
+
+def _model_card(model: ModelConfig) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "serve_app"}
 
 
 @serve.deployment(name="router")
@@ -142,10 +146,10 @@ class Router:
         intake = await self.intake(request, body_type)
         model, rows = intake.model, intake.rows
         if intake.body.stream:
-            return await self.stream(model, rows, schemas.ChunkFormatter(model.name, chat, len(rows)))
+            return await self.stream(model, rows, schemas.ChunkFormatter(model.name, chat, len(rows), intake.body))
         results = await self.dispatch(model, rows)
         shape = schemas.chat_completion_response if chat else schemas.completion_response
-        return shape(model.name, results)
+        return shape(model.name, results, intake.body)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
@@ -167,11 +171,25 @@ class Router:
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": "serve_app"} for m in self.config.models]}
+        return {"object": "list", "data": [_model_card(m) for m in self.config.models]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(self, model_id: str) -> dict[str, Any]:
+        try:
+            found = self.config.model(model_id)
+        except KeyError:
+            known = ", ".join(m.name for m in self.config.models)
+            raise ModelNotFoundError(f"model {model_id!r} not found; known models: {known}", param="model",
+                                     code="model_not_found") from None
+        return _model_card(found)
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        """The same liveness answer under the name vLLM and most load balancers probe."""
         return {"status": "ok"}
 
     @app.get("/readyz")

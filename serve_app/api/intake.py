@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -56,7 +57,11 @@ class RequestChecker:
         body = self.parse(raw, body_type)
         model = self.model(body.model)  # type: ignore[attr-defined]
         try:
-            rows = body.generation_requests()  # type: ignore[attr-defined]
+            tool_parameters: Callable[[bool], list[tuple[AnyConstraint, str]]] = getattr(
+                body, "tool_parameter_constraints", lambda _: [])
+            for constraint, source in tool_parameters(model.strict_by_default):
+                self.check_constraint(model, constraint, source)
+            rows = body.generation_requests(strict_default=model.strict_by_default)  # type: ignore[attr-defined]
         except ValidationError as error:
             raise from_validation_error(error) from None
         self.check_rows(model, rows, body.constraint_source())  # type: ignore[attr-defined]
@@ -66,8 +71,12 @@ class RequestChecker:
         data = load_json(raw, self.config.server.max_json_depth)
         if not isinstance(data, dict):
             raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
+        depth = self.config.server.max_json_depth
         if isinstance(data.get("guided_json"), str):  # a schema sent as a string: the same rules
-            data["guided_json"] = load_json(data["guided_json"], self.config.server.max_json_depth, "guided_json")
+            data["guided_json"] = load_json(data["guided_json"], depth, "guided_json")
+        outputs = data.get("structured_outputs")
+        if isinstance(outputs, dict) and isinstance(outputs.get("json"), str):
+            outputs["json"] = load_json(outputs["json"], depth, "structured_outputs.json")
         try:
             return body_type.model_validate(data)
         except ValidationError as error:

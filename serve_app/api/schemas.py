@@ -9,22 +9,27 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve_app.api import tools as tooling
+from serve_app.api.tools import MAX_TOOLS, Tool, ToolChoice
 from serve_app.constraints import SOURCE_FIELD, Constraint, JsonSchemaConstraint, build_constraint
-from serve_app.engine.types import ChatMessage, GenerationRequest, GenerationResult, SamplingParams
+from serve_app.engine.types import ChatMessage, GenerationRequest, GenerationResult, SamplingParams, TokenLogprobs
 from serve_app.errors import ConstraintError, InvalidRequestError
 from serve_app.fields import (
     FrequencyPenalty,
     MaxTokens,
+    MinP,
     NgramSize,
     PresencePenalty,
     RepetitionPenalty,
     Seed,
     StopList,
     Temperature,
+    TopK,
+    TopLogprobs,
     TopP,
     seed_for_choice,
     stops_validator,
@@ -50,7 +55,16 @@ class ResponseFormat(_Request):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = True
+    include_usage: bool = False  # true: a last chunk with `usage` and no choices, before [DONE]
+
+
+class StructuredOutputs(_Request):
+    """vLLM's current field; the older guided_* fields mean the same."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _Penalties(_Request):
@@ -78,8 +92,13 @@ class _OpenAIBase(_Penalties):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    # Accepted and not acted on, as their meaning asks: who the end user is, and the client's labels.
+    user: str | None = Field(None, max_length=256)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -87,22 +106,47 @@ class _OpenAIBase(_Penalties):
 
     _stops = stops_validator()
 
-    def constraint(self) -> Constraint | None:
-        """The one constraint this request asks for, from response_format or a guided_* field."""
-        found = [c for c in (self._from_response_format(), *self._from_guided()) if c is not None]
+    def constraint(self, strict_default: bool = True) -> Constraint | None:
+        """The one constraint this request asks for: response_format, tools with a forced
+        tool_choice, structured_outputs or a guided_* field. `strict_default`: for a json_schema or
+        a tool that leaves `strict` out (the model's `strict_by_default`)."""
+        found = [c for c in (self._from_response_format(strict_default), self._from_tools(strict_default),
+                             *self._from_guided()) if c is not None]
         if len(found) > 1:
-            raise ConstraintError("give one constraint: response_format or one guided_* field, not several",
-                                  param="response_format")
+            raise ConstraintError("give one constraint: response_format, a forced tool_choice, structured_outputs "
+                                  "or one guided_* field, not several", param="response_format")
         return found[0] if found else None
+
+    def _guided(self) -> dict[str, Any]:
+        """The guided_* and structured_outputs.* fields that are set, by their request name."""
+        out = {f: getattr(self, f) for f in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")}
+        so = self.structured_outputs
+        if so is not None:
+            out.update({"structured_outputs.json": so.json_, "structured_outputs.regex": so.regex,
+                        "structured_outputs.choice": so.choice, "structured_outputs.grammar": so.grammar})
+        return {k: v for k, v in out.items() if v is not None}
 
     def constraint_source(self) -> str | None:
         """The request field the constraint came from, for errors that name it."""
-        fields = ["guided_json", "guided_regex", "guided_choice", "guided_grammar"]
         if self.response_format is not None and self.response_format.type == "json_schema":
             return "response_format.json_schema"
-        return next((f for f in fields if getattr(self, f) not in (None, "")), None)
+        if self.forced_tools():
+            return "tools"
+        return next((f for f, v in self._guided().items() if v != ""), None)
 
-    def _from_response_format(self) -> Constraint | None:
+    def forced_tools(self) -> list[Tool] | None:
+        return None
+
+    def constrained(self) -> bool:
+        """Whether the request asks for a constraint (without building it)."""
+        fmt = self.response_format
+        return (fmt is not None and fmt.type != "text") or bool(self.forced_tools()) or any(
+            v != "" for v in self._guided().values())
+
+    def _from_tools(self, strict_default: bool) -> Constraint | None:
+        return None
+
+    def _from_response_format(self, strict_default: bool) -> Constraint | None:
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
             return None
@@ -111,33 +155,40 @@ class _OpenAIBase(_Penalties):
         if fmt.json_schema is None:
             raise ConstraintError("response_format.json_schema is required when type is json_schema",
                                   param="response_format.json_schema")
-        strict = fmt.json_schema.strict is not False  # OpenAI's strict: only an explicit false relaxes it
+        strict = strict_default if fmt.json_schema.strict is None else fmt.json_schema.strict
         return _parse({"type": "json_schema", "schema": fmt.json_schema.schema_, "strict": strict},
                       "response_format.json_schema")
 
     def _from_guided(self) -> list[Constraint | None]:
         import json
 
-        guided_json = self.guided_json
-        if isinstance(guided_json, str):
-            try:
-                guided_json = json.loads(guided_json)
-            except ValueError:
-                raise ConstraintError("guided_json is not valid JSON", param="guided_json") from None
-        return [
-            _parse({"type": "json_schema", "schema": guided_json}, "guided_json") if guided_json is not None else None,
-            _parse({"type": "regex", "pattern": self.guided_regex}, "guided_regex") if self.guided_regex else None,
-            _parse({"type": "choice", "choices": self.guided_choice}, "guided_choice")
-            if self.guided_choice is not None else None,
-            _parse({"type": "grammar", "grammar": self.guided_grammar}, "guided_grammar")
-            if self.guided_grammar else None,
-        ]
+        kinds = {"json": ("json_schema", "schema"), "regex": ("regex", "pattern"), "choice": ("choice", "choices"),
+                 "grammar": ("grammar", "grammar")}
+        out: list[Constraint | None] = []
+        for field, value in self._guided().items():
+            kind, key = kinds[field.rsplit("_", 1)[-1].rsplit(".", 1)[-1]]
+            if kind in ("regex", "grammar") and not value:
+                continue  # an empty guided_regex has always meant no constraint
+            if kind == "json_schema" and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise ConstraintError(f"{field} is not valid JSON", param=field) from None
+            out.append(_parse({"type": kind, key: value}, field))
+        return out
+
+    def top_logprobs_asked(self) -> int | None:
+        return None
 
     def sampling(self) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_new_tokens=self.max_completion_tokens or self.max_tokens,
-                              temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stops,
-                              **self.penalties())
+                              temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                              seed=self.seed, stop=stops, logprobs=self.top_logprobs_asked(), **self.penalties())
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 def _parse(data: dict[str, Any], param: str) -> Constraint:
@@ -150,27 +201,96 @@ def _parse(data: dict[str, Any], param: str) -> Constraint:
 
 class ChatCompletionRequest(_OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; an answer makes at most one call
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
 
-    def generation_requests(self) -> list[GenerationRequest]:
-        return _n_requests(self, {"messages": self.messages})
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
+            raise ValueError("tool_choice needs tools")
+        if self.tools:
+            names = [t.function.name for t in self.tools]
+            if len(set(names)) != len(names):
+                raise ValueError("tools: two tools have the same function name")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def forced_tools(self) -> list[Tool] | None:
+        if not self.tools:
+            return None
+        try:
+            return tooling.forced_tools(self.tools, self.tool_choice)
+        except ValueError as error:
+            raise InvalidRequestError(f"tool_choice.function.name: {error}", param="tool_choice.function.name",
+                                      code="unknown_tool") from None
+
+    def auto_tools(self) -> list[Tool] | None:
+        """The tools an answer may call (tool_choice "auto", the default with tools)."""
+        return self.tools if self.tools and self.tool_choice in (None, "auto") else None
+
+    def offered_tools(self) -> list[Tool]:
+        """The tools the model is told about (none with tool_choice "none")."""
+        return list(self.tools or []) if self.tool_choice != "none" else []
+
+    def _tools_strict(self, forced: list[Tool], strict_default: bool) -> bool:
+        """Exact unless every forced tool says strict: false (or leaves it out where the model's
+        default is false)."""
+        return any(strict_default if t.function.strict is None else t.function.strict for t in forced)
+
+    def _from_tools(self, strict_default: bool) -> Constraint | None:
+        forced = self.forced_tools()
+        if not forced:
+            return None
+        return tooling.tool_constraint(forced, self._tools_strict(forced, strict_default))
+
+    def tool_parameter_constraints(self, strict_default: bool = True) -> list[tuple[Constraint, str]]:
+        """Each offered tool's parameters as a schema, with the field that names it: checked on
+        their own first, so a refusal points into the tool, not into the combined schema. Under
+        "auto" nothing is enforced (the arguments are only validated): limits and meta-validation
+        apply, a keyword no backend enforces does not."""
+        forced = self.forced_tools()
+        strict = self._tools_strict(forced, strict_default) if forced else False
+        names = {t.function.name for t in forced} if forced else None
+        out: list[tuple[Constraint, str]] = []
+        for i, tool in enumerate(self.offered_tools()):
+            if names is None or tool.function.name in names:
+                field = f"tools.{i}.function.parameters"
+                out.append((_parse({"type": "json_schema", "schema": tooling.parameters_of(tool), "strict": strict},
+                                   field), field))
+        return out
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def generation_requests(self, strict_default: bool = True) -> list[GenerationRequest]:
+        offered = [t.model_dump(exclude_none=True) for t in self.offered_tools()]
+        return _n_requests(self, {"messages": self.messages, "tools": offered or None}, strict_default)
 
 
 class CompletionRequest(_OpenAIBase):
     prompt: str | list[str]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # the legacy API's: top alternatives per token
 
-    def generation_requests(self) -> list[GenerationRequest]:
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
+
+    def generation_requests(self, strict_default: bool = True) -> list[GenerationRequest]:
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise InvalidRequestError("prompt: give one prompt (a string or a list of one)", param="prompt")
             prompt = prompt[0]
-        return _n_requests(self, {"prompt": prompt})
+        return _n_requests(self, {"prompt": prompt}, strict_default)
 
 
-def _n_requests(request: _OpenAIBase, inputs: dict[str, Any]) -> list[GenerationRequest]:
+def _n_requests(request: _OpenAIBase, inputs: dict[str, Any], strict_default: bool) -> list[GenerationRequest]:
     """n choices = n rows; with a seed, choice i uses seed + i (wrapping within the signed 64-bit
     range) so the choices differ."""
-    constraint, sampling = request.constraint(), request.sampling()
+    constraint, sampling = request.constraint(strict_default), request.sampling()
     rows = []
     for i in range(request.n):
         seed = None if sampling.seed is None else seed_for_choice(sampling.seed, i)
@@ -187,6 +307,8 @@ class NativeGenerateRequest(_Penalties):
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
     seed: Seed | None = None
     stop: StopList = Field(default_factory=list)
     stream: bool = False
@@ -199,7 +321,7 @@ class NativeGenerateRequest(_Penalties):
             raise ValueError("give exactly one of prompt or messages")
         return self
 
-    def generation_requests(self) -> list[GenerationRequest]:
+    def generation_requests(self, strict_default: bool = True) -> list[GenerationRequest]:
         return [self.generation_request()]
 
     def constraint_source(self) -> str | None:
@@ -209,7 +331,8 @@ class NativeGenerateRequest(_Penalties):
         return GenerationRequest(
             prompt=self.prompt, messages=self.messages, constraint=self.constraint,
             sampling=SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
-                                    top_p=self.top_p, seed=self.seed, stop=self.stop, **self.penalties()))
+                                    top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
+                                    stop=self.stop, **self.penalties()))
 
 
 def new_id(prefix: str) -> str:
@@ -222,21 +345,59 @@ def usage_of(results: list[GenerationResult]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_completion_response(model: str, results: list[GenerationResult]) -> dict[str, Any]:
-    return {
-        "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                     "finish_reason": r.finish_reason, "logprobs": None, "valid": r.valid,
-                     "closed_early": r.closed_early} for i, r in enumerate(results)],
-        "usage": usage_of(results),
-    }
+def chat_completion_response(model: str, results: list[GenerationResult],
+                             body: ChatCompletionRequest | None = None) -> dict[str, Any]:
+    choices = []
+    for i, r in enumerate(results):
+        message, finish_reason, valid = chat_message(r, body)
+        choices.append({"index": i, "message": message, "finish_reason": finish_reason,
+                        "logprobs": chat_logprobs(r.logprobs), "valid": valid, "closed_early": r.closed_early})
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage_of(results)}
 
 
-def completion_response(model: str, results: list[GenerationResult]) -> dict[str, Any]:
+def chat_message(result: GenerationResult,
+                 body: ChatCompletionRequest | None) -> tuple[dict[str, Any], str, bool | None]:
+    """The assistant message, finish_reason and `valid` of one answer: a tool call where the
+    request forced one (and the answer finished valid) or allowed one (and the text is a call of
+    an offered tool whose arguments validate); otherwise the text as content."""
+    text, finish_reason, valid = result.text, result.finish_reason, result.valid
+    call = None
+    if body is not None and body.forced_tools() and finish_reason == "stop" and valid:
+        call = tooling.forced_call(text)
+    elif body is not None and body.auto_tools() and not body.constrained():
+        call, valid = tooling.detect_call(text, body.auto_tools() or [])
+        if call is not None and not valid:
+            call = None  # a malformed call stays text, flagged invalid
+    if call is not None:
+        return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls", valid
+    return {"role": "assistant", "content": text}, finish_reason, valid
+
+
+def chat_logprobs(entries: list[TokenLogprobs] | None) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+    return {"content": [e.model_dump() for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprobs] | None, offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions shape; text_offset counts from the start of the output."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries], "text_offset": offsets}
+
+
+def completion_response(model: str, results: list[GenerationResult], body: Any = None) -> dict[str, Any]:
     return {
         "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None,
-                     "valid": r.valid, "closed_early": r.closed_early} for i, r in enumerate(results)],
+        "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                     "logprobs": completion_logprobs(r.logprobs), "valid": r.valid, "closed_early": r.closed_early}
+                    for i, r in enumerate(results)],
         "usage": usage_of(results),
     }
 
@@ -273,23 +434,41 @@ def _finite(value: Any) -> bool:
 
 
 class ChunkFormatter:
-    """OpenAI streaming chunks for chat (``chat.completion.chunk``) or completions."""
+    """OpenAI streaming chunks for chat (``chat.completion.chunk``) or completions.
 
-    def __init__(self, model: str, chat: bool, n: int) -> None:
-        self.model, self.chat, self.n = model, chat, n
+    Text is sent as it comes, except where it may be a tool call: under a forced tool_choice the
+    call is sent whole as ``delta.tool_calls`` when the answer ends (it is validated first); under
+    "auto", text that starts like a call is held back until the answer ends and sent as a call
+    or as content."""
+
+    def __init__(self, model: str, chat: bool, n: int, body: Any = None) -> None:
+        self.model, self.chat, self.n, self.body = model, chat, n, body
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
+        self.include_usage = bool(body is not None and body.include_usage)
+        forced = bool(chat and body is not None and body.forced_tools())
+        self.auto = bool(chat and body is not None and body.auto_tools() and not body.constrained())
+        self.holding = {i: forced or self.auto for i in range(n)}  # choice -> text held back for now
+        self.held: dict[int, str] = {}
+        self.held_logprobs: dict[int, list[TokenLogprobs]] = {}
+        self.sent_logprobs: dict[int, int] = {}  # entries already sent per choice
+        self.offsets: dict[int, int] = {}  # completions: characters already sent per choice
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def _choice(self, index: int, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+    def _choice(self, index: int, text: str | None, finish_reason: str | None,
+                logprobs: list[TokenLogprobs] | None = None) -> dict[str, Any]:
         if self.chat:
             delta = {} if text is None else {"content": text}
-            return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            return {"index": index, "delta": delta, "finish_reason": finish_reason,
+                    "logprobs": chat_logprobs(logprobs) if logprobs else None}
+        offset = self.offsets.get(index, 0)
+        self.offsets[index] = offset + len(text or "")
+        return {"index": index, "text": text or "", "finish_reason": finish_reason,
+                "logprobs": completion_logprobs(logprobs, offset) if logprobs else None}
 
     def start(self) -> list[dict[str, Any]]:
         if not self.chat:
@@ -297,15 +476,41 @@ class ChunkFormatter:
         return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                               "logprobs": None} for i in range(self.n)])]
 
-    def delta(self, index: int, text: str) -> dict[str, Any]:
-        return self._chunk([self._choice(index, text, None)])
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprobs] | None = None) -> list[dict[str, Any]]:
+        if self.holding[index]:
+            self.held[index] = self.held.get(index, "") + text
+            if logprobs:
+                self.held_logprobs.setdefault(index, []).extend(logprobs)
+            if not self.auto or tooling.could_become_call(self.held[index]):
+                return []
+            self.holding[index] = False  # plain text after all: send what was held
+            text = self.held.pop(index)
+            logprobs = self.held_logprobs.pop(index, []) if logprobs is not None else None
+        if logprobs is not None:
+            self.sent_logprobs[index] = self.sent_logprobs.get(index, 0) + len(logprobs)
+        return [self._chunk([self._choice(index, text, None, logprobs)])]
 
-    def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> dict[str, Any]:
-        """A row's last chunk; the usage of every row rides on the last row's."""
-        choice = {**self._choice(index, None, result.finish_reason), "valid": result.valid,
+    def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> list[dict[str, Any]]:
+        """A choice's last chunks; after the last choice, the usage chunk when it was asked for."""
+        chunks = []
+        finish_reason: str = result.finish_reason
+        valid = result.valid
+        rest = (result.logprobs or [])[self.sent_logprobs.get(index, 0):] if result.logprobs is not None else None
+        if self.holding[index]:  # nothing of this answer was sent yet
+            message, finish_reason, valid = chat_message(result, self.body)
+            if message.get("tool_calls"):
+                calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+                chunks.append(self._chunk([{"index": index, "delta": {"tool_calls": calls}, "finish_reason": None,
+                                            "logprobs": chat_logprobs(rest) if rest else None}]))
+            elif result.text:
+                chunks.append(self._chunk([self._choice(index, result.text, None, rest)]))
+            rest = None
+        choice = {**self._choice(index, None, finish_reason, rest), "valid": valid,
                   "closed_early": result.closed_early}
-        usage = usage_of(done) if len(done) == self.n else None
-        return self._chunk([choice], **({"usage": usage} if usage is not None else {}))
+        chunks.append(self._chunk([choice]))
+        if self.include_usage and len(done) == self.n:
+            chunks.append(self._chunk([], usage=usage_of(done)))
+        return chunks
 
 
 class NativeEvents:
@@ -317,8 +522,8 @@ class NativeEvents:
     def start(self) -> list[dict[str, Any]]:
         return []
 
-    def delta(self, index: int, text: str) -> dict[str, Any]:
-        return {"delta": text}
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprobs] | None = None) -> list[dict[str, Any]]:
+        return [{"delta": text}]
 
-    def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> dict[str, Any]:
-        return {"done": native_response(self.model, result, self.constraint, time.perf_counter() - self.started)}
+    def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> list[dict[str, Any]]:
+        return [{"done": native_response(self.model, result, self.constraint, time.perf_counter() - self.started)}]

@@ -26,7 +26,7 @@ import torch
 from serve_app.engine.batch import Batch, accepts_keyword, cache_keyword, joinable_cache, preallocate
 from serve_app.engine.policies import CLOSED, TokenStep, advance_row, constraint_bitmask, row_policies
 from serve_app.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache
-from serve_app.engine.sampling import next_tokens
+from serve_app.engine.sampling import next_tokens, token_logprobs
 from serve_app.engine.stream import Row, RowOutput, Stream
 
 logger = logging.getLogger(__name__)
@@ -272,15 +272,16 @@ class DecodeLoop:
     def _sample_and_advance(self, logits: torch.Tensor, bitmask: torch.Tensor | None, rows: range) -> None:
         streams = self.batch.streams[rows.start:rows.stop]
         tokens = next_tokens(logits, streams, bitmask, self.batch.generators[rows.start:rows.stop], self.vocab_size)
-        for stream, token in zip(streams, tokens, strict=True):
-            self._advance(stream, token)
+        logprobs = token_logprobs(logits, streams)
+        for stream, token, row_logprobs in zip(streams, tokens, logprobs, strict=True):
+            self._advance(stream, token, row_logprobs)
         keep = [i for i, s in enumerate(self.batch.streams) if not s.done.is_set()]
         if len(keep) != len(self.batch):
             self.batch.keep(keep)
 
-    def _advance(self, stream: Stream, token: int | None) -> None:
+    def _advance(self, stream: Stream, token: int | None, logprobs: torch.Tensor | None = None) -> None:
         try:
-            verdict = advance_row(TokenStep(stream, token), self.policies, self.decode_text)
+            verdict = advance_row(TokenStep(stream, token, logprobs=logprobs), self.policies, self.decode_text)
         except Exception as error:  # one row's failure (a bug, a backend error) is that row's alone
             logger.exception("a row failed in the decode loop; the batch goes on")
             self.finished["error"] += 1

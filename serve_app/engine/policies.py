@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from serve_app.engine.backends import Matcher, bitmask_words
+from serve_app.engine.sampling import logprob_entry
 from serve_app.engine.stream import Stream
 
 # A policy's verdict: the finish reason ("stop", "length", "cancelled"), CLOSED (stop, having
@@ -31,6 +32,7 @@ class TokenStep:
     stream: Stream
     token: int | None
     text: str | None = None  # the output's text with `token`, when a policy already decoded it
+    logprobs: torch.Tensor | None = None  # the row's log-softmax, when it asked for logprobs
 
 
 class RowPolicy:
@@ -130,6 +132,8 @@ def advance_row(step: TokenStep, policies: list[RowPolicy], decode: Callable[[li
             return verdict
     assert step.token is not None  # the constraint policy ends rows that have no token
     out.token_ids.append(step.token)
+    if step.logprobs is not None and step.stream.row.logprobs is not None:
+        out.logprobs.append(logprob_entry(step.logprobs, step.token, step.stream.row.logprobs))
     out.text = step.text if step.text is not None else decode(out.token_ids)
     for policy in policies:
         verdict = policy.after(step)

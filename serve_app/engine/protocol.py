@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from serve_app.config import ModelConfig
 from serve_app.constraints import AnyConstraint
-from serve_app.engine.types import GenerationRequest, GenerationResult
+from serve_app.engine.types import GenerationRequest, GenerationResult, TokenLogprobs
 
 Notify = Callable[[tuple[str, Any]], None]
 
@@ -30,6 +30,10 @@ class Engine(Protocol):
 
     def result(self, submission: Any, output: Any) -> GenerationResult:
         """The result of a finished submission, its output checked against the constraint."""
+
+    def logprobs(self, entries: Any) -> list[TokenLogprobs]:
+        """A row's ("logprobs", entries) event, with each token's text."""
+        ...
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate for all requests together and wait for them."""

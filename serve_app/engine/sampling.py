@@ -36,20 +36,47 @@ def sample_tokens(logits: torch.Tensor, rows: list[Row], generators: list[torch.
         elif row.temperature < MIN_TEMPERATURE:
             out.append(int(greedy[i]))
         else:
-            out.append(_sample_row(logits[i], row.temperature, row.top_p, generators[i]))
+            out.append(_sample_row(logits[i], row, generators[i]))
     return out
 
 
-def _sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits / temperature, dim=-1)
+def _sample_row(logits: torch.Tensor, row: Row, generator: torch.Generator) -> int:
+    if row.top_k > 0 and row.top_k < logits.shape[-1]:  # keep the k largest (ties at the k-th kept too)
+        kth = torch.topk(logits, row.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    probs = torch.softmax(logits / row.temperature, dim=-1)
     if not torch.isfinite(probs).all():  # extreme logits: fall back to the most likely token
         return int(torch.argmax(logits))
+    if row.min_p > 0.0:  # relative to the most likely token; that one always stays
+        probs = probs.masked_fill(probs < row.min_p * probs.max(), 0.0)
+    top_p = row.top_p
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         beyond = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > top_p
         sorted_probs[beyond] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, streams: list[Stream]) -> list[torch.Tensor | None]:
+    """Per row that asked for logprobs, the log-softmax of its logits as `next_tokens` left them
+    (penalties applied, disallowed tokens at -inf): what the constrained decode chose from, before
+    temperature and top-k/top-p/min-p."""
+    out: list[torch.Tensor | None] = [None] * len(streams)
+    for i, stream in enumerate(streams):
+        if stream.row.logprobs is not None:
+            out[i] = torch.log_softmax(logits[i], dim=-1)
+    return out
+
+
+def logprob_entry(logprobs: torch.Tensor, token: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token, its logprob, the `top` most likely (token, logprob) with a finite logprob)."""
+    alternatives: list[tuple[int, float]] = []
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+        alternatives = [(int(t), float(v)) for t, v in zip(ids.tolist(), values.tolist(), strict=True)
+                        if v != -float("inf")]
+    return token, float(logprobs[token]), alternatives
 
 
 def new_generator(seed: int | None) -> torch.Generator:

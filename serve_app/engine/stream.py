@@ -1,6 +1,7 @@
 """A submitted row and its stream of events: what a caller holds while the decode loop works.
 
-``Stream.events`` yields ``("delta", str)`` items and one final ``("done", RowOutput)`` (or
+``Stream.events`` yields ``("delta", str)`` items (each after a ``("logprobs", entries)``
+item when the row asked for logprobs) and one final ``("done", RowOutput)`` (or
 ``("error", exception)``); ``notify`` (optional) is called from the decode thread for each
 event, e.g. to wake an asyncio loop.
 """
@@ -36,6 +37,9 @@ class Row:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
+    top_k: int = 0  # 0 (or -1): off
+    min_p: float = 0.0
+    logprobs: int | None = None  # None: none; k: the chosen token's and the top k alternatives
 
     @cached_property
     def prompt_token_set(self) -> frozenset[int]:
@@ -55,6 +59,8 @@ class RowOutput:
     total_s: float = 0.0
     accepted: bool = False  # ended on EOS while constrained: the matcher allowed EOS, so it accepts
     closed_early: bool = False  # the closer forced the shortest valid completion near the budget
+    # Per token when the row asked: (token, logprob, [(alternative, logprob), ...]).
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class Stream:
@@ -72,6 +78,7 @@ class Stream:
         self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._notify = notify
         self._sent = 0  # characters of text already emitted as deltas
+        self._sent_logprobs = 0  # entries of output.logprobs already emitted
         self.cancelled = threading.Event()
         self.done = threading.Event()
         self.failure: Exception | None = None  # set where computing this row's mask failed
@@ -102,6 +109,10 @@ class Stream:
         while not final and end > self._sent and text[end - 1] == _PARTIAL:
             end -= 1
         if end > self._sent:
+            if self.row.logprobs is not None:  # the entries so far, just before the text they go with
+                entries = self.output.logprobs[self._sent_logprobs:]
+                self._sent_logprobs += len(entries)
+                self.emit("logprobs", entries)
             self.emit("delta", text[self._sent:end])
             self._sent = end
 

@@ -28,6 +28,7 @@ from serve_app.constraints import (
 )
 from serve_app.constraints.plan import backend_order
 from serve_app.engine.cache import CompileCache
+from serve_app.engine.chat import render_chat
 from serve_app.engine.closing import RowCloser
 from serve_app.engine.compiler import CompiledConstraint, ConstraintCompiler
 from serve_app.engine.decode import DecodeLoop, Row, RowOutput, Stream
@@ -41,9 +42,15 @@ from serve_app.engine.loading import (
 )
 from serve_app.engine.memory import gpu_memory
 from serve_app.engine.placement import GpuInfo, available_cpu_memory, plan_placement
-from serve_app.engine.types import GenerationRequest, GenerationResult, SamplingParams, Usage
+from serve_app.engine.types import (
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    TokenLogprob,
+    TokenLogprobs,
+    Usage,
+)
 from serve_app.errors import ConstraintError, InvalidRequestError, LimitExceededError, ServeAppError
-from serve_app.models import CHATML_TEMPLATE
 
 logger = logging.getLogger(__name__)
 MAX_CACHED_FAILURES = 1024
@@ -51,6 +58,8 @@ MAX_CACHED_FAILURES = 1024
 # compile that finishes in the background): never cached, or one slow moment would refuse a
 # popular schema until restart.
 TRANSIENT_FAILURES = frozenset({"compile_timeout_s"})
+# A logprob of -inf (a token the constraint forbade) is not JSON; OpenAI reports -9999.0.
+MIN_LOGPROB = -9999.0
 
 
 @dataclass
@@ -145,10 +154,7 @@ class TransformersEngine:
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
-            messages = [m.model_dump() for m in request.messages]
-            template = None if self.tokenizer.chat_template else CHATML_TEMPLATE
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, chat_template=template)
+            text = render_chat(self.tokenizer, request.messages, request.tools)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(request.prompt)["input_ids"])
 
@@ -173,7 +179,8 @@ class TransformersEngine:
                    compiled.new_matcher() if compiled else None,
                    closer=RowCloser(closer) if closer is not None else None,
                    repetition_penalty=pick["repetition_penalty"], frequency_penalty=pick["frequency_penalty"],
-                   presence_penalty=pick["presence_penalty"], no_repeat_ngram_size=pick["no_repeat_ngram_size"])
+                   presence_penalty=pick["presence_penalty"], no_repeat_ngram_size=pick["no_repeat_ngram_size"],
+                   top_k=max(0, pick["top_k"]), min_p=pick["min_p"], logprobs=request.sampling.logprobs)
 
     def _check_prompt(self, prompt_tokens: int, max_new: int) -> None:
         if prompt_tokens == 0:  # found by fuzzing: a model cannot continue from nothing
@@ -226,6 +233,16 @@ class TransformersEngine:
         """(waiting, running) requests in the decode loop."""
         return self.loop.queue_depth()
 
+    def logprobs(self, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> list[TokenLogprobs]:
+        """The decode loop's (token, logprob, alternatives) entries, with each token's text."""
+        return [TokenLogprobs(**self._token(token, logprob),
+                              top_logprobs=[TokenLogprob(**self._token(t, lp)) for t, lp in top])
+                for token, logprob, top in entries]
+
+    def _token(self, token: int, logprob: float) -> dict[str, Any]:
+        text = str(self.tokenizer.decode([token]))
+        return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(text.encode("utf-8"))}
+
     def _decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
@@ -243,6 +260,7 @@ class TransformersEngine:
                         total_tokens=prompt_tokens + completion_tokens),
             valid=valid, closed_early=out.closed_early, backend=submission.backend,
             approximated=list(submission.approximated), token_ids=out.token_ids,
+            logprobs=self.logprobs(out.logprobs) if row.logprobs is not None else None,
             timings={"total_s": out.total_s, "first_token_s": out.first_token_s or 0.0},
         )
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.constraints import Constraint
 from serve_app.fields import (
     FrequencyPenalty,
     MaxTokens,
+    MinP,
     NgramSize,
     PresencePenalty,
     RepetitionPenalty,
     Seed,
     StopList,
     Temperature,
+    TopK,
+    TopLogprobs,
     TopP,
     stops_validator,
 )
@@ -25,9 +28,73 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ToolCallFunction(_Model):
+    name: str = Field(max_length=64)
+    arguments: str
+
+
+class ToolCall(_Model):
+    """An assistant's earlier tool call, as OpenAI clients send it back in the history."""
+
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+# Content part type -> its text field. Media parts get a 400 that says so.
+_TEXT_PARTS = {"text": "text", "input_text": "text", "refusal": "refusal"}
+_MEDIA_PARTS = frozenset({"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file",
+                          "video_url"})
+
+
 class ChatMessage(_Model):
+    """A message; `content` may be a list of text parts (joined with newlines, as vLLM does). An
+    assistant message that made tool calls may have no content."""
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | None = None
+    name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(None, max_length=256)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, content: Any) -> Any:
+        if not isinstance(content, list):
+            return content
+        texts = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            kind = kind if isinstance(kind, str) else None
+            key = _TEXT_PARTS.get(kind) if kind is not None else None
+            if key is not None and isinstance(part.get(key), str):
+                texts.append(part[key])
+            elif kind in _MEDIA_PARTS:
+                raise ValueError(f"part {i} is {kind}: this service serves text models; send text parts only")
+            else:
+                raise ValueError(f"part {i}: give {{\"type\": \"text\", \"text\": ...}}")
+        return "\n".join(texts)
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        return self
+
+
+class TokenLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobs(TokenLogprob):
+    """One generated token, its log-probability and the most likely alternatives, as the
+    constrained decode saw them (after penalties and the constraint's mask)."""
+
+    top_logprobs: list[TokenLogprob] = Field(default_factory=list)
 
 
 class SamplingParams(_Model):
@@ -36,8 +103,11 @@ class SamplingParams(_Model):
     max_new_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
     seed: Seed | None = None
     stop: StopList = Field(default_factory=list)
+    logprobs: TopLogprobs | None = None  # None: none; k: the chosen token's and the k most likely
     repetition_penalty: RepetitionPenalty | None = None
     frequency_penalty: FrequencyPenalty | None = None
     presence_penalty: PresencePenalty | None = None
@@ -52,6 +122,9 @@ class GenerationRequest(_Model):
     messages: list[ChatMessage] | None = None
     constraint: Constraint | None = None
     sampling: SamplingParams = SamplingParams()
+    # Function definitions for the chat template (tool calling); the constraint, if any, is built
+    # from them by the API layer.
+    tools: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
@@ -79,6 +152,7 @@ class GenerationResult(_Model):
     backend: str | None = None
     approximated: list[str] = Field(default_factory=list)  # not enforced (strict: false only); output checked
     token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     served_by: dict[str, str] = Field(default_factory=dict)  # replica id, version, config hash
 

@@ -247,7 +247,20 @@ BAD_INPUTS = [
     ("two constraints", "/v1/chat/completions",
      {"model": "tiny", "messages": USER, "guided_regex": "a", "guided_choice": ["a"]}, 400, "give one constraint"),
     ("unsupported parameter", "/v1/chat/completions",
-     {"model": "tiny", "messages": USER, "logprobs": True}, 400, "logprobs: unsupported parameter"),
+     {"model": "tiny", "messages": USER, "logit_bias": {"1": 5}}, 400, "logit_bias: unsupported parameter"),
+    ("image part", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "part 0 is image_url"),
+    ("tool_choice without tools", "/v1/chat/completions",
+     {"model": "tiny", "messages": USER, "tool_choice": "required"}, 400, "tool_choice needs tools"),
+    ("unknown tool", "/v1/chat/completions",
+     {"model": "tiny", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "no tool named 'g'"),
+    ("tool and schema", "/v1/chat/completions",
+     {"model": "tiny", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": "required", "guided_regex": "a+"}, 400, "give one constraint"),
+    ("top_logprobs over 20", "/v1/chat/completions",
+     {"model": "tiny", "messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("streaming a too-long prompt", "/v1/chat/completions",
      {"model": "tiny", "messages": [{"role": "user", "content": "word " * 6000}], "stream": True}, 400,
      "the limit is 4096"),
@@ -288,14 +301,13 @@ def test_streaming_chat_chunks_concatenate_to_the_non_streaming_text(serve_clust
     kwargs = {"model": "tiny", "messages": USER, "temperature": 0, "max_tokens": 96,
               "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}}
     whole = oa.chat.completions.create(**kwargs).choices[0].message.content
-    chunks = list(oa.chat.completions.create(stream=True, **kwargs))
+    chunks = list(oa.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 3
     assert "".join(pieces) == whole
     jsonschema.validate(json.loads(whole), PERSON)
-    final = chunks[-1]
-    assert final.choices[0].finish_reason == "stop"
-    assert final.usage.completion_tokens > 0
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
 
 def test_streaming_completions_and_native(serve_cluster, client):

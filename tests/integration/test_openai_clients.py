@@ -1,0 +1,164 @@
+"""The client libraries people use for structured output, unpatched, against the running app over
+real HTTP: the openai SDK, instructor, langchain-openai and pydantic-ai. The tiny random model's
+answers are gibberish; what is tested is that each library gets an answer it parses into the
+caller's pydantic model (tool calls and schemas are enforced, so it always can)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import instructor
+import openai
+import pytest
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel
+from pydantic_ai import Agent, NativeOutput
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.openai import OpenAIProvider
+
+from tests.integration.conftest import API_KEY
+
+ROOT = Path(__file__).resolve().parents[2]
+USER = [{"role": "user", "content": "Invent a user."}]
+
+
+class Address(BaseModel):
+    city: str
+    zip_code: int
+
+
+class User(BaseModel):
+    name: str
+    age: int
+    home: Address
+
+
+class Weather(BaseModel):
+    city: str
+    celsius: bool
+
+
+@pytest.fixture(scope="module")
+def base(serve_cluster):
+    return f"{serve_cluster}/v1"
+
+
+@pytest.fixture(scope="module")
+def oa(base):
+    return openai.OpenAI(base_url=base, api_key=API_KEY)
+
+
+def test_openai_parse_with_a_pydantic_model(oa):
+    completion = oa.chat.completions.parse(model="tiny", messages=USER, response_format=User)
+    assert isinstance(completion.choices[0].message.parsed, User)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "User"}}])
+def test_openai_tool_calls_are_valid_calls_of_the_offered_tools(oa, choice):
+    tools = [openai.pydantic_function_tool(Weather), openai.pydantic_function_tool(User)]
+    completion = oa.chat.completions.parse(model="tiny", messages=USER, tools=tools, tool_choice=choice)
+    [answer] = completion.choices
+    assert answer.finish_reason == "tool_calls" and answer.message.content is None
+    [call] = answer.message.tool_calls
+    assert isinstance(call.function.parsed_arguments, Weather | User)
+    if choice != "required":
+        assert call.function.name == "User"
+
+
+def test_openai_streams_a_tool_call_and_usage_last(oa):
+    with oa.chat.completions.stream(model="tiny", messages=USER, tools=[openai.pydantic_function_tool(User)],
+                                    tool_choice="required", stream_options={"include_usage": True}) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.tool_calls[0].function.parsed_arguments, User)
+    assert final.usage.completion_tokens > 0
+
+
+def test_stream_usage_only_when_asked_and_then_in_a_chunk_without_choices(oa):
+    kwargs = {"model": "tiny", "messages": USER, "max_tokens": 6, "stream": True}
+    plain = list(oa.chat.completions.create(**kwargs))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason == "length"
+    asked = list(oa.chat.completions.create(stream_options={"include_usage": True}, **kwargs))
+    assert [c.usage is not None for c in asked].count(True) == 1
+    assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 6
+
+
+def test_openai_logprobs_in_answers_and_streams(oa):
+    kwargs = {"model": "tiny", "messages": USER, "max_tokens": 5, "logprobs": True, "top_logprobs": 3,
+              "extra_body": {"guided_choice": ["alpha", "beta"]}}
+    [answer] = oa.chat.completions.create(**kwargs).choices
+    assert answer.message.content in ("alpha", "beta")
+    assert "".join(t.token for t in answer.logprobs.content) == answer.message.content
+    assert all(t.logprob <= 0 and len(t.top_logprobs) <= 3 for t in answer.logprobs.content)
+    streamed = [t for c in oa.chat.completions.create(stream=True, **kwargs) if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in answer.logprobs.content]
+    legacy = oa.completions.create(model="tiny", prompt="Pick:", max_tokens=4, logprobs=2)
+    assert len(legacy.choices[0].logprobs.tokens) == legacy.usage.completion_tokens
+
+
+def test_models_by_id_and_health(oa, serve_cluster):
+    assert oa.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as raised:
+        oa.models.retrieve("no-such-model")
+    assert raised.value.body["code"] == "model_not_found"
+    assert httpx.get(f"{serve_cluster}/health", timeout=30).json() == {"status": "ok"}
+
+
+def test_history_with_content_parts_and_tool_results(oa):
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Answer with a user."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "Weather", "arguments": '{"city": "Oslo", "celsius": true}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3 degrees"},
+    ]
+    answer = oa.chat.completions.parse(model="tiny", messages=messages, response_format=User,
+                                       tools=[openai.pydantic_function_tool(Weather)], tool_choice="none")
+    assert isinstance(answer.choices[0].message.parsed, User)
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}])
+
+
+@pytest.mark.parametrize("mode", [instructor.Mode.TOOLS, instructor.Mode.JSON_SCHEMA])
+def test_instructor(base, mode):
+    client = instructor.from_openai(openai.OpenAI(base_url=base, api_key=API_KEY), mode=mode)
+    user = client.chat.completions.create(model="tiny", response_model=User, messages=USER, max_retries=0)
+    assert isinstance(user, User)
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output(base, method):
+    llm = ChatOpenAI(model="tiny", base_url=base, api_key=API_KEY, temperature=0)
+    assert isinstance(llm.with_structured_output(User, method=method).invoke("Invent a user."), User)
+
+
+@pytest.mark.parametrize("output", [User, NativeOutput(User)], ids=["tool_output", "native_output"])
+def test_pydantic_ai(base, output):
+    model = OpenAIChatModel("tiny", provider=OpenAIProvider(base_url=base, api_key=API_KEY))
+    assert isinstance(Agent(model, output_type=output).run_sync("Invent a user.").output, User)
+
+
+def test_a_tool_with_a_bad_schema_is_a_400_naming_the_tool(oa):
+    tools = [openai.pydantic_function_tool(Weather),
+             {"type": "function", "function": {"name": "bad", "parameters": {
+                 "type": "object", "properties": {"a": {"type": "string", "pattern": "(unclosed"}}}}}]
+    with pytest.raises(openai.BadRequestError) as raised:
+        oa.chat.completions.create(model="tiny", messages=USER, tools=tools, tool_choice="required")
+    assert raised.value.body["param"] == "tools.1.function.parameters"
+
+
+def test_the_tool_calls_bench_gets_only_valid_calls(serve_cluster, tmp_path):
+    """bench/tool_calls.py (3 real-world tools, tool_choice "required") against the app: every
+    answer a call whose arguments validate, even from the tiny random model (closing finishes them)."""
+    done = subprocess.run([sys.executable, "bench/tool_calls.py", "--url", serve_cluster, "--model", "tiny",
+                           "--api-key", API_KEY, "--count", "6", "--clients", "3", "--max-tokens", "128",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "tool_calls.json").read_text())
+    assert result["requests"] == result["tool_calls"] == result["valid"] == 6
+    assert "| 6 | 6/6 | 6/6 |" in done.stdout
