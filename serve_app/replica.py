@@ -160,7 +160,8 @@ class ModelReplica:
             while pending:
                 index, (kind, value) = await events.get()
                 if kind == "logprobs":
-                    logprobs[index] = [e.model_dump() for e in self.engine.logprobs(value)]
+                    if deltas:  # without deltas the result carries them all
+                        logprobs[index] = [e.model_dump() for e in self.engine.logprobs(value)]
                 elif kind == "delta":
                     extra = {"logprobs": logprobs.pop(index)} if index in logprobs else {}
                     yield {"index": index, "delta": value, **extra}
