@@ -95,6 +95,14 @@ class SamplingDefaults(_Strict):
                 for name in SAMPLING_FIELDS}
 
 
+class HealthConfig(_Strict):
+    """What Serve's periodic health check tests besides a loaded model."""
+
+    stuck_after_s: float = Field(
+        300.0, gt=0, description="unhealthy (and replaced by Serve) when the decode loop has rows to run but has "
+        "not finished a step for this long")
+
+
 class CacheConfig(_Strict):
     """Compiled constraints kept per replica (least recently used evicted first)."""
 
@@ -146,6 +154,7 @@ class ModelConfig(_Strict):
     prefix_cache_bytes: int = Field(
         128 * 1024 * 1024, ge=0, description="KV cache of recent prompts kept on the model's device, so a prompt "
         "that starts like one of them is prefilled from where they differ (0 = off)")
+    health: HealthConfig = HealthConfig()
     strict_by_default: bool = Field(
         True, description="a json_schema (or a tool) that leaves `strict` out is enforced exactly; false follows "
         "OpenAI's default (strict: false), where keywords no backend enforces are approximated and the output checked")

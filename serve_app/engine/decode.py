@@ -74,6 +74,8 @@ class DecodeLoop:
         self.prefills = 0  # forward passes that prefilled newly admitted rows
         self.finished: Counter[str] = Counter()  # rows by finish reason
         self.closed_early = 0  # rows the closer finished before their budget ran out
+        self.progress_at = time.monotonic()  # the last time the loop went round (health: stalled_for)
+        self.admitting = 0  # rows taken from the queue and being prefilled, not yet in the batch
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -91,7 +93,19 @@ class DecodeLoop:
 
     def queue_depth(self) -> tuple[int, int]:
         """(waiting, running) rows."""
-        return self.waiting.qsize() + len(self.preempted), len(self.batch)
+        return self.waiting.qsize() + len(self.preempted), len(self.batch) + self.admitting
+
+    def stalled_for(self) -> float:
+        """Seconds the loop has had rows to run without going round once (0 with nothing to do):
+        a forward pass or a mask that never returns, or a thread that died with work queued."""
+        waiting, running = self.queue_depth()
+        if not waiting and not running:
+            return 0.0
+        with self._lock:
+            thread = self._thread
+        if thread is None or not thread.is_alive():
+            return float("inf") if not self._closed.is_set() else 0.0
+        return time.monotonic() - self.progress_at
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the decode thread (after its current step) and fail what it had not finished;
@@ -123,6 +137,7 @@ class DecodeLoop:
 
     def _run(self) -> None:
         while not self._closed.is_set():
+            self.progress_at = time.monotonic()
             self._admit()
             if not len(self.batch):
                 if not self.preempted:
@@ -180,10 +195,13 @@ class DecodeLoop:
             else:
                 self._finish(stream, "cancelled")
         for part in prefill_groups(group):
+            self.admitting = len(part)
             try:
                 self._prefill(part)
             except Exception as error:
                 self._recover(part, error)
+            finally:
+                self.admitting = 0
 
     @torch.inference_mode()
     def _prefill(self, group: list[Stream]) -> None:

@@ -101,8 +101,16 @@ class TransformersEngine:
         return engine
 
     def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""
         if self.model is None:
             raise RuntimeError("model is not loaded")
+        stalled, limit = self.loop.stalled_for(), self.config.health.stuck_after_s
+        if stalled > limit:
+            waiting, running = self.loop.queue_depth()
+            message = (f"the decode loop is stuck: {waiting} rows waiting and {running} running, no step for "
+                       f"{stalled:.0f} s (health.stuck_after_s {limit:g})")
+            logger.error(message)
+            raise RuntimeError(message)
 
     def close(self) -> None:
         """Stop the decode thread; rows not finished get a 503 error. Idempotent."""

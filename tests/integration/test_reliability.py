@@ -292,3 +292,45 @@ def test_hostile_requests_of_every_shape_get_a_4xx_or_a_2xx_fast_and_healthz_sta
     # guards against held /healthz for 30 s.
     assert p95 < 0.1, f"/healthz p95 {p95 * 1000:.0f} ms"
     assert probes[-1] < 1.0, f"/healthz took {probes[-1] * 1000:.0f} ms"
+
+
+def test_serve_replaces_a_replica_whose_decode_loop_is_stuck(serve_cluster):
+    """health.stuck_after_s: a replica whose decode loop has work but makes no step fails its
+    health check, and Serve starts a new one in its place."""
+    from ray import serve
+
+    from serve_app.app import deployment_options
+    from serve_app.config import ModelConfig
+    from serve_app.replica import ModelReplica
+
+    class FreezableReplica(ModelReplica):
+        def freeze(self) -> str:
+            """Every forward pass from now on blocks (as a hung kernel or driver would)."""
+            import threading
+
+            gate = threading.Event()
+            self.engine.loop.fault_injector = lambda batch_size: gate.wait(3600)
+            return self.replica_id
+
+    model = ModelConfig(name="stuck", source="builtin:tiny-random-llama", placement={"num_cpus": 0.25},
+                        health={"stuck_after_s": 2}, sampling={"temperature": 0})
+    options = {**deployment_options(model), "health_check_period_s": 1, "health_check_timeout_s": 10,
+               "graceful_shutdown_timeout_s": 2}
+    app = serve.deployment(FreezableReplica).options(**options).bind(model.model_dump(mode="json", by_alias=True))
+    handle = serve.run(app, name="stuck", route_prefix=None)
+    try:
+        frozen = handle.freeze.remote().result(timeout_s=120)
+        handle.generate.remote([{"prompt": "x", "sampling": {"max_new_tokens": 4}}])  # never finishes there
+        deadline = time.monotonic() + 240
+        replaced = None
+        while time.monotonic() < deadline:
+            status = handle.status.remote().result(timeout_s=120)
+            if status["replica_id"] != frozen:
+                replaced = status
+                break
+            time.sleep(0.5)
+        assert replaced is not None, "the stuck replica was not replaced"
+        answer = handle.generate.remote([{"prompt": "x", "sampling": {"max_new_tokens": 4}}]).result(timeout_s=120)
+        assert answer[0]["finish_reason"] == "length"  # the new replica serves
+    finally:
+        serve.delete("stuck")

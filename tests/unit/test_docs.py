@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,10 @@ def test_readme_engine_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), {})
     first_line = capsys.readouterr().out.splitlines()[0]
     assert first_line.startswith("stop True {")
+
+
+def test_the_license_file_is_the_one_pyproject_declares():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]["text"]
+    assert declared == "Apache-2.0"
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text

@@ -118,3 +118,34 @@ def test_limits_reject_deep_and_exploding_schemas():
 def test_regex_check_times_out_instead_of_hanging():
     catastrophic = parse_constraint({"type": "regex", "pattern": "(a+)+$"})
     assert catastrophic.is_satisfied_by("a" * 40 + "!") in (False, None)
+
+
+def test_a_stuck_decode_loop_fails_the_health_check_and_recovers_when_it_moves(tiny_config):
+    import threading
+    import time
+
+    config = tiny_config.model_copy(update={"health": tiny_config.health.model_copy(update={"stuck_after_s": 0.5})})
+    engine = create_engine(config)
+    entered, release = threading.Event(), threading.Event()
+
+    def freeze(batch_size):
+        entered.set()
+        release.wait(60)
+
+    try:
+        engine.check_health()  # idle: healthy however long ago the last step was
+        engine.loop.fault_injector = freeze
+        stream = engine.submit(GenerationRequest(prompt="x", sampling=SamplingParams(max_new_tokens=4)))
+        assert entered.wait(30)
+        deadline = time.monotonic() + 30
+        while engine.loop.stalled_for() <= 0.5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="decode loop is stuck: 0 rows waiting and 1 running"):
+            engine.check_health()
+        engine.loop.fault_injector = None
+        release.set()
+        assert stream.stream.result(30).finish_reason == "length"
+        engine.check_health()
+    finally:
+        release.set()
+        engine.close()
