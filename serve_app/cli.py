@@ -1,7 +1,8 @@
 """`serve-app`: thin commands over Ray's own tools for running this app on a Ray cluster.
 
     serve-app run CONFIG [--port 8000]              local Ray + Serve in the foreground (`make serve`)
-    serve-app build CONFIG                          print the complete Ray Serve config `serve deploy` takes
+    serve-app run --model HF_ID_OR_DIR [--gpus N]   the same for one model, no config file
+    serve-app build CONFIG | --model ...            print the complete Ray Serve config `serve deploy` takes
     serve-app deploy CONFIG --address URL [--wait]  build, then PUT it to the dashboard as `serve deploy` does
     serve-app status --address URL [--json] [--api-key KEY]  apps, deployments, replicas: placement, fallback
     serve-app submit CONFIG --address URL           run cluster/job_entrypoint.py as a Ray job
@@ -171,9 +172,14 @@ def deploy_config(address: str, built: dict[str, Any]) -> None:
 def wait_running(address: str, names: list[str], timeout_s: float) -> None:
     """Until every named app is RUNNING; a failed deploy or the timeout is an error."""
     client, deadline = serve_client(address), time.monotonic() + timeout_s
+    shown, states = "", {}
     while time.monotonic() < deadline:
         apps = client.get_serve_details().get("applications", {})
         states = {name: apps.get(name, {}).get("status", "NOT_STARTED") for name in names}
+        line = f"waiting: {', '.join(f'{name} {state.lower()}' for name, state in states.items())}"
+        if line != shown:
+            print(line, file=sys.stderr, flush=True)
+            shown = line
         failed = [name for name, state in states.items() if state == "DEPLOY_FAILED"]
         if failed:
             raise CliError(f"app {failed[0]} failed to deploy: {one_line(apps[failed[0]].get('message', ''))}")
@@ -394,12 +400,33 @@ def kuberay_manifest(config: str, name: str, image: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from serve_app.serve import main as serve_main
 
-    return serve_main([args.config, "--host", args.host, "--port", str(args.port)])
+    argv = ["--host", args.host, "--port", str(args.port), "--timeout-s", str(args.timeout_s)]
+    return serve_main(argv + model_argv(args) if args.model else [config_of(args), *argv])
 
 
 def build(args: argparse.Namespace) -> int:
-    print(dump_yaml(serve_config(read_yaml(args.config))), end="")
+    from serve_app.serve import model_application
+
+    config = config_of(args)
+    data = {"applications": [model_application(args)]} if args.model else read_yaml(config)
+    print(dump_yaml(serve_config(data)), end="")
     return 0
+
+
+def config_of(args: argparse.Namespace) -> str:
+    """CONFIG, checking that exactly one of CONFIG and --model was given ("" with --model)."""
+    if args.model and args.config:
+        raise CliError("give CONFIG or --model, not both")
+    if not args.model and not args.config:
+        raise CliError("give CONFIG (a YAML file) or --model HF_ID_OR_DIR")
+    return str(args.config or "")
+
+
+def model_argv(args: argparse.Namespace) -> list[str]:
+    config_of(args)
+    argv = ["--model", args.model, "--engine", args.engine, "--gpus", str(args.gpus), "--dtype", args.dtype,
+            "--replicas", str(args.replicas)]
+    return argv + (["--name", args.name] if args.name else [])
 
 
 def deploy(args: argparse.Namespace) -> int:
@@ -430,16 +457,33 @@ def ray_version() -> str:
     return version("ray")
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("serve_app")
+    except PackageNotFoundError:  # run from a checkout without installing
+        from serve_app import __version__
+
+        return str(__version__)
+
+
 def parser() -> argparse.ArgumentParser:
+    from serve_app.serve import READY_TIMEOUT_S, add_model_options
+
     root = argparse.ArgumentParser(prog="serve-app", description=__doc__.split("\n", 1)[0])
+    root.add_argument("--version", action="version", version=f"serve-app {package_version()} (ray {ray_version()})")
     commands = root.add_subparsers(dest="command", required=True)
-    sub = commands.add_parser("run", help="serve CONFIG on a local Ray cluster, in the foreground")
-    sub.add_argument("config")
+    sub = commands.add_parser("run", help="serve CONFIG (or --model) on a local Ray cluster, in the foreground")
+    sub.add_argument("config", nargs="?")
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8000)
+    sub.add_argument("--timeout-s", type=float, default=READY_TIMEOUT_S, help="how long to wait for ready")
+    add_model_options(sub)
     sub.set_defaults(handler=run)
-    sub = commands.add_parser("build", help="print the complete Ray Serve config built from CONFIG")
-    sub.add_argument("config")
+    sub = commands.add_parser("build", help="print the complete Ray Serve config built from CONFIG (or --model)")
+    sub.add_argument("config", nargs="?")
+    add_model_options(sub)
     sub.set_defaults(handler=build)
     sub = commands.add_parser("deploy", help="deploy CONFIG to a running cluster (as `serve deploy`)")
     sub.add_argument("config")
@@ -467,7 +511,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _address(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--address", default=DEFAULT_DASHBOARD, help="the Ray dashboard's HTTP address")
+    sub.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS") or DEFAULT_DASHBOARD,
+                     help=f"the Ray dashboard's HTTP address (default: $RAY_DASHBOARD_ADDRESS, else "
+                     f"{DEFAULT_DASHBOARD})")
 
 
 def one_line(text: str) -> str:

@@ -107,3 +107,36 @@ def test_the_peers_bench_runs_against_serve_app_and_writes_its_table(tmp_path):
             assert outcome["valid"] + outcome["cut"] + outcome["invalid"] == outcome["requests"]
             assert outcome["invalid"] == 0  # never a finished answer that breaks its schema
     assert (tmp_path / "peers.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_serve_app_run_model_serves_a_local_directory_without_a_config(tiny_model_dir):
+    """`serve-app run --model DIR`: no YAML; progress while it starts, then the usual routes."""
+    port = free_port()
+    server = subprocess.Popen([str(ROOT / ".venv" / "bin" / "serve-app"), "run", "--model", tiny_model_dir,
+                               "--port", str(port), "--timeout-s", str(START_TIMEOUT_S)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert server.poll() is None, server.stdout.read() if server.stdout else ""
+        base = f"http://127.0.0.1:{port}"
+        assert [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=30).json()["data"]] == ["tiny-random-llama"]
+        answer = httpx.post(f"{base}/v1/chat/completions", timeout=300, json={
+            "model": "tiny-random-llama", "messages": [{"role": "user", "content": "hi"}],
+            "structured_outputs": {"choice": ["yes", "no"]}}).json()
+        assert answer["choices"][0]["message"]["content"] in ("yes", "no") and answer["choices"][0]["valid"]
+    finally:
+        server.send_signal(signal.SIGINT)  # the CLI itself shuts Ray down on Ctrl-C
+        try:
+            output, _ = server.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            output, _ = server.communicate()
+    assert "waiting: " in output and "serve_app is ready" in output, output[-3000:]

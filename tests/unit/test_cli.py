@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -173,3 +174,32 @@ def test_unreachable_cluster_is_one_line_from_the_installed_script(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert_one_line_error(done.returncode, done.stderr)
         assert done.stdout == ""
+
+
+def test_build_with_model_needs_no_config_file(capsys):
+    code, out, err = run_cli(capsys, "build", "--model", "Org/Some_Model v2", "--gpus", "0.5", "--replicas", "2")
+    assert code == 0, err
+    [app] = yaml.safe_load(out)["applications"]
+    [model] = app["args"]["models"]
+    assert model["name"] == "Some_Model-v2" and model["source"] == "Org/Some_Model v2"
+    assert model["placement"] == {"gpus_per_replica": 0.5}
+    assert model["autoscaling"] == {"min_replicas": 2, "max_replicas": 2}
+    [deployment] = app["deployments"]
+    assert deployment["ray_actor_options"]["num_gpus"] == 0.5 and deployment["num_replicas"] == 2
+
+
+@pytest.mark.parametrize("args", [["run"], ["build"], ["build", "configs/local.yaml", "--model", "x"]])
+def test_run_and_build_want_exactly_one_of_config_and_model(capsys, args):
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "CONFIG")
+
+
+def test_version_and_the_dashboard_address_from_the_environment(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and re.match(r"serve-app \d+\.\d+\.\d+ \(ray \d", capsys.readouterr().out)
+    monkeypatch.setenv("RAY_DASHBOARD_ADDRESS", "http://10.0.0.7:8265")
+    from serve_app.cli import parser
+
+    assert parser().parse_args(["status"]).address == "http://10.0.0.7:8265"
+    assert parser().parse_args(["status", "--address", "http://h:1"]).address == "http://h:1"
