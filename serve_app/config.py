@@ -95,6 +95,36 @@ class SamplingDefaults(_Strict):
                 for name in SAMPLING_FIELDS}
 
 
+# from_pretrained arguments the loading section or the placement plan sets: not to be passed twice.
+RESERVED_LOAD_KWARGS = frozenset({"dtype", "torch_dtype", "device_map", "max_memory", "gguf_file", "revision",
+                                  "trust_remote_code", "attn_implementation", "pretrained_model_name_or_path"})
+
+
+class LoadingConfig(_Strict):
+    """How the checkpoint and tokenizer are read (transformers' from_pretrained options)."""
+
+    revision: str | None = Field(None, description="a branch, tag or commit of a hub source (or of its local cache)")
+    trust_remote_code: bool = Field(False, description="run the checkpoint's own Python code (custom architectures); "
+                                    "only for sources you trust")
+    tokenizer: str | None = Field(None, description="load the tokenizer from here (hub id or directory) instead of "
+                                  "the source")
+    chat_template: str | None = Field(None, description="a Jinja chat template, or the path of a file holding one; "
+                                      "replaces the tokenizer's. Without any, chat requests are a 400 (prompt works)")
+    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ... (default: "
+                                            "transformers' choice)")
+    from_pretrained_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the model's from_pretrained as they are (e.g. low_cpu_mem_usage, "
+        "quantization_config); the keys above and those the placement plan sets are refused")
+
+    @field_validator("from_pretrained_kwargs")
+    @classmethod
+    def _not_reserved(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(RESERVED_LOAD_KWARGS & kwargs.keys())
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: set by the loading section or the placement plan, not here")
+        return kwargs
+
+
 class HealthConfig(_Strict):
     """What Serve's periodic health check tests besides a loaded model."""
 
@@ -146,6 +176,7 @@ class ModelConfig(_Strict):
     dtype: Dtype = Field("auto", description="auto: bfloat16 on GPUs that compute it natively, float16 on older "
                          "ones; on CPU bfloat16 where it has native bf16 math (AVX-512 BF16, AMX, Arm BF16), else "
                          "float32")
+    loading: LoadingConfig = LoadingConfig()
     placement: PlacementConfig = PlacementConfig()
     limits: LimitsConfig = LimitsConfig()
     sampling: SamplingDefaults = SamplingDefaults()

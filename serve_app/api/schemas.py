@@ -16,7 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from serve_app.api import tools as tooling
 from serve_app.api.tools import MAX_TOOLS, Tool, ToolChoice
 from serve_app.constraints import SOURCE_FIELD, Constraint, JsonSchemaConstraint, build_constraint
-from serve_app.engine.types import ChatMessage, GenerationRequest, GenerationResult, SamplingParams, TokenLogprobs
+from serve_app.engine.types import (
+    ChatMessage,
+    ChatTemplateKwargs,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    TokenLogprobs,
+)
 from serve_app.errors import ConstraintError, InvalidRequestError
 from serve_app.fields import (
     FrequencyPenalty,
@@ -206,6 +213,7 @@ class ChatCompletionRequest(_OpenAIBase):
     parallel_tool_calls: bool | None = None  # accepted; an answer makes at most one call
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None  # vLLM's: e.g. {"enable_thinking": false}
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -268,7 +276,8 @@ class ChatCompletionRequest(_OpenAIBase):
 
     def generation_requests(self, strict_default: bool = True) -> list[GenerationRequest]:
         offered = [t.model_dump(exclude_none=True) for t in self.offered_tools()]
-        return _n_requests(self, {"messages": self.messages, "tools": offered or None}, strict_default)
+        return _n_requests(self, {"messages": self.messages, "tools": offered or None,
+                                  "chat_template_kwargs": self.chat_template_kwargs}, strict_default)
 
 
 class CompletionRequest(_OpenAIBase):

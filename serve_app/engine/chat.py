@@ -1,7 +1,7 @@
 """Messages (and tools) to prompt text through the model's chat template.
 
 Templates that know tool calling get `tools` and the history's `tool_calls` as they are. For a
-template that does not (SmolLM2's, the ChatML fallback), the tools are described in the system
+template that does not (SmolLM2's, the tiny test model's ChatML), the tools are described in the system
 message and earlier tool calls are written as the JSON a call is generated as,
 ``{"name": ..., "arguments": {...}}`` (api/tools.py), so the model sees the shape it is asked for.
 """
@@ -13,7 +13,6 @@ from typing import Any
 
 from serve_app.engine.types import ChatMessage
 from serve_app.errors import InvalidRequestError
-from serve_app.models import CHATML_TEMPLATE
 
 TOOLS_PROMPT = (
     "You can call these functions. Each is given as JSON: its name, what it does, and the JSON Schema of its "
@@ -22,10 +21,16 @@ TOOLS_PROMPT = (
 )
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> str:
-    template = tokenizer.chat_template or CHATML_TEMPLATE
+def render_chat(tokenizer: Any, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
+                template_kwargs: dict[str, Any] | None = None) -> str:
+    """`template_kwargs`: a request's chat_template_kwargs (e.g. Qwen3's enable_thinking)."""
+    template = tokenizer.chat_template
+    if not template:
+        raise InvalidRequestError(
+            "messages: this model has no chat template; send a prompt (/v1/completions) or set the model's "
+            "loading.chat_template", param="messages", code="no_chat_template")
     dumped = [m.model_dump(exclude_none=True) for m in messages]
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(template_kwargs or {})
     if "tool_calls" not in template:
         dumped = [_plain(m) for m in dumped]
     if tools:

@@ -21,6 +21,18 @@ logger = logging.getLogger(__name__)
 class ModelSource:
     path: str  # a local directory or a hub id
     gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tokenizer: str | None = None  # where the tokenizer comes from, if not `path`
+
+    def options(self) -> dict[str, Any]:
+        """What every from_pretrained of this source gets."""
+        out: dict[str, Any] = {"gguf_file": self.gguf_file}
+        if self.revision is not None:
+            out["revision"] = self.revision
+        if self.trust_remote_code:
+            out["trust_remote_code"] = True
+        return out
 
 
 @dataclass
@@ -37,25 +49,38 @@ class LoadedModel:
 
 
 def resolve_source(model: ModelConfig) -> ModelSource:
-    """`builtin:<name>` -> its prepared directory; `x.gguf` -> its folder + file name."""
+    """`builtin:<name>` -> its prepared directory; `x.gguf` -> its folder + file name; with the
+    loading section's revision, remote-code and tokenizer settings."""
+    loading = model.loading
     if model.source.startswith(BUILTIN_PREFIX):
-        return ModelSource(str(prepare(model.source.removeprefix(BUILTIN_PREFIX))))
-    path = Path(model.source).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        return ModelSource(str(path.parent), path.name)
-    return ModelSource(str(path) if path.exists() else model.source, model.gguf_file)
+        path, gguf = str(prepare(model.source.removeprefix(BUILTIN_PREFIX))), None
+    else:
+        local = Path(model.source).expanduser()
+        if local.suffix == ".gguf" and local.is_file():
+            path, gguf = str(local.parent), local.name
+        else:
+            path, gguf = str(local) if local.exists() else model.source, model.gguf_file
+    return ModelSource(path, gguf, loading.revision, loading.trust_remote_code, loading.tokenizer)
 
 
 def load_hf_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    return AutoConfig.from_pretrained(source.path, **source.options())
 
 
-def load_tokenizer(source: ModelSource) -> Any:
+def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Any:
+    """The tokenizer, left-padded, with a pad token, and `chat_template` (a template or the path
+    of a file holding one) in place of its own."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    if source.tokenizer is not None:
+        options = {k: v for k, v in source.options().items() if k == "trust_remote_code"}
+        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer, **options)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.options())
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         # Fallback chain, as TGI does: eos, then unk, then bos; left padding is masked anyway.
@@ -66,6 +91,17 @@ def load_tokenizer(source: ModelSource) -> Any:
     if tokenizer.pad_token_id is None:
         raise ModelLoadError("the tokenizer has no pad, eos, unk or bos token to pad with")
     return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """A template given inline, or the path of a file holding one (a value with no Jinja tag in
+    it is taken for a path)."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"loading.chat_template: {value!r} is neither a Jinja template nor a file")
+    return path.read_text()
 
 
 def apply_torch_threads(setting: int | str) -> int:
@@ -90,19 +126,25 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
-def _from_pretrained(source: ModelSource, plan: PlacementPlan) -> Any:
+def _from_pretrained(source: ModelSource, plan: PlacementPlan, model_cfg: ModelConfig | None = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     if plan.device == "cuda" and plan.memory_fraction is not None:
         index = next(iter(plan.max_memory or {0: 0}))
         torch.cuda.set_per_process_memory_fraction(plan.memory_fraction, int(index))
+    extra: dict[str, Any] = {}
+    if model_cfg is not None:
+        extra.update(model_cfg.loading.from_pretrained_kwargs)
+        if model_cfg.loading.attn_implementation is not None:
+            extra["attn_implementation"] = model_cfg.loading.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
         source.path,
-        gguf_file=source.gguf_file,
+        **source.options(),
         dtype=getattr(torch, plan.dtype),
         device_map=plan.device_map,
         max_memory=plan.max_memory,
+        **extra,
     )
     return model.eval()
 
@@ -151,21 +193,21 @@ def load_model(model_cfg: ModelConfig, plan: PlacementPlan, source: ModelSource 
     and `cpu_fallback` is on, load on CPU and record why."""
     source = source or resolve_source(model_cfg)
     started, planned = time.perf_counter(), plan
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, model_cfg.loading.chat_template)
     fell_back, reason = False, _gpu_unusable_reason(plan)
     if reason is not None:
         if not model_cfg.placement.cpu_fallback:
             raise ModelLoadError(f"cannot load {model_cfg.name} on GPU: {reason}")
         plan, fell_back = _cpu_fallback_plan(model_cfg, hf_config, reason), True
     try:
-        model = _from_pretrained(source, plan)
+        model = _from_pretrained(source, plan, model_cfg)
     except Exception as error:
         if plan.device != "cuda" or not is_out_of_memory(error) or not model_cfg.placement.cpu_fallback:
             raise
         reason = f"out of memory while loading on GPU: {error}"
         plan, fell_back = _cpu_fallback_plan(model_cfg, hf_config, reason), True
         release_gpu_memory()
-        model = _from_pretrained(source, plan)
+        model = _from_pretrained(source, plan, model_cfg)
     device_map = dict(getattr(model, "hf_device_map", None) or {"": str(model.device)})
     loaded = LoadedModel(model, tokenizer, plan, source, fell_back, reason if fell_back else None,
                          time.perf_counter() - started, device_map, planned if fell_back else None)

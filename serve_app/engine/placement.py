@@ -8,6 +8,7 @@ agree.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,9 +94,42 @@ def count_parameters(hf_config: PretrainedConfig) -> int:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    # A config with an auto_map came from the checkpoint's own code, which loading trusted already.
+    remote = {"trust_remote_code": True} if getattr(hf_config, "auto_map", None) else {}
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = AutoModelForCausalLM.from_config(hf_config, **remote)
     return sum(p.numel() for p in model.parameters())
+
+
+def quantized_bits(hf_config: PretrainedConfig) -> float | None:
+    """Bits per weight of a pre-quantised checkpoint (GPTQ, AWQ, bitsandbytes, FP8, ...), read
+    from its config's quantization_config; None when it is not quantised."""
+    found = getattr(hf_config, "quantization_config", None)
+    found = found.to_dict() if hasattr(found, "to_dict") else found
+    if not isinstance(found, dict):
+        return None
+    if found.get("load_in_4bit"):
+        return 4.0
+    if found.get("load_in_8bit"):
+        return 8.0
+    for key in ("bits", "w_bit", "weight_bits", "nbits"):
+        if isinstance(found.get(key), int | float) and not isinstance(found.get(key), bool):
+            return float(found[key])
+    if "fp8" in str(found.get("quant_method", "")).lower():
+        return 8.0
+    return None
+
+
+def weight_bytes(hf_config: PretrainedConfig, dtype: str) -> int:
+    """Bytes of the weights in memory: parameters x the dtype's size, or for a pre-quantised
+    checkpoint its bits per weight (embeddings and the output head stay in `dtype`)."""
+    params = count_parameters(hf_config)
+    bits = quantized_bits(hf_config)
+    if bits is None:
+        return params * DTYPE_BYTES[dtype]
+    vocab, hidden = int(getattr(hf_config, "vocab_size", 0) or 0), int(getattr(hf_config, "hidden_size", 0) or 0)
+    embeddings = min(params, vocab * hidden * (1 if getattr(hf_config, "tie_word_embeddings", False) else 2))
+    return embeddings * DTYPE_BYTES[dtype] + math.ceil((params - embeddings) * bits / 8)
 
 
 def kv_bytes_per_token(hf_config: PretrainedConfig, dtype: str) -> int:
@@ -136,7 +170,7 @@ def available_cpu_memory() -> int | None:
 def _cpu_plan(model: ModelConfig, hf_config: PretrainedConfig | None, reason: str,
               cpu_memory: int | None = None, cpu_features: frozenset[str] | None = None) -> PlacementPlan:
     dtype = choose_dtype(model.dtype, [], cpu_features)
-    weights = count_parameters(hf_config) * DTYPE_BYTES[dtype] if hf_config is not None else None
+    weights = weight_bytes(hf_config, dtype) if hf_config is not None else None
     kv = kv_bytes_per_token(hf_config, dtype) if hf_config is not None else None
     vocab = getattr(hf_config, "vocab_size", 0) or 0
     budget = int(cpu_memory * CPU_MEMORY_SHARE) if cpu_memory is not None else 0
@@ -169,7 +203,7 @@ def plan_placement(
     dtype = choose_dtype(model.dtype, used)
     budgets = _gpu_budgets(model, used)
     budget = sum(budgets.values())
-    weights = count_parameters(hf_config) * DTYPE_BYTES[dtype] if hf_config is not None else None
+    weights = weight_bytes(hf_config, dtype) if hf_config is not None else None
     kv = kv_bytes_per_token(hf_config, dtype) if hf_config is not None else None
     vocab = getattr(hf_config, "vocab_size", 0) or 0
     free = budget - weights if weights is not None else None

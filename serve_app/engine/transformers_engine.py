@@ -162,7 +162,7 @@ class TransformersEngine:
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
-            text = render_chat(self.tokenizer, request.messages, request.tools)
+            text = render_chat(self.tokenizer, request.messages, request.tools, request.chat_template_kwargs)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(request.prompt)["input_ids"])
 

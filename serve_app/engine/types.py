@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.constraints import Constraint
 from serve_app.fields import (
@@ -97,6 +97,25 @@ class TokenLogprobs(TokenLogprob):
     top_logprobs: list[TokenLogprob] = Field(default_factory=list)
 
 
+# Names the chat template call sets itself: a request's chat_template_kwargs may not replace them.
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
+                                      "continue_final_message", "tokenize", "chat_template", "return_dict",
+                                      "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs"})
+TemplateValue = str | bool | int | float | None
+
+
+def _check_template_kwargs(kwargs: dict[str, TemplateValue]) -> dict[str, TemplateValue]:
+    taken = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if taken:
+        raise ValueError(f"{', '.join(taken)}: set by the service, not by chat_template_kwargs")
+    if any(isinstance(v, str) and len(v) > 4096 for v in kwargs.values()):
+        raise ValueError("values are at most 4096 characters")
+    return kwargs
+
+
+ChatTemplateKwargs = Annotated[dict[str, TemplateValue], Field(max_length=16), AfterValidator(_check_template_kwargs)]
+
+
 class SamplingParams(_Model):
     """Left out = the model's configured default."""
 
@@ -125,6 +144,7 @@ class GenerationRequest(_Model):
     # Function definitions for the chat template (tool calling); the constraint, if any, is built
     # from them by the API layer.
     tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
