@@ -28,10 +28,11 @@ def user_config(model: ModelConfig) -> dict[str, Any]:
     return {key: dumped[key] for key in RECONFIGURABLE}
 
 
-def deployment_options(model: ModelConfig) -> dict[str, Any]:
+def deployment_options(model: ModelConfig, server: ServerConfig | None = None) -> dict[str, Any]:
     scaling = model.autoscaling
     options: dict[str, Any] = {
         "name": deployment_name(model.name),
+        "logging_config": (server or ServerConfig()).logging.serve_options(),
         "ray_actor_options": actor_options(model),
         "max_ongoing_requests": MAX_ONGOING_PER_REPLICA,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
@@ -52,16 +53,21 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
     return options
 
 
+ROUTER_NAME = "router"
+
+
 def router_options(server: ServerConfig) -> dict[str, Any]:
-    return {"ray_actor_options": {"num_cpus": server.router_num_cpus},
-            "max_ongoing_requests": server.router_max_ongoing_requests}
+    return {"name": ROUTER_NAME, "ray_actor_options": {"num_cpus": server.router_num_cpus},
+            "max_ongoing_requests": server.router_max_ongoing_requests,
+            "logging_config": server.logging.serve_options()}
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else parse_config(args)
     handles = {}
     for model in config.models:
-        deployment = serve.deployment(ModelReplica).options(**deployment_options(model))  # type: ignore[attr-defined]
+        options = deployment_options(model, config.server)
+        deployment = serve.deployment(ModelReplica).options(**options)  # type: ignore[attr-defined]
         handles[model.name] = deployment.bind(model.model_dump(mode="json", by_alias=True))
     router: Any = Router.options(**router_options(config.server))  # type: ignore[attr-defined]
     return router.bind(config.model_dump(mode="json", by_alias=True), handles)

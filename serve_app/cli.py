@@ -36,7 +36,15 @@ from typing import Any
 
 import yaml
 
-from serve_app.config import IN_PLACE_ONLY, AppConfig, ConfigError, ModelConfig, parse_config, read_yaml
+from serve_app.config import (
+    IN_PLACE_ONLY,
+    AppConfig,
+    ConfigError,
+    ModelConfig,
+    ServerConfig,
+    parse_config,
+    read_yaml,
+)
 from serve_app.readiness import NotReadyError, wait_until_ready
 
 IMPORT_PATH = "serve_app.app:build_app"
@@ -74,11 +82,11 @@ def app_args(config: AppConfig) -> dict[str, Any]:
     return dumped
 
 
-def deployment_override(model: ModelConfig) -> dict[str, Any]:
+def deployment_override(model: ModelConfig, server: ServerConfig) -> dict[str, Any]:
     """Serve's per-deployment options for one model, in the config schema's terms."""
     from serve_app.app import deployment_options  # here: `status` and `submit` need none of the app's code
 
-    options = deployment_options(model)
+    options = deployment_options(model, server)
     # Under `serve deploy` the code version comes from `args` (where ModelConfig.version is), not from
     # the deployment's `version` option, which the config schema does not even accept.
     options.pop("version", None)
@@ -96,7 +104,10 @@ def build_application(application: dict[str, Any]) -> dict[str, Any]:
     if application.get("import_path", IMPORT_PATH) != IMPORT_PATH:
         return application  # someone else's app in the same file: pass it through untouched
     config = parse_config(application.get("args", {}))
-    derived = [deployment_override(model) for model in config.models]
+    from serve_app.app import router_options
+
+    # The router too, with the options the config gives it (else Serve keeps the decorator's).
+    derived = [router_options(config.server)] + [deployment_override(model, config.server) for model in config.models]
     return {**DEFAULT_APPLICATION, **application,
             "args": app_args(config),
             "deployments": merge_overrides(derived, application.get("deployments", []))}

@@ -221,8 +221,21 @@ class ModelConfig(_Strict):
         return self
 
 
+class LogConfig(_Strict):
+    """Ray Serve's logging_config for the router and every model deployment: where replicas'
+    log lines (ours included, under Serve's logger) go and how they look."""
+
+    encoding: Literal["TEXT", "JSON"] = Field("TEXT", description="JSON: one object per line, with request ids")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    enable_access_log: bool = Field(True, description="Serve's per-request access lines")
+    logs_dir: str | None = Field(None, description="default: the Ray session's logs/serve")
+
+    def serve_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class ServerConfig(_Strict):
-    """The router's HTTP guard rails."""
+    """The router's HTTP guard rails, and logging for the whole app."""
 
     api_keys: list[str] = Field(default_factory=list, description="accepted bearer tokens (prefer the env var)")
     api_keys_env: str = Field("SERVE_APP_API_KEYS", description="env var with comma-separated keys")
@@ -235,6 +248,7 @@ class ServerConfig(_Strict):
         1000, ge=1, description="requests one router handles at once (each model's queue bounds its own share)")
     replica_attempts: int = Field(
         2, ge=1, le=5, description="tries of a request whose replica dies under it, each on another replica")
+    logging: LogConfig = LogConfig()
 
 
 class AppConfig(_Strict):

@@ -10,12 +10,14 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from ray import serve
 
 from serve_app.config import RECONFIGURABLE, ModelConfig
+from serve_app.logs import under_serve_logger
 from serve_app.registry import HEARTBEAT_S, get_registry
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ class ModelReplica:
         from serve_app.engine.factory import create_engine
         from serve_app.engine.placement import detect_gpus
 
+        under_serve_logger()
+        started = time.perf_counter()
         self.config = ModelConfig.model_validate(model_config)
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         gpus = detect_gpus(self.gpu_ids, assumed_bytes=LOGICAL_GPU_BYTES)
@@ -54,6 +58,10 @@ class ModelReplica:
         self._registry = get_registry()
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, daemon=True, name="registry-heartbeat").start()
+        status = self.engine.status()
+        logger.info("replica %s of %s ready in %.1f s: %s, %d named constraints compiled", self.replica_id,
+                    self.config.name, time.perf_counter() - started, status.get("plan", {}).get("reason", "?"),
+                    len(self.config.constraints))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -79,6 +87,7 @@ class ModelReplica:
         """Serve calls this when it stops the replica: stop reporting, leave the registry (so
         /readyz and /metrics stop counting it at once), stop the decode thread."""
         if hasattr(self, "_stop"):
+            logger.info("replica %s of %s stopping", self.replica_id, self.config.name)
             self._stop.set()
             try:
                 self._registry.remove.remote(self.replica_id)

@@ -27,6 +27,7 @@ from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine.types import GenerationRequest, GenerationResult
 from serve_app.errors import ModelNotFoundError, ServeAppError
 from serve_app.guard import Guard, GuardMiddleware
+from serve_app.logs import under_serve_logger
 from serve_app.metrics import UNKNOWN_ROUTE, RouterMetrics
 from serve_app.model_queue import ModelQueue
 from serve_app.registry import get_registry
@@ -73,6 +74,7 @@ def _model_card(model: ModelConfig) -> dict[str, Any]:
 @serve.ingress(app)
 class Router:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
+        under_serve_logger()
         self.config = AppConfig.model_validate(config)
         self.handles = handles
         self.app_name = serve.get_replica_context().app_name

@@ -104,8 +104,9 @@ def count_parameters(hf_config: PretrainedConfig) -> int:
 def quantized_bits(hf_config: PretrainedConfig) -> float | None:
     """Bits per weight of a pre-quantised checkpoint (GPTQ, AWQ, bitsandbytes, FP8, ...), read
     from its config's quantization_config; None when it is not quantised."""
-    found = getattr(hf_config, "quantization_config", None)
-    found = found.to_dict() if hasattr(found, "to_dict") else found
+    found: Any = getattr(hf_config, "quantization_config", None)
+    if callable(getattr(found, "to_dict", None)):
+        found = found.to_dict()
     if not isinstance(found, dict):
         return None
     if found.get("load_in_4bit"):

@@ -14,7 +14,8 @@ import pytest
 from serve_app.readiness import wait_until_ready
 
 API_KEY = "sk-test-0123456789"
-MAIN_APP = {"server": {"api_keys": [API_KEY], "max_body_bytes": 256 * 1024}, "models": [
+MAIN_APP = {"server": {"api_keys": [API_KEY], "max_body_bytes": 256 * 1024, "logging": {"encoding": "JSON"}},
+            "models": [
     {"name": "tiny", "source": "builtin:tiny-random-llama",
      "placement": {"num_cpus": 0.5},
      "autoscaling": {"min_replicas": 2, "max_replicas": 2},

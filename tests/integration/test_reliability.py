@@ -7,6 +7,7 @@ import select
 import socket
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -334,3 +335,22 @@ def test_serve_replaces_a_replica_whose_decode_loop_is_stuck(serve_cluster):
         assert answer[0]["finish_reason"] == "length"  # the new replica serves
     finally:
         serve.delete("stuck")
+
+
+def test_replica_lifecycle_lines_are_in_serves_replica_logs_as_json(serve_cluster, client):
+    """server.logging: JSON; our INFO lines (loaded, warm-up, ready) are in Serve's own replica
+    log files, each a JSON object carrying the replica's id."""
+    import glob
+    import json
+    import os
+
+    import ray
+
+    logs = ray._private.worker._global_node.get_logs_dir_path()  # this session's logs
+    files = glob.glob(os.path.join(logs, "serve", "replica_main_model-tiny_*.log"))
+    assert files, os.listdir(os.path.join(logs, "serve"))
+    lines = [json.loads(line) for path in files for line in Path(path).read_text().splitlines() if line.startswith("{")]
+    loaded = [line for line in lines if line["message"].startswith("loaded tiny")]
+    ready = [line for line in lines if " of tiny ready in " in line["message"]]
+    assert loaded and ready, [line["message"] for line in lines][:20]
+    assert all(line["replica"] and line["deployment"] == "main_model-tiny" for line in loaded + ready)

@@ -69,7 +69,8 @@ def test_build_wraps_a_bare_models_file_into_one_application(capsys, tmp_path):
     assert (app["name"], app["route_prefix"]) == ("serve_app", "/")
     assert app["args"]["models"][0]["name"] == "tiny"
     assert "sampling" not in app["args"]["models"][0] and "constraints" not in app["args"]["models"][0]
-    [deployment] = app["deployments"]
+    router, deployment = app["deployments"]
+    assert router["name"] == "router" and router["ray_actor_options"] == {"num_cpus": 0.25}
     assert deployment["user_config"]["sampling"]["max_new_tokens"] == 8
     assert deployment["user_config"]["constraints"]["yn"]["choices"] == ["yes", "no"]
 
@@ -95,7 +96,8 @@ def test_config_file_deployment_overrides_win_over_derived_ones(capsys, tmp_path
     deployments = {d["name"]: d for d in built(capsys, write(tmp_path, config))["applications"][0]["deployments"]}
     assert deployments["model-tiny"]["max_ongoing_requests"] == 7
     assert "user_config" in deployments["model-tiny"]
-    assert deployments["router"] == {"name": "router", "num_replicas": 2}
+    assert deployments["router"]["num_replicas"] == 2  # the file's own entry wins, key by key
+    assert deployments["router"]["ray_actor_options"] == {"num_cpus": 0.25}  # derived from server.router_num_cpus
 
 
 def manifest(capsys: pytest.CaptureFixture[str], config: str) -> dict[str, Any]:
@@ -184,7 +186,8 @@ def test_build_with_model_needs_no_config_file(capsys):
     assert model["name"] == "Some_Model-v2" and model["source"] == "Org/Some_Model v2"
     assert model["placement"] == {"gpus_per_replica": 0.5}
     assert model["autoscaling"] == {"min_replicas": 2, "max_replicas": 2}
-    [deployment] = app["deployments"]
+    router, deployment = app["deployments"]
+    assert router["name"] == "router" and router["ray_actor_options"] == {"num_cpus": 0.25}
     assert deployment["ray_actor_options"]["num_gpus"] == 0.5 and deployment["num_replicas"] == 2
 
 
