@@ -206,3 +206,43 @@ def test_version_and_the_dashboard_address_from_the_environment(capsys, monkeypa
 
     assert parser().parse_args(["status"]).address == "http://10.0.0.7:8265"
     assert parser().parse_args(["status", "--address", "http://h:1"]).address == "http://h:1"
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_configs_manifest_schedules_every_replica_at_its_maximum(capsys, monkeypatch, config):
+    from serve_app.cli import unschedulable
+
+    monkeypatch.chdir(ROOT)
+    service = manifest(capsys, config)
+    assert unschedulable(service) == []
+    cluster = service["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert float(head["rayStartParams"]["num-cpus"]) >= 0.25  # the router runs there
+    if config == "configs/fractional_gpu.yaml":  # what kept it from RUNNING: no CPU for the router anywhere
+        head["rayStartParams"]["num-cpus"] = "0"
+        [missing] = unschedulable(service)
+        assert "/router#0 (0.25 CPU, 0 GPU)" in missing
+
+
+def test_the_manifest_keeps_the_dashboard_on_the_pod_behind_a_token_and_mounts_the_models(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cluster = manifest(capsys, "configs/multi_gpu.yaml")["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "$(POD_IP)"
+    for container in [head["template"]["spec"]["containers"][0]] + [
+            g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "serve-app-ray-token", "key": "token"}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    [group] = cluster["workerGroupSpecs"]
+    assert group["template"]["spec"]["containers"][0]["volumeMounts"] == [
+        {"name": "models", "mountPath": "/models", "readOnly": True}]
+    assert group["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "serve-app-models"
+
+
+def test_a_manifest_whose_pods_cannot_hold_the_replicas_is_refused(capsys, tmp_path):
+    config = {"applications": [{"name": "x", "import_path": "serve_app.app:build_app", "args": {"models": [TINY]},
+                                "deployments": [{"name": "model-tiny", "ray_actor_options": {"num_cpus": 64}}]}]}
+    code, _, err = run_cli(capsys, "kuberay", write(tmp_path, config))
+    assert_one_line_error(code, err, "no room for x/model-tiny#0 (64 CPU, 0 GPU)")
