@@ -5,7 +5,8 @@
     serve-app build CONFIG | --model ...            print the complete Ray Serve config `serve deploy` takes
     serve-app deploy CONFIG --address URL [--wait]  build, then PUT it to the dashboard as `serve deploy` does
     serve-app status --address URL [--json] [--api-key KEY]  apps, deployments, replicas: placement, fallback
-    serve-app submit CONFIG --address URL           run cluster/job_entrypoint.py as a Ray job
+    serve-app submit CONFIG --address URL           run `python -m serve_app.job CONFIG` as a Ray job
+    serve-app configs                               the configs shipped with the package, usable by name
     serve-app kuberay CONFIG                        print a KubeRay RayService manifest
 
 CONFIG is one of `configs/*.yaml` (a Ray Serve config whose `args` are ours) or a bare ``models:``
@@ -50,7 +51,7 @@ from serve_app.readiness import NotReadyError, wait_until_ready
 IMPORT_PATH = "serve_app.app:build_app"
 DEFAULT_APPLICATION = {"name": "serve_app", "route_prefix": "/", "import_path": IMPORT_PATH}
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-ENTRYPOINT = "cluster/job_entrypoint.py"
+ENTRYPOINT = "serve_app.job"  # `python -m serve_app.job CONFIG` (cluster/job_entrypoint.py is the same)
 # Never uploaded with a job's working dir (virtualenvs alone can be gigabytes), whatever
 # .gitignore says: secrets (env files, keys, certificates, cloud credentials) stay on this machine.
 UPLOAD_EXCLUDES = [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".mypy_cache",
@@ -295,17 +296,53 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def job_request(config: str, working_dir: str) -> tuple[str, dict[str, Any]]:
-    """The entrypoint and runtime_env: the working dir travels with the job (uploaded to the head)."""
-    root = Path(working_dir).resolve()
-    if not (root / ENTRYPOINT).is_file():
-        raise CliError(f"{root / ENTRYPOINT} not found; run from the repository or pass --working-dir")
+    """The entrypoint and runtime_env: the working dir travels with the job (uploaded to the head).
+    A shipped config (`serve-app configs`) outside the working dir travels alone, in a folder of
+    its own: the cluster's own serve_app (its image) serves it."""
+    root, path = Path(working_dir).resolve(), Path(config).resolve()
     try:
-        relative = Path(config).resolve().relative_to(root)
+        relative = path.relative_to(root)
     except ValueError:
-        raise CliError(f"config {config} must be inside the working dir {root} (it is uploaded with it)") from None
+        if path.parent != shipped_configs_dir().resolve():
+            raise CliError(f"config {config} must be inside the working dir {root} (it is uploaded with it)") from None
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="serve-app-job-"))
+        relative = Path(path.name)
+        (root / relative).write_text(path.read_text())
     # `python` is the cluster's interpreter, not ours: the job runs on the head node.
-    entrypoint = f"python {ENTRYPOINT} {shlex.quote(relative.as_posix())}"
+    entrypoint = f"python -m {ENTRYPOINT} {shlex.quote(relative.as_posix())}"
     return entrypoint, {"working_dir": str(root), "excludes": UPLOAD_EXCLUDES}
+
+
+def shipped_configs_dir() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("serve_app") / "configs"))
+
+
+def shipped_configs() -> dict[str, Path]:
+    folder = shipped_configs_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def resolve_config(config: str) -> str:
+    """CONFIG as given when that file exists; else a shipped config by name (`local`,
+    `local.yaml` or `configs/local.yaml`), so the commands work outside a checkout."""
+    if Path(config).exists():
+        return config
+    stem = Path(config).name.removesuffix(".yaml").removesuffix(".yml")
+    shipped = shipped_configs()
+    if stem in shipped and Path(config).parent in (Path("."), Path("configs")):
+        return str(shipped[stem])
+    return config
+
+
+def configs(args: argparse.Namespace) -> int:
+    for name, path in shipped_configs().items():
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{name:<16} {path}  {first}")
+    return 0
 
 
 async def follow_logs(client: Any, job_id: str) -> None:
@@ -318,6 +355,8 @@ def submit(args: argparse.Namespace) -> int:
 
     serve_config(read_yaml(args.config))  # a bad config fails here, not minutes later on the cluster
     entrypoint, runtime_env = job_request(args.config, args.working_dir)
+    print(f"uploading {runtime_env['working_dir']} (without virtualenvs, .git, caches, .env files, keys and "
+          f"certificates) to run `{entrypoint}`", file=sys.stderr, flush=True)
     use_local_token()
     client = JobSubmissionClient(args.address)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
@@ -591,9 +630,12 @@ def parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("submit", help=f"run {ENTRYPOINT} CONFIG as a Ray job")
     sub.add_argument("config")
     _address(sub)
-    sub.add_argument("--working-dir", default=".", help="uploaded with the job; must hold CONFIG and the entrypoint")
+    sub.add_argument("--working-dir", default=".", help="uploaded with the job; must hold CONFIG (a shipped config "
+                     "travels alone)")
     sub.add_argument("--no-wait", action="store_true", help="print the job id and return")
     sub.set_defaults(handler=submit)
+    sub = commands.add_parser("configs", help="list the configs shipped with the package (usable by name)")
+    sub.set_defaults(handler=configs)
     sub = commands.add_parser("kuberay", help="print a KubeRay RayService manifest for CONFIG")
     sub.add_argument("config")
     sub.add_argument("--name", default="serve-app")
@@ -614,6 +656,8 @@ def one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "config", None):
+        args.config = resolve_config(args.config)
     try:
         return int(args.handler(args))
     except ConfigError as error:

@@ -339,9 +339,8 @@ def test_submitted_job_deploys_the_app_until_ready(head: Head, tmp_path: Path) -
     # Start from no app, so "ready" measures this job's deployment rather than an earlier one.
     httpx.delete(f"{head.dashboard}/api/serve/applications/", headers=head.auth, timeout=120).raise_for_status()
     wait_for(lambda: not serve_details(head).get("applications"), 120, "apps deleted")
-    workdir = tmp_path / "job"
-    (workdir / "cluster").mkdir(parents=True)
-    shutil.copy(ROOT / "cluster" / "job_entrypoint.py", workdir / "cluster" / "job_entrypoint.py")
+    workdir = tmp_path / "job"  # just the config: the job runs the installed serve_app (python -m serve_app.job)
+    workdir.mkdir(parents=True)
     write_config(workdir, "app.yaml", serve_config(head.http_port))
     started = time.monotonic()
     job = subprocess.Popen([SERVE_APP, "submit", "app.yaml", "--address", head.dashboard, "--working-dir", "."],

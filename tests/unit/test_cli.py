@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import yaml
 from ray.serve._private.deploy_utils import get_app_code_version
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from serve_app.cli import main
+from serve_app.cli import UPLOAD_EXCLUDES, CliError, main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -246,3 +247,40 @@ def test_a_manifest_whose_pods_cannot_hold_the_replicas_is_refused(capsys, tmp_p
                                 "deployments": [{"name": "model-tiny", "ray_actor_options": {"num_cpus": 64}}]}]}
     code, _, err = run_cli(capsys, "kuberay", write(tmp_path, config))
     assert_one_line_error(code, err, "no room for x/model-tiny#0 (64 CPU, 0 GPU)")
+
+
+def test_shipped_configs_are_listed_and_usable_by_name_from_anywhere(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    code, out, _ = run_cli(capsys, "configs")
+    assert code == 0 and {line.split()[0] for line in out.splitlines()} == {"local", "fractional_gpu", "multi_gpu"}
+    for name in ("local", "local.yaml", "configs/local.yaml"):
+        code, out, err = run_cli(capsys, "build", name)
+        assert code == 0, err
+        assert yaml.safe_load(out)["applications"][0]["args"]["models"][0]["name"] == "smollm2-135m-instruct"
+
+
+def test_submitting_a_shipped_config_from_outside_a_checkout_uploads_it_alone(monkeypatch, tmp_path):
+    from serve_app.cli import job_request, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    entrypoint, runtime_env = job_request(resolve_config("local"), ".")
+    assert entrypoint == "python -m serve_app.job local.yaml"
+    uploaded = Path(runtime_env["working_dir"])
+    assert sorted(p.name for p in uploaded.iterdir()) == ["local.yaml"] and uploaded != tmp_path
+    (tmp_path / "mine.yaml").write_text("models: []\n")
+    assert job_request("mine.yaml", ".") == ("python -m serve_app.job mine.yaml",
+                                              {"working_dir": str(tmp_path), "excludes": UPLOAD_EXCLUDES})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pytest.raises(CliError, match="must be inside the working dir"):
+        job_request(str(tmp_path / "mine.yaml"), str(elsewhere))
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_configs_and_the_job(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [wheel] = tmp_path.glob("serve_app-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"serve_app/configs/local.yaml", "serve_app/configs/multi_gpu.yaml", "serve_app/job.py"} <= names
