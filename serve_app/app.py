@@ -57,7 +57,8 @@ ROUTER_NAME = "router"
 
 
 def router_options(server: ServerConfig) -> dict[str, Any]:
-    return {"name": ROUTER_NAME, "ray_actor_options": {"num_cpus": server.router_num_cpus},
+    return {"name": ROUTER_NAME, "num_replicas": server.router_replicas,
+            "ray_actor_options": {"num_cpus": server.router_num_cpus},
             "max_ongoing_requests": server.router_max_ongoing_requests,
             "logging_config": server.logging.serve_options()}
 

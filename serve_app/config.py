@@ -244,6 +244,8 @@ class ServerConfig(_Strict):
     max_json_depth: int = Field(
         128, ge=8, description="nesting of arrays and objects in a request body (and in guided_json as a string)")
     router_num_cpus: float = Field(0.25, gt=0, description="CPUs Ray reserves for the router (the HTTP ingress)")
+    router_replicas: int = Field(1, ge=1, le=64, description="router replicas (Serve's proxy spreads requests over "
+                                 "them); every model's queue bound applies per router")
     router_max_ongoing_requests: int = Field(
         1000, ge=1, description="requests one router handles at once (each model's queue bounds its own share)")
     replica_attempts: int = Field(

@@ -1,8 +1,14 @@
-"""Prometheus metrics, served by the router at GET /metrics (prefix ``serve_app_``).
+"""Metrics, two ways (no torch import here):
 
-Request-level series are recorded by the router as requests finish; replica-level series
-(queues, compile cache, GPU memory, fallback) come from the replicas' heartbeats in the
-registry, read at scrape time. No torch import here.
+- `RouterMetrics`: Prometheus text at the router's GET /metrics (prefix ``serve_app_``).
+  Request-level series are recorded by the router that served the request; replica-level
+  series (queues, compile cache, GPU memory, fallback) come from the replicas' heartbeats in the
+  registry, read at scrape time.
+- `ClusterMetrics`: the same facts and a few more, emitted with Ray Serve's metrics API from
+  every replica and every router, so Ray's metrics export (each node's metrics port, Ray's
+  Prometheus and Grafana) sums them right with any number of routers. Ray prefixes them
+  ``ray_`` and adds the application, deployment and replica tags (CLUSTER_METRICS lists them;
+  cluster/grafana_dashboard.json charts them).
 """
 
 from __future__ import annotations
@@ -147,3 +153,55 @@ class RouterMetrics:
         for model, rate in self._rates.items():
             self.tokens_per_s.labels(model).set(rate.per_second())
         return bytes(generate_latest(self.registry))
+
+
+# Emitted through Ray (exported as ray_<name>): name -> (kind, tags, description).
+CLUSTER_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    f"{PREFIX}_request_finished_total": ("counter", ("model", "finish_reason"),
+                                         "Rows finished by a replica, by finish_reason (stop, length, cancelled)"),
+    f"{PREFIX}_prompt_tokens_total": ("counter", ("model",), "Prompt tokens of finished rows"),
+    f"{PREFIX}_generation_tokens_total": ("counter", ("model",), "Generated tokens of finished rows"),
+    f"{PREFIX}_queue_time_seconds": ("histogram", ("model",), "From a row's submission to its prefill"),
+    f"{PREFIX}_replica_time_to_first_token_seconds": ("histogram", ("model",), "From submission to first token"),
+    f"{PREFIX}_replica_queue_rows": ("gauge", ("model", "state"), "Rows per replica: waiting or running"),
+    f"{PREFIX}_e2e_request_latency_seconds": ("histogram", ("model", "route"),
+                                              "At the router: from a request's admission to its last byte"),
+}
+
+
+class ClusterMetrics:
+    """Ray Serve metrics of one replica or router (create inside the Serve actor)."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self._metrics: dict[str, Any] = {}
+        for name, (kind, keys, description) in CLUSTER_METRICS.items():
+            tags: Any = keys  # Ray's stubs say tuple[str]; any tuple of names works
+            if kind == "counter":
+                self._metrics[name] = metrics.Counter(name, description=description, tag_keys=tags)
+            elif kind == "gauge":
+                self._metrics[name] = metrics.Gauge(name, description=description, tag_keys=tags)
+            else:
+                self._metrics[name] = metrics.Histogram(name, description=description, tag_keys=tags,
+                                                        boundaries=list(_LATENCY_BUCKETS))
+
+    def row_finished(self, model: str, result: GenerationResult) -> None:
+        tags = {"model": model}
+        self._metrics[f"{PREFIX}_request_finished_total"].inc(tags={**tags, "finish_reason": result.finish_reason})
+        self._metrics[f"{PREFIX}_prompt_tokens_total"].inc(result.usage.prompt_tokens, tags=tags)
+        if result.usage.completion_tokens:
+            self._metrics[f"{PREFIX}_generation_tokens_total"].inc(result.usage.completion_tokens, tags=tags)
+        if "queue_s" in result.timings:
+            self._metrics[f"{PREFIX}_queue_time_seconds"].observe(result.timings["queue_s"], tags=tags)
+        if result.timings.get("first_token_s"):
+            self._metrics[f"{PREFIX}_replica_time_to_first_token_seconds"].observe(
+                result.timings["first_token_s"], tags=tags)
+
+    def queue(self, model: str, waiting: int, running: int) -> None:
+        gauge = self._metrics[f"{PREFIX}_replica_queue_rows"]
+        gauge.set(waiting, tags={"model": model, "state": "waiting"})
+        gauge.set(running, tags={"model": model, "state": "running"})
+
+    def request_done(self, model: str, route: str, seconds: float) -> None:
+        self._metrics[f"{PREFIX}_e2e_request_latency_seconds"].observe(seconds, tags={"model": model, "route": route})

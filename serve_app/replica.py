@@ -18,6 +18,7 @@ from ray import serve
 
 from serve_app.config import RECONFIGURABLE, ModelConfig
 from serve_app.logs import under_serve_logger
+from serve_app.metrics import ClusterMetrics
 from serve_app.registry import HEARTBEAT_S, get_registry
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class ModelReplica:
         self.replica_id = context.replica_id.unique_id
         self.app_name = context.app_name
         self._registry = get_registry()
+        self.metrics = ClusterMetrics()
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, daemon=True, name="registry-heartbeat").start()
         status = self.engine.status()
@@ -108,6 +110,10 @@ class ModelReplica:
 
     def _heartbeat(self) -> None:
         while not self._stop.is_set():
+            try:
+                self.metrics.queue(self.config.name, *self.engine.queue_depth())
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                logger.warning("could not record the queue gauge", exc_info=True)
             try:
                 self._registry.report.remote(self.replica_id, self.status())
             except Exception:  # the registry restarting must not take the replica down
@@ -179,6 +185,7 @@ class ModelReplica:
                 else:
                     pending -= 1
                     result = self.engine.result(submissions[index], value)
+                    self.metrics.row_finished(self.config.name, result)
                     yield {"index": index, "done": result.model_copy(update={"served_by": served_by}).model_dump()}
         finally:
             for submission in submissions:

@@ -28,7 +28,7 @@ from serve_app.engine.types import GenerationRequest, GenerationResult
 from serve_app.errors import ModelNotFoundError, ServeAppError
 from serve_app.guard import Guard, GuardMiddleware
 from serve_app.logs import under_serve_logger
-from serve_app.metrics import UNKNOWN_ROUTE, RouterMetrics
+from serve_app.metrics import UNKNOWN_ROUTE, ClusterMetrics, RouterMetrics
 from serve_app.model_queue import ModelQueue
 from serve_app.registry import get_registry
 from serve_app.relay import StreamFormat, relay
@@ -80,6 +80,7 @@ class Router:
         self.app_name = serve.get_replica_context().app_name
         self.registry = get_registry()
         self.metrics = app.state.metrics = RouterMetrics()
+        self.cluster_metrics = ClusterMetrics()
         app.state.guard = Guard(self.config.server)
         self.checker = RequestChecker(self.config)
         self.queues = {m.name: ModelQueue(m.limits.max_pending_requests) for m in self.config.models}
@@ -99,21 +100,25 @@ class Router:
         self.metrics.pending.labels(model.name).set(queue.pending)
         return queue
 
-    def leave(self, model: ModelConfig, queue: ModelQueue, results: list[GenerationResult]) -> None:
+    def leave(self, model: ModelConfig, queue: ModelQueue, results: list[GenerationResult],
+              started: float | None = None, route: str = "") -> None:
         queue.leave(finished=bool(results))
         self.metrics.pending.labels(model.name).set(queue.pending)
         for result in results:
             self.metrics.observe_result(model.name, result)
+        if started is not None and results:
+            self.cluster_metrics.request_done(model.name, route, time.perf_counter() - started)
 
-    async def dispatch(self, model: ModelConfig, rows: list[GenerationRequest]) -> list[GenerationResult]:
-        queue = self.admit(model)
+    async def dispatch(self, model: ModelConfig, rows: list[GenerationRequest],
+                       route: str = "") -> list[GenerationResult]:
+        queue, started = self.admit(model), time.perf_counter()
         results: list[GenerationResult] = []
         try:
             payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
             results = [GenerationResult.model_validate(r) for r in await self.call_replica(model, payload)]
             return results
         finally:  # also when the client disconnected and Serve cancelled this request
-            self.leave(model, queue, results)
+            self.leave(model, queue, results, started, route)
 
     async def call_replica(self, model: ModelConfig, payload: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A replica that dies under a request (killed, crashed) gets it retried on another, up to
@@ -129,10 +134,11 @@ class Router:
                     raise
         raise AssertionError("unreachable")
 
-    async def stream(self, model: ModelConfig, rows: list[GenerationRequest], fmt: StreamFormat) -> StreamingResponse:
+    async def stream(self, model: ModelConfig, rows: list[GenerationRequest], fmt: StreamFormat,
+                     route: str = "") -> StreamingResponse:
         """Start a replica stream and wait for its first event, so that errors raised before any
         token (prompt too long, a constraint that does not compile) still get a 4xx response."""
-        queue = self.admit(model)
+        queue, started = self.admit(model), time.perf_counter()
         payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
         stream = self.handles[model.name].options(stream=True).generate_stream.remote(payload)
         try:
@@ -141,15 +147,17 @@ class Router:
             stream.cancel()
             self.leave(model, queue, [])
             raise
-        events = relay(first, stream, fmt, lambda results: self.leave(model, queue, results))
+        events = relay(first, stream, fmt, lambda results: self.leave(model, queue, results, started, route))
         return StreamingResponse(events, media_type="text/event-stream")
 
     async def openai(self, request: Request, body_type: type[Any], chat: bool) -> dict[str, Any] | StreamingResponse:
         intake = await self.intake(request, body_type)
         model, rows = intake.model, intake.rows
+        route = "/v1/chat/completions" if chat else "/v1/completions"
         if intake.body.stream:
-            return await self.stream(model, rows, schemas.ChunkFormatter(model.name, chat, len(rows), intake.body))
-        results = await self.dispatch(model, rows)
+            return await self.stream(model, rows, schemas.ChunkFormatter(model.name, chat, len(rows), intake.body),
+                                     route)
+        results = await self.dispatch(model, rows, route)
         shape = schemas.chat_completion_response if chat else schemas.completion_response
         return shape(model.name, results, intake.body)
 
@@ -167,8 +175,9 @@ class Router:
         intake = await self.intake(request, schemas.NativeGenerateRequest)
         model, [row] = intake.model, intake.rows
         if intake.body.stream:
-            return await self.stream(model, [row], schemas.NativeEvents(model.name, row.constraint, started))
-        [result] = await self.dispatch(model, [row])
+            return await self.stream(model, [row], schemas.NativeEvents(model.name, row.constraint, started),
+                                     "/v1/generate")
+        [result] = await self.dispatch(model, [row], "/v1/generate")
         return schemas.native_response(model.name, result, row.constraint, time.perf_counter() - started)
 
     @app.get("/v1/models")

@@ -205,6 +205,10 @@ class DecodeLoop:
 
     @torch.inference_mode()
     def _prefill(self, group: list[Stream]) -> None:
+        now = time.perf_counter()
+        for stream in group:
+            if stream.output.queue_s is None:
+                stream.output.queue_s = now - stream.submitted_at
         contexts = [s.context_ids() for s in group]
         hit = self.prefixes.find(contexts) if self.prefixes is not None and self.joinable else None
         extra: dict[str, Any] = dict(self.last_logits_only)

@@ -56,6 +56,7 @@ class RowOutput:
     text: str = ""
     finish_reason: str = "running"  # then "stop", "length" or "cancelled"
     first_token_s: float | None = None
+    queue_s: float | None = None  # from submission to the row's first prefill
     total_s: float = 0.0
     accepted: bool = False  # ended on EOS while constrained: the matcher allowed EOS, so it accepts
     closed_early: bool = False  # the closer forced the shortest valid completion near the budget

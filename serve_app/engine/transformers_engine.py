@@ -269,7 +269,8 @@ class TransformersEngine:
             valid=valid, closed_early=out.closed_early, backend=submission.backend,
             approximated=list(submission.approximated), token_ids=out.token_ids,
             logprobs=self.logprobs(out.logprobs) if row.logprobs is not None else None,
-            timings={"total_s": out.total_s, "first_token_s": out.first_token_s or 0.0},
+            timings={"total_s": out.total_s, "first_token_s": out.first_token_s or 0.0,
+                     **({"queue_s": out.queue_s} if out.queue_s is not None else {})},
         )
 
     # -- status --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ or hold the event loop, then a property-based run over the whole class of hostil
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import threading
@@ -354,3 +355,58 @@ def test_replica_lifecycle_lines_are_in_serves_replica_logs_as_json(serve_cluste
     ready = [line for line in lines if " of tiny ready in " in line["message"]]
     assert loaded and ready, [line["message"] for line in lines][:20]
     assert all(line["replica"] and line["deployment"] == "main_model-tiny" for line in loaded + ready)
+
+
+def test_ray_metrics_count_every_request_once_whatever_router_served_it(serve_cluster):
+    """Two routers: the series replicas and routers emit through Ray's metrics add up to the
+    requests sent, and the Grafana dashboard's Ray-side names are the exported ones."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    config = {"server": {"router_replicas": 2}, "models": [
+        {"name": "metered", "source": "builtin:tiny-random-llama", "placement": {"num_cpus": 0.25},
+         "sampling": {"temperature": 0}}]}
+    serve.run(build_app(config), name="metered", route_prefix="/metered")
+    try:
+        routers = serve.status().applications["metered"].deployments["router"].replica_states
+        assert sum(routers.values()) == 2
+        body = {"model": "metered", "prompt": "count me", "max_tokens": 4}
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda _: httpx.post(f"{serve_cluster}/metered/v1/completions", json=body,
+                                                       timeout=120).status_code, range(12)))
+        assert codes == [200] * 12
+        port = ray._private.worker._global_node.metrics_export_port
+
+        def totals() -> dict[str, float]:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+            out: dict[str, float] = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name.startswith("ray_serve_app_") and sample.labels.get("model") == "metered":
+                        out[sample.name] = out.get(sample.name, 0.0) + sample.value
+            return out
+
+        wanted = {"ray_serve_app_request_finished_total": 12, "ray_serve_app_e2e_request_latency_seconds_count": 12,
+                  "ray_serve_app_generation_tokens_total": 48, "ray_serve_app_queue_time_seconds_count": 12}
+        deadline, seen = time.monotonic() + 180, {}
+        while time.monotonic() < deadline:  # Ray exports every few seconds
+            seen = totals()
+            if all(seen.get(name, 0) >= value for name, value in wanted.items()):
+                break
+            time.sleep(1)
+        assert seen["ray_serve_app_request_finished_total"] == 12, seen
+        assert seen["ray_serve_app_e2e_request_latency_seconds_count"] == 12, seen
+        assert seen["ray_serve_app_generation_tokens_total"] == 48, seen
+        assert seen["ray_serve_app_prompt_tokens_total"] >= 12 and seen["ray_serve_app_queue_time_seconds_count"] == 12
+        dashboard = json.loads((Path(__file__).resolve().parents[2] / "cluster" / "grafana_dashboard.json").read_text())
+        queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+                   for name in re.findall(r"\bray_serve_app_[a-z0-9_]+", target["expr"])}
+        assert queried <= set(seen), sorted(queried - set(seen))
+    finally:
+        serve.delete("metered")

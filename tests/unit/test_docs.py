@@ -72,3 +72,21 @@ def test_the_license_file_is_the_one_pyproject_declares():
     assert declared == "Apache-2.0"
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_every_grafana_query_names_a_metric_we_emit():
+    from prometheus_client.core import Metric
+
+    from serve_app.metrics import CLUSTER_METRICS, RouterMetrics
+
+    families: list[Metric] = list(RouterMetrics().registry.collect())
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    emitted = {f.name + suffix for f in families for suffix in suffixes.get(f.type, ("",))}
+    for name, (kind, _, _) in CLUSTER_METRICS.items():  # Ray exports them as ray_<name>
+        emitted |= {f"ray_{name}{suffix}" for suffix in suffixes[kind if kind != "counter" else "gauge"]}
+    dashboard = json.loads((ROOT / "cluster" / "grafana_dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\b(?:ray_)?serve_app_[a-z0-9_]+", target["expr"])}
+    assert queried and queried <= emitted, sorted(queried - emitted)
+    assert {"ray_serve_app_e2e_request_latency_seconds_bucket", "ray_serve_app_request_finished_total",
+            "ray_serve_app_prompt_tokens_total", "ray_serve_app_queue_time_seconds_bucket"} <= queried
