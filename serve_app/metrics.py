@@ -13,9 +13,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -187,6 +189,10 @@ class ClusterMetrics:
                                                         boundaries=list(_LATENCY_BUCKETS))
 
     def row_finished(self, model: str, result: GenerationResult) -> None:
+        with _never_raising("row_finished"):
+            self._row_finished(model, result)
+
+    def _row_finished(self, model: str, result: GenerationResult) -> None:
         tags = {"model": model}
         self._metrics[f"{PREFIX}_request_finished_total"].inc(tags={**tags, "finish_reason": result.finish_reason})
         self._metrics[f"{PREFIX}_prompt_tokens_total"].inc(result.usage.prompt_tokens, tags=tags)
@@ -199,9 +205,21 @@ class ClusterMetrics:
                 result.timings["first_token_s"], tags=tags)
 
     def queue(self, model: str, waiting: int, running: int) -> None:
-        gauge = self._metrics[f"{PREFIX}_replica_queue_rows"]
-        gauge.set(waiting, tags={"model": model, "state": "waiting"})
-        gauge.set(running, tags={"model": model, "state": "running"})
+        with _never_raising("queue"):
+            gauge = self._metrics[f"{PREFIX}_replica_queue_rows"]
+            gauge.set(waiting, tags={"model": model, "state": "waiting"})
+            gauge.set(running, tags={"model": model, "state": "running"})
 
     def request_done(self, model: str, route: str, seconds: float) -> None:
-        self._metrics[f"{PREFIX}_e2e_request_latency_seconds"].observe(seconds, tags={"model": model, "route": route})
+        with _never_raising("request_done"):
+            self._metrics[f"{PREFIX}_e2e_request_latency_seconds"].observe(
+                seconds, tags={"model": model, "route": route})
+
+
+@contextmanager
+def _never_raising(what: str) -> Iterator[None]:
+    """A metric that cannot be recorded is logged, never a failed request."""
+    try:
+        yield
+    except Exception:  # noqa: BLE001
+        logging.getLogger(__name__).warning("could not record the %s metrics", what, exc_info=True)

@@ -110,10 +110,7 @@ class ModelReplica:
 
     def _heartbeat(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.metrics.queue(self.config.name, *self.engine.queue_depth())
-            except Exception:  # noqa: BLE001 - metrics must never take the replica down
-                logger.warning("could not record the queue gauge", exc_info=True)
+            self.metrics.queue(self.config.name, *self.engine.queue_depth())
             try:
                 self._registry.report.remote(self.replica_id, self.status())
             except Exception:  # the registry restarting must not take the replica down
