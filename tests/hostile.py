@@ -5,6 +5,7 @@ tests/integration/test_reliability.py and by the larger randomized run in bench/
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -142,5 +143,6 @@ def hostile_requests(draw: Any) -> tuple[str, bytes]:
     route, base = draw(st.sampled_from(BASES))
     body = json.loads(json.dumps(base))
     for _ in range(draw(st.integers(1, 2))):
-        set_path(body, draw(st.sampled_from(PATHS[route])), draw(VALUES))
+        # A copy: sampled values are shared objects, and a later path may write into this one.
+        set_path(body, draw(st.sampled_from(PATHS[route])), copy.deepcopy(draw(VALUES)))
     return route, encode(body)
