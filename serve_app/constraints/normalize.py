@@ -181,6 +181,10 @@ class _Rewriter:
         if "not" in node and _is_never(node["not"]):
             self.note("not", ptr, "dropped (its subschema rejects everything)")
             node = {k: v for k, v in node.items() if k != "not"}
+        if not self.uneval_anywhere:  # these add in-place applicators, which would change what is "evaluated"
+            node = self.conditional(self.negation(node, ptr), ptr)
+            if node is self.never or node == self.never:
+                return self.never
         node = self.unevaluated(self.all_of(self.one_of(node, ptr), ptr), ptr)
         node = self.declare_required(self.all_of(self.dependencies(node, ptr), ptr), ptr)
         if not VALIDATION_KEYWORDS & node.keys():
@@ -188,6 +192,97 @@ class _Rewriter:
                 self.note("annotation-only subschema", ptr, "-> {} (any value)")
             return {}
         return node
+
+    def negation(self, node: dict[str, Any], ptr: str) -> Any:
+        """`not` over what has an exact complement: a finite set of values beside it, `not`, `required`,
+        `type`, or a property discriminator (see `complement`)."""
+        sub = node.get("not")
+        if not isinstance(sub, dict):
+            return node
+        rest = {k: v for k, v in node.items() if k != "not"}
+        excluded = _excluded_values(sub)
+        if excluded is not None:
+            domain = _finite_domain(rest)
+            if domain is None:
+                return node
+            kept = [v for v in domain if not any(_json_equal(v, x) for x in excluded)]
+            self.note("not const/enum", ptr, f"-> enum of the {len(kept)} other allowed values")
+            if not kept:
+                return self.never
+            without = {k: v for k, v in rest.items() if k not in ("const", "enum")}
+            return {**without, "enum": kept}
+        complement = self.complement(sub, rest)
+        if complement is None:
+            return node
+        self.note("not", ptr, "-> its complement")
+        return {**rest, "allOf": [*rest.get("allOf", []), complement]}
+
+    def complement(self, sub: Any, beside: dict[str, Any] | None = None) -> Any:
+        """A schema accepting exactly what `sub` rejects, or None. `beside`: the schema `sub` is applied
+        next to (its property enums bound a discriminator's other values)."""
+        if _is_never(sub):
+            return {}
+        if not isinstance(sub, dict):
+            return self.never if sub is True else None
+        sub = _without_declared_anything(sub)
+        keys = VALIDATION_KEYWORDS & sub.keys()
+        if not keys:
+            return self.never
+        if keys == {"not"}:
+            return sub["not"]
+        if keys == {"required"} and _names(sub["required"]) and sub["required"]:
+            absent = [{"properties": {name: self.never}} for name in dict.fromkeys(sub["required"])]
+            return {"type": "object", **(absent[0] if len(absent) == 1 else {"anyOf": absent})}
+        if keys == {"type"}:
+            return self.other_types(sub["type"])
+        return self.discriminator_complement(sub, keys, beside or {})
+
+    def other_types(self, declared: Any) -> Any:
+        names = _type_list(declared)
+        if not names or not all(isinstance(n, str) and n in _TYPE_NAMES for n in names):
+            return None
+        covered = _union([frozenset(_TYPE_NAMES[n]) for n in names])
+        if "integer" in covered and "fraction" not in covered:
+            return None  # "a number that is not an integer" has no type name
+        others = [t for t in ("null", "boolean", "object", "array", "string", "number") if not _TYPE_NAMES[t] & covered]
+        return self.never if not others else {"type": others[0] if len(others) == 1 else others}
+
+    def discriminator_complement(self, sub: dict[str, Any], keys: set[str], beside: dict[str, Any]) -> Any:
+        """¬{properties: {k: V}, required: [k]} (a `type: object` allowed) where V lists values and the
+        schema beside gives k a finite domain: not an object, or k absent, or k one of the other values."""
+        props = sub.get("properties")
+        if not keys <= {"properties", "required", "type"} or not isinstance(props, dict) or len(props) != 1:
+            return None
+        [(name, value)] = props.items()
+        if sub.get("required") != [name] or sub.get("type", "object") != "object":
+            return None
+        excluded = _excluded_values(value) if isinstance(value, dict) and VALIDATION_KEYWORDS & value.keys() <= {
+            "const", "enum"} else None
+        around = beside.get("properties", {}).get(name) if isinstance(beside.get("properties"), dict) else None
+        domain = _finite_domain(around) if isinstance(around, dict) else None
+        if excluded is None or domain is None:
+            return None
+        others = [v for v in domain if not any(_json_equal(v, x) for x in excluded)]
+        branches: list[Any] = [{"properties": {name: self.never}}]
+        if others:
+            branches.append({"required": [name], "properties": {name: {"enum": others}}})
+        not_object = self.other_types("object")
+        return {"anyOf": [not_object, {"type": "object", "anyOf": branches}]}
+
+    def conditional(self, node: Any, ptr: str) -> Any:
+        """if/then/else whose `if` has an exact complement C: anyOf [allOf [if, then], allOf [C, else]]."""
+        if not isinstance(node, dict) or "if" not in node or not {"then", "else"} & node.keys():
+            return node
+        complement = self.complement(node["if"], node)
+        if complement is None:
+            return node
+        rest = {k: v for k, v in node.items() if k not in ("if", "then", "else")}
+        then, otherwise = node.get("then", {}), node.get("else", {})
+        branches = [{"allOf": [node["if"], then]}, {"allOf": [complement, otherwise]}]
+        self.note("if/then/else", ptr, "-> anyOf [if and then, not-if and else]")
+        if "anyOf" in rest:
+            return {**rest, "allOf": [*rest.get("allOf", []), {"anyOf": branches}]}
+        return {**rest, "anyOf": branches}
 
     def drop_format(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
         fmt = node.get("format")
@@ -384,6 +479,44 @@ def _merge(parent: dict[str, Any], branch: Any) -> dict[str, Any] | None:
                             or any(ours & group and theirs & group for group in _GROUPS)):
         return None
     return {**branch, **parent}
+
+
+def _without_declared_anything(sub: dict[str, Any]) -> dict[str, Any]:
+    """`sub` without `properties` that only declare required names as any value (declare_required adds
+    them; they validate nothing)."""
+    props = sub.get("properties")
+    if isinstance(props, dict) and props and all(v in ({}, True) for v in props.values()) \
+            and _names(sub.get("required")) and set(props) <= set(sub["required"]):
+        return {k: v for k, v in sub.items() if k != "properties"}
+    return sub
+
+
+def _excluded_values(sub: Any) -> list[Any] | None:
+    """The values a `{const}` / `{enum}` / `{const, enum}` subschema accepts, or None for other shapes."""
+    if not isinstance(sub, dict) or not (VALIDATION_KEYWORDS & sub.keys()) or not VALIDATION_KEYWORDS & sub.keys() \
+            <= {"const", "enum"}:
+        return None
+    if "enum" in sub and not isinstance(sub["enum"], list):
+        return None
+    values = list(sub.get("enum", [])) + ([sub["const"]] if "const" in sub else [])
+    if "const" in sub and "enum" in sub:  # both must hold: the const, if the enum lists it
+        values = [sub["const"]] if any(_json_equal(sub["const"], v) for v in sub["enum"]) else []
+    return values
+
+
+def _finite_domain(schema: Any) -> list[Any] | None:
+    """Every value `schema` can accept, when its own const/enum/boolean or null type makes that a finite
+    list (the values other keywords beside them reject are not removed: they stay rejected there)."""
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return [schema["const"]]
+    if isinstance(schema.get("enum"), list):
+        return list(schema["enum"])
+    names = _type_list(schema.get("type"))
+    if names and all(n in ("boolean", "null") for n in names):
+        return [v for n in names for v in ([False, True] if n == "boolean" else [None])]
+    return None
 
 
 def _is_never(schema: Any) -> bool:

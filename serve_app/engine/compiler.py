@@ -147,9 +147,15 @@ class ConstraintCompiler:
         if isinstance(constraint, ChoiceConstraint):
             compiled.min_tokens = min(len(self.encode(choice)) for choice in constraint.choices)
         elif isinstance(constraint, JsonSchemaConstraint):
+            # The normalised schema accepts the same instances, in shapes the closer follows (if/then/else
+            # and oneOf as anyOf branches, refs inlined).
+            # Else (no completion known for it) the schema as sent.
+            target = plan.target if isinstance(plan.target, JsonSchemaConstraint) else constraint
             try:
                 separators = self.backend(compiled.backend).json_separators
-                closer = JsonCloser(constraint.json_schema, self.encode, ENFORCED_FORMATS, separators)
+                closer = JsonCloser(target.json_schema, self.encode, ENFORCED_FORMATS, separators)
+                if closer.min_text is None and target is not constraint:
+                    closer = JsonCloser(constraint.json_schema, self.encode, ENFORCED_FORMATS, separators)
             except Exception:  # noqa: BLE001 - no closer means honest truncation, never a failed request
                 logger.warning("cannot build a closer for %s", compiled.key, exc_info=True)
                 return

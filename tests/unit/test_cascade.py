@@ -49,6 +49,15 @@ REAL_WORLD_SHAPES = {
     "event_with_date_time": {"type": "object", "properties": {"type": {"const": "order.paid"},
                                                               "at": {"type": "string", "format": "date-time"}},
                              "required": ["type", "at"]},
+    # if/then/else and not, rewritten into what backends enforce (normalize.py: conditional, negation)
+    "payment_if_then_else": {"type": "object", "required": ["method"], "properties": {
+        "method": {"enum": ["card", "bank"]}, "last4": {"type": "string", "maxLength": 4},
+        "iban": {"type": "string", "maxLength": 12}}, "additionalProperties": False,
+        "if": {"properties": {"method": {"const": "card"}}, "required": ["method"]},
+        "then": {"required": ["last4"]}, "else": {"required": ["iban"]}},
+    "not_required_and_not_enum": {"type": "object", "properties": {
+        "status": {"enum": ["open", "closed", "deleted"], "not": {"const": "deleted"}},
+        "legacy_id": {"type": "integer"}}, "required": ["status"], "not": {"required": ["legacy_id"]}},
 }
 CORPUS = Path(__file__).resolve().parents[2] / "bench" / "data" / "schema_corpus.json"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -355,6 +356,38 @@ def test_allof_with_one_branch_merges_unless_keywords_clash_or_read_each_other()
     assert _norm(beside) == beside
 
 
+def test_not_over_what_has_a_complement_is_rewritten_and_what_has_none_stays() -> None:
+    out = normalize_schema({"type": "object", "not": {"required": ["a"]}}, KNOWN)
+    assert out.schema == {"type": "object", "allOf": [{"type": "object", "properties": {"a": False}}]}
+    assert any(r.startswith("not at #/ ->") for r in out.rewrites)
+    assert _norm({"enum": ["x", "y"], "not": {"const": "y"}}) == {"enum": ["x"]}
+    assert _norm({"type": "boolean", "not": {"const": False}}) == {"type": "boolean", "enum": [True]}
+    assert _norm({"properties": {"p": {"const": 1, "not": {"enum": [1.0]}}}}) == {"properties": {"p": False}}
+    for kept in ({"not": {"type": "integer"}}, {"not": {"const": "x"}}, {"not": {"pattern": "^a"}},
+                 {"type": "string", "not": {"enum": ["a"]}}):
+        assert "not" in json.dumps(_norm(kept)), kept
+
+
+def test_if_then_else_with_a_decidable_if_becomes_anyof() -> None:
+    schema = next(case for case in CASES if case.name == "if_discriminator").schema
+    out = _norm(schema)
+    assert "if" not in out and "anyOf" in out
+    assert "not" not in json.dumps(out)  # the other kinds are listed instead
+    undecidable = {"if": {"properties": {"kind": {"const": "card"}}}, "then": {"required": ["n"]}}
+    assert "if" in _norm(undecidable)  # kind's other values are not listed anywhere
+
+
+@pytest.mark.parametrize("name", ["not_required", "if_discriminator", "not_const_enum"])
+def test_the_rewritten_keywords_are_enforced_exactly(name: str) -> None:
+    from serve_app.constraints import JsonSchemaConstraint, LimitsConfig, installed_backends, plan_constraint
+    from serve_app.constraints.registry import BackendDefaults
+
+    schema = next(case for case in CASES if case.name == name).schema
+    plan = plan_constraint(JsonSchemaConstraint.model_validate({"schema": schema}), LimitsConfig(),
+                           BackendDefaults(), installed_backends())
+    assert plan.backends and not plan.lenient
+
+
 # --- the same verdict on realistic schemas -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -452,6 +485,26 @@ CASES = [
                                          "b": {"type": "array", "uniqueItems": True, "maxItems": 1},
                                          "c": {"type": "array", "uniqueItems": True, "maxItems": 3}}},
          {"a": [1, 1], "b": [2], "c": [1, 2]}),
+    Case("not_required", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {}},
+                          "not": {"required": ["a", "b"]}}, {"a": 1}),
+    Case("not_required_untyped", {"not": {"required": ["a"]}, "properties": {"b": {"type": "integer"}}}, {"b": 1}),
+    Case("not_type_and_not_not", {"properties": {
+        "x": {"not": {"type": ["string", "null"]}}, "y": {"not": {"type": "integer"}},
+        "z": {"not": {"not": {"type": "string", "maxLength": 2}}}, "w": {"not": {"type": "number"}}}},
+        {"x": 1, "z": "ab"}),
+    Case("not_const_enum", {"properties": {
+        "status": {"enum": ["a", "b", "c", 1], "not": {"enum": ["b", 1.0]}},
+        "flag": {"type": "boolean", "not": {"const": True}}, "n": {"const": 3, "not": {"const": 3}},
+        "m": {"type": ["null", "boolean"], "not": {"enum": [None, 0]}}}},
+        {"status": "a", "flag": False, "m": True}),
+    Case("if_discriminator", {"type": "object", "required": ["kind"], "properties": {
+        "kind": {"enum": ["card", "bank", "cash"]}, "number": {"type": "string"}, "iban": {"type": "string"}},
+        "if": {"properties": {"kind": {"const": "card"}}, "required": ["kind"]},
+        "then": {"required": ["number"]}, "else": {"required": ["iban"]}}, {"kind": "card", "number": "4"}),
+    Case("if_required_and_type", {"properties": {
+        "o": {"if": {"required": ["a"]}, "then": {"required": ["b"]}},
+        "s": {"if": {"type": "string"}, "then": {"maxLength": 2}, "else": {"type": "integer"}}}},
+        {"o": {"a": 1, "b": 2}, "s": "ab"}),
     Case("required_undeclared", {"type": "object", "required": ["a", "b"], "properties": {
         "a": {"type": "string"},
         "p": {"type": "object", "required": ["k"], "patternProperties": {"^k": {"type": "string"}}},
