@@ -49,6 +49,8 @@ _ALL_TYPES = frozenset({"null", "boolean", "object", "array", "string", "integer
 _TYPE_NAMES = {"null": {"null"}, "boolean": {"boolean"}, "object": {"object"}, "array": {"array"},
                "string": {"string"}, "integer": {"integer"}, "number": {"integer", "fraction"}}
 _ROOT_KEYS = ("$schema", "$id", "id", "x-guidance")
+# A oneOf of overlapping branches is rewritten with each branch's complement (n x n subschemas) up to this many.
+MAX_EXCLUSIVE_BRANCHES = 8
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,12 @@ class _Rewriter:
             return {"type": "object", **(absent[0] if len(absent) == 1 else {"anyOf": absent})}
         if keys == {"type"}:
             return self.other_types(sub["type"])
+        if keys in ({"anyOf"}, {"allOf"}) and isinstance(sub[next(iter(keys))], list) and sub[next(iter(keys))]:
+            # De Morgan: not any of them = each one's complement; not all of them = some one's complement
+            parts = [self.complement(member, beside) for member in sub[next(iter(keys))]]
+            if any(part is None for part in parts):
+                return None
+            return {"allOf" if keys == {"anyOf"} else "anyOf": parts}
         return self.discriminator_complement(sub, keys, beside or {})
 
     def other_types(self, declared: Any) -> Any:
@@ -325,11 +333,27 @@ class _Rewriter:
             return {**rest, "allOf": [*rest.get("allOf", []), branches[0]]}
         reason = self.disjoint_branches(branches, _types(rest, self.ref_types))
         if reason is None:
-            return node
+            return self.exclusive_one_of(node, rest, branches, ptr)
         self.note("oneOf", ptr, f"-> anyOf (branches disjoint: {reason})")
         if "anyOf" in rest:
             return {**rest, "allOf": [*rest.get("allOf", []), {"anyOf": branches}]}
         return {**rest, "anyOf": branches}
+
+    def exclusive_one_of(self, node: dict[str, Any], rest: dict[str, Any], branches: list[Any],
+                         ptr: str) -> dict[str, Any]:
+        """Overlapping branches whose every branch has an exact complement C: exactly one holds, so
+        anyOf over i of allOf [branch i, C(every other branch)] (e.g. oneOf [required a, required b])."""
+        if len(branches) > MAX_EXCLUSIVE_BRANCHES or self.uneval_anywhere:
+            return node
+        complements = [self.complement(branch, rest) for branch in branches]
+        if any(c is None for c in complements):
+            return node
+        exclusive = [{"allOf": [branch, *(c for j, c in enumerate(complements) if j != i)]}
+                     for i, branch in enumerate(branches)]
+        self.note("oneOf", ptr, "-> anyOf of each branch without the others (their complements)")
+        if "anyOf" in rest:
+            return {**rest, "allOf": [*rest.get("allOf", []), {"anyOf": exclusive}]}
+        return {**rest, "anyOf": exclusive}
 
     def disjoint_branches(self, branches: list[Any], within: frozenset[str]) -> str | None:
         """`_disjoint_branches`, remembered across inlined copies; unproven past max_nodes pairs (bounded work)."""

@@ -55,6 +55,9 @@ REAL_WORLD_SHAPES = {
         "iban": {"type": "string", "maxLength": 12}}, "additionalProperties": False,
         "if": {"properties": {"method": {"const": "card"}}, "required": ["method"]},
         "then": {"required": ["last4"]}, "else": {"required": ["iban"]}},
+    "contact_exactly_one_of": {"type": "object", "additionalProperties": False, "properties": {
+        "email": {"type": "string", "maxLength": 10}, "phone": {"type": "string", "maxLength": 10}},
+        "oneOf": [{"required": ["email"]}, {"required": ["phone"]}]},
     "not_required_and_not_enum": {"type": "object", "properties": {
         "status": {"enum": ["open", "closed", "deleted"], "not": {"const": "deleted"}},
         "legacy_id": {"type": "integer"}}, "required": ["status"], "not": {"required": ["legacy_id"]}},

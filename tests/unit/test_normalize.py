@@ -234,11 +234,17 @@ def test_oneof_with_disjoint_values_becomes_anyof() -> None:
     [{"type": "integer"}, {"type": "number", "maximum": 3}],
     [{"enum": [1, 2]}, {"enum": [2.0, 3]}],
     [{"const": True}, {"const": True}],
-    [{"type": "string"}, {"description": "anything"}],
 ])
 def test_oneof_that_cannot_be_proven_disjoint_stays_oneof(one_of: list[Any]) -> None:
     out = _norm({"oneOf": one_of})
     assert "oneOf" in out and "anyOf" not in out
+
+
+def test_oneof_of_a_type_and_anything_is_everything_else() -> None:
+    out = _norm({"oneOf": [{"type": "string"}, {"description": "anything"}]})
+    assert "oneOf" not in json.dumps(out)
+    for instance in ("s", 1, None, [], {}):
+        assert _valid(out, instance) is (not isinstance(instance, str))
 
 
 def test_oneof_proof_work_is_bounded_by_max_nodes() -> None:
@@ -377,7 +383,18 @@ def test_if_then_else_with_a_decidable_if_becomes_anyof() -> None:
     assert "if" in _norm(undecidable)  # kind's other values are not listed anywhere
 
 
-@pytest.mark.parametrize("name", ["not_required", "if_discriminator", "not_const_enum"])
+def test_a_oneof_of_overlapping_branches_with_complements_becomes_exclusive_anyof() -> None:
+    schema = next(case for case in CASES if case.name == "oneof_exactly_one_required").schema
+    out = normalize_schema(schema, KNOWN)
+    assert "oneOf" not in json.dumps(out.schema) and len(out.schema["anyOf"]) == 3
+    assert any("each branch without the others" in r for r in out.rewrites)
+    for instance, valid in (({"a": "x"}, True), ({"a": "x", "b": 1}, False), ({"a": "x", "c": 1}, False),
+                            ({"b": 1, "c": 0}, True), ({}, False)):
+        assert _valid(out.schema, instance) is valid and _valid(schema, instance) is valid, instance
+
+
+@pytest.mark.parametrize("name", ["not_required", "if_discriminator", "not_const_enum",
+                                  "oneof_exactly_one_required"])
 def test_the_rewritten_keywords_are_enforced_exactly(name: str) -> None:
     from serve_app.constraints import JsonSchemaConstraint, LimitsConfig, installed_backends, plan_constraint
     from serve_app.constraints.registry import BackendDefaults
@@ -505,6 +522,12 @@ CASES = [
         "o": {"if": {"required": ["a"]}, "then": {"required": ["b"]}},
         "s": {"if": {"type": "string"}, "then": {"maxLength": 2}, "else": {"type": "integer"}}}},
         {"o": {"a": 1, "b": 2}, "s": "ab"}),
+    Case("oneof_exactly_one_required", {"type": "object", "properties": {
+        "a": {"type": "string"}, "b": {"type": "integer"}, "c": {}},
+        "oneOf": [{"required": ["a"]}, {"required": ["b"]}, {"required": ["c", "a"]}]}, {"b": 1}),
+    Case("not_anyof_allof", {"properties": {
+        "x": {"not": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+        "y": {"not": {"allOf": [{"required": ["p"]}, {"required": ["q"]}]}}}}, {"x": 1, "y": {"p": 1}}),
     Case("required_undeclared", {"type": "object", "required": ["a", "b"], "properties": {
         "a": {"type": "string"},
         "p": {"type": "object", "required": ["k"], "patternProperties": {"^k": {"type": "string"}}},
