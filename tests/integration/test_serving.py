@@ -225,7 +225,7 @@ BAD_INPUTS = [
      {"model": "tiny-small", "messages": USER, "guided_json": BIG_SCHEMA}, 400, "max_schema_bytes"),
     ("unsupported keyword", "/v1/generate",
      {"model": "tiny", "prompt": "x", "constraint": {"type": "json_schema", "schema": {
-         "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}, 400,
+         "type": "object", "properties": {"a": {"not": {"type": "integer"}}}}}}, 400,  # no exact complement
      "unsupported JSON Schema keyword 'not' at #/properties/a"),
     ("invalid regex", "/v1/chat/completions", {"model": "tiny", "messages": USER, "guided_regex": "(a"}, 400,
      "guided_regex: invalid regex"),
