@@ -533,7 +533,10 @@ def _finite_domain(schema: Any) -> list[Any] | None:
     list (the values other keywords beside them reject are not removed: they stay rejected there)."""
     if not isinstance(schema, dict):
         return None
-    if "const" in schema:
+    if "const" in schema:  # with an enum too, both must hold
+        listed = schema.get("enum")
+        if isinstance(listed, list) and not any(_json_equal(schema["const"], v) for v in listed):
+            return []
         return [schema["const"]]
     if isinstance(schema.get("enum"), list):
         return list(schema["enum"])

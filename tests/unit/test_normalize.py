@@ -368,6 +368,8 @@ def test_not_over_what_has_a_complement_is_rewritten_and_what_has_none_stays() -
     assert any(r.startswith("not at #/ ->") for r in out.rewrites)
     assert _norm({"enum": ["x", "y"], "not": {"const": "y"}}) == {"enum": ["x"]}
     assert _norm({"type": "boolean", "not": {"const": False}}) == {"type": "boolean", "enum": [True]}
+    both = {"properties": {"p": {"const": "a", "enum": ["b"], "not": {"const": "x"}}}}  # accepts no p at all
+    assert not _valid(_norm(both), {"p": "a"}) and not _valid(both, {"p": "a"})
     assert _norm({"properties": {"p": {"const": 1, "not": {"enum": [1.0]}}}}) == {"properties": {"p": False}}
     for kept in ({"not": {"type": "integer"}}, {"not": {"const": "x"}}, {"not": {"pattern": "^a"}},
                  {"type": "string", "not": {"enum": ["a"]}}):
