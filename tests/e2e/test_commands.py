@@ -111,21 +111,29 @@ def test_the_peers_bench_runs_against_serve_app_and_writes_its_table(tmp_path):
 
 @pytest.mark.slow
 def test_serve_app_run_model_serves_a_local_directory_without_a_config(tiny_model_dir):
-    """`serve-app run --model DIR`: no YAML; progress while it starts, then the usual routes."""
+    """`serve-app run --model DIR`: no YAML; progress while it starts, then the usual routes. The
+    test waits on the CLI's own "ready" line (it polls /readyz itself), not on its own probe."""
+    import threading
+
     port = free_port()
     server = subprocess.Popen([str(ROOT / ".venv" / "bin" / "serve-app"), "run", "--model", tiny_model_dir,
                                "--port", str(port), "--timeout-s", str(START_TIMEOUT_S)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert server.stdout is not None
+        for line in server.stdout:
+            lines.append(line)
+            if "serve_app is ready" in line:
+                ready.set()
+        ready.set()  # the CLI exited: the assertions below say why
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        assert server.poll() is None, server.stdout.read() if server.stdout else ""
+        assert ready.wait(START_TIMEOUT_S) and server.poll() is None, "".join(lines)[-3000:]
         base = f"http://127.0.0.1:{port}"
         assert [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=30).json()["data"]] == ["tiny-random-llama"]
         answer = httpx.post(f"{base}/v1/chat/completions", timeout=300, json={
@@ -135,8 +143,10 @@ def test_serve_app_run_model_serves_a_local_directory_without_a_config(tiny_mode
     finally:
         server.send_signal(signal.SIGINT)  # the CLI itself shuts Ray down on Ctrl-C
         try:
-            output, _ = server.communicate(timeout=120)
+            server.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
-            output, _ = server.communicate()
-    assert "waiting: " in output and "serve_app is ready" in output, output[-3000:]
+            server.wait()
+        reader.join(timeout=30)
+    output = "".join(lines)
+    assert "waiting: " in output and "shutting down" in output, output[-3000:]
