@@ -3,6 +3,11 @@ cascade (normalisation, then the first backend that enforces the schema exactly)
 
     .venv/bin/python -u bench/schema_coverage.py                  # compile coverage, SmolLM2's tokenizer
     .venv/bin/python -u bench/schema_coverage.py --serve-url http://127.0.0.1:8000 --generate 40
+    .venv/bin/python -u bench/schema_coverage.py --corpus bench/data/keyword_corpus.json --cascade-only
+
+Also prints, per keyword that no grammar expresses (not, oneOf, uniqueItems, if, ...), how many
+schemas use it and how many of those the cascade accepts (and how many with checks made while
+generating).
 
 For every schema and strategy the outcome is one of: exact; approximated (the backend would
 ignore a keyword or said it approximates: rejected); error (with its reason); timeout. A single
@@ -29,7 +34,7 @@ import jsonschema
 
 from serve_app.config import ModelConfig
 from serve_app.constraints import JsonSchemaConstraint, check_limits, installed_backends, plan_constraint
-from serve_app.constraints.keywords import unsupported_keywords
+from serve_app.constraints.keywords import iter_subschemas, unsupported_keywords
 from serve_app.constraints.registry import DEFAULT_CASCADE as CASCADE
 from serve_app.constraints.registry import BackendDefaults
 from serve_app.engine.compiler import ConstraintCompiler
@@ -63,14 +68,16 @@ def single(compiler: ConstraintCompiler, backend: str, constraint: JsonSchemaCon
     return "exact", "", time.perf_counter() - started
 
 
-def cascade(compiler: ConstraintCompiler, constraint: JsonSchemaConstraint) -> tuple[str, str, float, str]:
+def cascade(compiler: ConstraintCompiler, constraint: JsonSchemaConstraint) -> tuple[str, str, float, str, int]:
+    """(outcome, reason, seconds, backend, keywords checked while generating)."""
     started = time.perf_counter()
     try:
         plan = plan_constraint(constraint, compiler.limits, BackendDefaults(), installed_backends())
         compiled = compiler.compile(plan)
     except ServeAppError as error:
-        return outcome_of(error), error.message[:200], time.perf_counter() - started, ""
-    return "exact", "", time.perf_counter() - started, compiled.backend
+        return outcome_of(error), error.message[:200], time.perf_counter() - started, "", 0
+    checks = getattr(compiled, "checks", None)  # absent before generation-time checks existed
+    return "exact", "", time.perf_counter() - started, compiled.backend, len(checks.sites) if checks else 0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -105,11 +112,23 @@ def generate(url: str, model: str, entries: list[dict[str, Any]], max_tokens: in
     return out
 
 
+# Keywords no grammar expresses; the per-keyword table counts the schemas that use each one anywhere.
+KEYWORDS = ("not", "oneOf", "uniqueItems", "if", "maxProperties", "minProperties", "dependencies",
+            "dependentRequired", "dependentSchemas", "contains", "propertyNames", "unevaluatedProperties")
+
+
+def keywords_in(schema: Any) -> list[str]:
+    present = {k for _, sub in iter_subschemas(schema) for k in sub if k in KEYWORDS}
+    return [k for k in KEYWORDS if k in present and not (k == "uniqueItems" and not any(
+        sub.get("uniqueItems") is True for _, sub in iter_subschemas(schema)))]
+
+
 def measure(compiler: ConstraintCompiler, backends: list[str], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for i, entry in enumerate(entries):
         constraint = JsonSchemaConstraint.model_validate({"schema": entry["schema"]})
-        row: dict[str, Any] = {"id": entry["id"], "category": entry["category"], "source": entry["source"]}
+        row: dict[str, Any] = {"id": entry["id"], "category": entry["category"], "source": entry["source"],
+                               "keywords": keywords_in(entry["schema"])}
         for backend in backends:
             row[backend] = single(compiler, backend, constraint)
         row["cascade"] = cascade(compiler, constraint)
@@ -140,6 +159,14 @@ def report(rows: list[dict[str, Any]], backends: list[str]) -> dict[str, Any]:
         print(f"| {s} | {counts['exact']} ({counts['exact'] / len(rows):.0%}) | {counts['approximated']} | "
               f"{counts['error']} | {counts['timeout']} | {summary[s]['p50_ms']:.1f} ms | "
               f"{summary[s]['p95_ms']:.1f} ms |")
+    print("\n| keyword | schemas using it | cascade exact | of which checked while generating |")
+    print("|---|---|---|---|")
+    for keyword in KEYWORDS:
+        using = [r for r in rows if keyword in r.get("keywords", ())]
+        if using:
+            exact = [r for r in using if r["cascade"][0] == "exact"]
+            checked = sum(1 for r in exact if len(r["cascade"]) > 4 and r["cascade"][4])
+            print(f"| {keyword} | {len(using)} | {len(exact)} ({len(exact) / len(using):.0%}) | {checked} |")
     winners = collections.Counter(r["cascade"][3] for r in rows if r["cascade"][0] == "exact")
     print(f"\ncascade winners: {dict(winners)}")
     reasons = collections.Counter(r["cascade"][1].split(":")[0][:80] for r in rows if r["cascade"][0] != "exact")
@@ -160,16 +187,20 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--generate", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--cascade-only", action="store_true", help="skip the single-backend columns")
+    parser.add_argument("--out", default=str(OUT / "schema_coverage.json"))
     args = parser.parse_args()
 
     entries = json.loads(Path(args.corpus).read_text())
     if args.limit:
         entries = entries[:args.limit]
-    previous = OUT / "schema_coverage.json"
+    previous = Path(args.out)
     if args.reuse and previous.exists():
         rows = json.loads(previous.read_text())["rows"]
         entries = entries[:len(rows)]
         backends = [b for b in CASCADE if b in rows[0]]
+        for row, entry in zip(rows, entries, strict=True):
+            row.setdefault("keywords", keywords_in(entry["schema"]))
     else:
         config = ModelConfig(name="coverage", source=args.source,
                              limits={"compile_timeout_s": args.timeout, "max_schema_bytes": 1 << 20,
@@ -177,7 +208,7 @@ def main() -> None:
         source = resolve_source(config)
         loaded = load_model(config, plan_placement(config, (), load_hf_config(source)), source)
         compiler = ConstraintCompiler(loaded.model, loaded.tokenizer, config.limits)
-        backends = [b for b in CASCADE if b in installed_backends()]
+        backends = [] if args.cascade_only else [b for b in CASCADE if b in installed_backends()]
         print(f"{len(entries)} schemas; backends {backends}; compile budget {args.timeout:g} s")
         rows = measure(compiler, backends, entries)
     summary = report(rows, backends)
@@ -196,8 +227,8 @@ def main() -> None:
         mismatched = [g for g in ok if g["valid"] != g["reported_valid"]]
         print(f"responses whose 'valid' flag disagrees with jsonschema: {len(mismatched)}")
 
-    OUT.mkdir(exist_ok=True)
-    (OUT / "schema_coverage.json").write_text(json.dumps({"summary": summary, "rows": rows,
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows,
                                                           "generated": generated}, indent=1, default=str))
 
 

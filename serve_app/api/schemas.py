@@ -424,7 +424,7 @@ def native_response(model: str, result: GenerationResult, constraint: Constraint
         # Honest truncation: output cut by max_tokens is never presented as valid or parsed.
         "truncated": result.finish_reason == "length", "closed_early": result.closed_early,
         "constraint_type": constraint.type if constraint else None, "backend": result.backend,
-        "approximated": result.approximated,
+        "approximated": result.approximated, "rewrites": result.rewrites, "checks": result.checks,
         "usage": result.usage.model_dump(), "timings": {**result.timings, "router_total_s": router_s},
         "served_by": result.served_by,
     }

@@ -6,6 +6,7 @@ both use it.
     limits.py      a model's limits; check_constraint: limits first, then semantics
     keywords.py    which keywords and formats each backend enforces; walkers over a schema
     normalize.py   meaning-preserving JSON Schema rewrites
+    checks.py      keywords no grammar has, checked while generating as each value closes
     plan.py        plan_constraint: everything decided before a backend compiles
     registry.py    the backends' names, kinds and default order; which are installed
     checking.py    output checks whose every regex has a time limit

@@ -69,12 +69,17 @@ class JsonCloser:
     """Shortest completions for one JSON Schema, shared by every row that uses it."""
 
     def __init__(self, schema: dict[str, Any], encode: Callable[[str], list[int]],
-                 format_checker: Any = None, separators: tuple[str, str] = (",", ":")) -> None:
+                 format_checker: Any = None, separators: tuple[str, str] = (",", ":"),
+                 whole: dict[str, Any] | None = None) -> None:
+        """`whole`: the schema a completed output must pass when `schema` is looser (the grammar
+        without the keywords checked while generating)."""
         self.root = schema
         self.item_sep, self.key_sep = separators  # what the backend's grammar emits (xgrammar: ", ", ": ")
         self.encode = encode
         # Patterns come from users and run on generated text at every step: time-limited.
         self._validator = safe_validator(schema, PATTERN_TIMEOUT_S, format_checker)
+        self.whole_validator = self._validator if whole is None else \
+            safe_validator(whole, PATTERN_TIMEOUT_S, format_checker)
         self._minimal: dict[int, str | None] = {}
         self._keep: list[Any] = []  # subschemas keyed by id() in _minimal stay alive
         self.start: Stack = (("root", schema, False),)

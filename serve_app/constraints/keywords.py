@@ -197,11 +197,15 @@ def check_schema_supported(schema: dict[str, Any], backend: str) -> None:
 
 
 def keyword_table_markdown() -> str:
-    """The README's supported-keyword table, generated from `SUPPORTED`."""
+    """The README's supported-keyword table, generated from `SUPPORTED` ("checked": taken out of the
+    grammar and checked while generating, whatever the backend; serve_app/constraints/checks.py)."""
+    from serve_app.constraints.checks import CHECKED_KEYWORDS
+
     backends = list(SUPPORTED)
     lines = ["| keyword | " + " | ".join(backends) + " |", "|---|" + "---|" * len(backends)]
     for key in sorted(VALIDATION_KEYWORDS, key=str.lower):
-        cells = ["yes" if key in SUPPORTED[b] else "rejected" for b in backends]
+        cells = ["checked" if key in CHECKED_KEYWORDS else "yes" if key in SUPPORTED[b] else "rejected"
+                 for b in backends]
         lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
     for b in backends:
         lines.append(f"\n`format` values enforced by {b}: " + ", ".join(sorted(SUPPORTED_FORMATS[b])))

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.constraints.checks import has_checked_keywords, split_checks
 from serve_app.constraints.keywords import FORMATS, unsupported_keywords
 from serve_app.constraints.kinds import AnyConstraint, JsonSchemaConstraint
 from serve_app.constraints.limits import LimitsConfig, check_constraint
@@ -43,6 +44,8 @@ class Plan:
     key: str  # the cache key of what is compiled: candidate order + the constraint's key
     rewrites: tuple[str, ...] = ()  # meaning-preserving rewrites of the schema
     lenient: bool = False  # strict: false; when no backend is exact, llguidance approximates
+    checks: tuple[str, ...] = ()  # keywords taken out of `target`, checked while generating (checks.py)
+    check_schema: dict[str, Any] | None = None  # the normalised schema with them: what the checks read
 
 
 def plan_constraint(constraint: AnyConstraint, limits: LimitsConfig, defaults: BackendDefaults,
@@ -59,7 +62,8 @@ def plan_constraint(constraint: AnyConstraint, limits: LimitsConfig, defaults: B
     if not schema_plan.exact and not lenient:
         raise schema_plan.rejection(constraint.strict)
     target = constraint.model_copy(update={"json_schema": schema_plan.schema})
-    return Plan(constraint, target, schema_plan.exact, key, schema_plan.rewrites, lenient)
+    return Plan(constraint, target, schema_plan.exact, key, schema_plan.rewrites, lenient, schema_plan.checks,
+                schema_plan.checked)
 
 
 def backend_order(constraint: AnyConstraint, defaults: BackendDefaults, installed: Sequence[str]) -> list[str]:
@@ -84,10 +88,12 @@ def backend_order(constraint: AnyConstraint, defaults: BackendDefaults, installe
 
 @dataclass(frozen=True)
 class SchemaPlan:
-    schema: dict[str, Any]  # normalised
+    schema: dict[str, Any]  # normalised (without the checked keywords when there are checks)
     rewrites: tuple[str, ...]
     exact: tuple[str, ...]  # backends whose tables cover every keyword, in cascade order
     missing: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # backend -> (keyword, pointer)
+    checks: tuple[str, ...] = ()  # "keyword at #pointer" of each keyword checked while generating
+    checked: dict[str, Any] | None = None  # the normalised schema with them
 
     def rejection(self, strict: bool = True) -> ConstraintError:
         """The 400 for a schema no backend enforces: the first keyword (and its pointer in the
@@ -104,11 +110,17 @@ class SchemaPlan:
 
 
 def plan_schema(schema: dict[str, Any], order: Sequence[str], max_nodes: int = 10_000) -> SchemaPlan:
+    """Normalise; then keywords no grammar expresses (`not`, overlapping `oneOf`, `uniqueItems`, `if`, ...)
+    move from the grammar to checks made while generating (checks.py); then the backends that cover the rest."""
     normalized = normalize_schema(schema, KNOWN_FORMATS, max_nodes)
+    grammar, checks, checked = normalized.schema, tuple[str, ...](), None
+    if has_checked_keywords(normalized.schema):
+        split = split_checks(normalized.schema)  # (`then` without `if` is an annotation: dropped, not checked)
+        grammar, checks, checked = split.grammar, split.sites, normalized.schema if split.sites else None
     exact: list[str] = []
     missing: dict[str, list[tuple[str, str]]] = {}
     for backend in order:
-        found = unsupported_keywords(normalized.schema, backend)
+        found = unsupported_keywords(grammar, backend)
         if found:  # point into the schema as sent where the keyword is there too ($refs get inlined)
             as_sent: dict[str, str] = {}
             for keyword, pointer in unsupported_keywords(schema, backend):
@@ -116,4 +128,4 @@ def plan_schema(schema: dict[str, Any], order: Sequence[str], max_nodes: int = 1
             missing[backend] = [(k, as_sent.get(k, p)) for k, p in found]
         else:
             exact.append(backend)
-    return SchemaPlan(normalized.schema, normalized.rewrites, tuple(exact), missing)
+    return SchemaPlan(grammar, normalized.rewrites, tuple(exact), missing, checks, checked)

@@ -61,6 +61,19 @@ class RowCloser:
             return token
         return self._close_now(token, remaining, accepts)
 
+    def rewind(self, text: str) -> None:
+        """The output is `text` again (a check refused a token this state had already read, or took
+        tokens back): recompute the position and the completion from it."""
+        if self.closed_early or self.gave_up:
+            return
+        closer = self.closer
+        self.stack = closer.feed(closer.start, text) if text else closer.start
+        self.text = text
+        self.plan = None if text.endswith("\ufffd") else closer.completion(self.stack)
+        self.plan_tokens = closer.encode(self.plan) if self.plan is not None else None
+        if self.plan_tokens is not None:
+            self.last_known = len(self.plan_tokens)
+
     def _close_now(self, token: int, remaining: int, accepts: Callable[[list[int]], bool]) -> int | None:
         plan, tokens = self.plan, self.plan_tokens or []
         reason = "no completion is known here" if plan is None or self.plan_tokens is None else \
@@ -80,7 +93,10 @@ class RowCloser:
             value = json.loads(text)
         except ValueError:
             return False
-        return bool(self.closer._validator.is_valid(value))
+        try:
+            return bool(self.closer.whole_validator.is_valid(value))
+        except Exception:  # noqa: BLE001 - a pattern not decided in time: not offered as valid
+            return False
 
 
 class ShortestEncoder:

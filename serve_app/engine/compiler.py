@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from serve_app.constraints import ChoiceConstraint, JsonSchemaConstraint, LimitsConfig, Plan
 from serve_app.constraints.checking import ENFORCED_FORMATS
+from serve_app.constraints.checks import ValueChecks
 from serve_app.constraints.completion import JsonCloser
 from serve_app.constraints.keywords import VALIDATION_KEYWORDS, iter_subschemas
 from serve_app.constraints.plan import LENIENT_BACKEND
@@ -51,6 +52,7 @@ class CompiledConstraint:
     approximated: tuple[str, ...] = ()  # what is not enforced (only with strict: false)
     closer: JsonCloser | None = None  # shortest completions, for closing JSON within max_tokens
     min_tokens: int | None = None  # fewest tokens of a complete output we can construct
+    checks: ValueChecks | None = None  # keywords checked while generating (the grammar lacks them)
 
 
 class ConstraintCompiler:
@@ -110,9 +112,10 @@ class ConstraintCompiler:
 
     @staticmethod
     def _compiled(plan: Plan, name: str, done: Any, failures: list[tuple[str, ServeAppError]]) -> CompiledConstraint:
+        checks = ValueChecks(plan.check_schema, plan.checks) if plan.check_schema is not None else None
         return CompiledConstraint(plan.constraint.cache_key(), plan.constraint.type, name, done.new_matcher,
                                   done.size_bytes, 0.0, rewrites=plan.rewrites, attempts=_attempts(failures),
-                                  approximated=done.approximated)
+                                  approximated=done.approximated, checks=checks)
 
     def _within_timeout(self, backend: str, kind: str, compile_fn: Callable[[], _T], key: str) -> _T:
         """Compile off the caller's thread, giving up at `limits.compile_timeout_s`. A compile
@@ -148,12 +151,13 @@ class ConstraintCompiler:
             compiled.min_tokens = min(len(self.encode(choice)) for choice in constraint.choices)
         elif isinstance(constraint, JsonSchemaConstraint):
             # The normalised schema accepts the same instances, in shapes the closer follows (if/then/else
-            # and oneOf as anyOf branches, refs inlined).
-            # Else (no completion known for it) the schema as sent.
+            # and oneOf as anyOf branches, refs inlined); with checks, the grammar's schema, and a completion
+            # must pass the checked keywords too. Else (no completion known for it) the schema as sent.
             target = plan.target if isinstance(plan.target, JsonSchemaConstraint) else constraint
             try:
                 separators = self.backend(compiled.backend).json_separators
-                closer = JsonCloser(target.json_schema, self.encode, ENFORCED_FORMATS, separators)
+                closer = JsonCloser(target.json_schema, self.encode, ENFORCED_FORMATS, separators,
+                                    whole=plan.check_schema)
                 if closer.min_text is None and target is not constraint:
                     closer = JsonCloser(constraint.json_schema, self.encode, ENFORCED_FORMATS, separators)
             except Exception:  # noqa: BLE001 - no closer means honest truncation, never a failed request

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from serve_app.engine.batch import Batch, accepts_keyword, cache_keyword, joinable_cache, preallocate
-from serve_app.engine.policies import CLOSED, TokenStep, advance_row, constraint_bitmask, row_policies
+from serve_app.engine.policies import CLOSED, RETRY, TokenStep, advance_row, constraint_bitmask, row_policies
 from serve_app.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache
-from serve_app.engine.sampling import next_tokens, token_logprobs
+from serve_app.engine.sampling import next_tokens, sample_tokens, token_logprobs
 from serve_app.engine.stream import Row, RowOutput, Stream
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class DecodeLoop:
         self.prefills = 0  # forward passes that prefilled newly admitted rows
         self.finished: Counter[str] = Counter()  # rows by finish reason
         self.closed_early = 0  # rows the closer finished before their budget ran out
+        self.checks: Counter[str] = Counter()  # checked keywords: values evaluated, violations, rollbacks, exhausted
         self.progress_at = time.monotonic()  # the last time the loop went round (health: stalled_for)
         self.admitting = 0  # rows taken from the queue and being prefilled, not yet in the batch
 
@@ -271,7 +272,9 @@ class DecodeLoop:
     def _step(self) -> None:
         batch = self.batch
         assert batch.mask is not None
-        tokens = torch.tensor([s.output.token_ids[-1] for s in batch.streams], dtype=torch.long)
+        # The last token of each row's context (a prompt token again where a check took all the output back).
+        tokens = torch.tensor([s.output.token_ids[-1] if s.output.token_ids else s.row.prompt_ids[-1]
+                               for s in batch.streams], dtype=torch.long)
         # The masks for this step depend only on the tokens already sampled: compute them while
         # the model runs.
         pending = self._masker.submit(constraint_bitmask, list(batch.streams), self.vocab_size)
@@ -295,15 +298,33 @@ class DecodeLoop:
         streams = self.batch.streams[rows.start:rows.stop]
         tokens = next_tokens(logits, streams, bitmask, self.batch.generators[rows.start:rows.stop], self.vocab_size)
         logprobs = token_logprobs(logits, streams)
-        for stream, token, row_logprobs in zip(streams, tokens, logprobs, strict=True):
-            self._advance(stream, token, row_logprobs)
+        for i, (stream, token, row_logprobs) in enumerate(zip(streams, tokens, logprobs, strict=True)):
+            self._advance(stream, token, row_logprobs, logits[i], rows.start + i)
         keep = [i for i, s in enumerate(self.batch.streams) if not s.done.is_set()]
         if len(keep) != len(self.batch):
             self.batch.keep(keep)
 
-    def _advance(self, stream: Stream, token: int | None, logprobs: torch.Tensor | None = None) -> None:
+    def _advance(self, stream: Stream, token: int | None, logprobs: torch.Tensor | None = None,
+                 logits: torch.Tensor | None = None, index: int = -1) -> None:
         try:
-            verdict = advance_row(TokenStep(stream, token, logprobs=logprobs), self.policies, self.decode_text)
+            while True:
+                step = TokenStep(stream, token, logprobs=logprobs)
+                verdict = advance_row(step, self.policies, self.decode_text)
+                checker = stream.row.checker
+                if checker is None or logits is None:
+                    break
+                if verdict == RETRY:
+                    refused = step.token
+                elif token is None and checker.banned(len(stream.output.token_ids)):
+                    refused = None  # checks banned everything the constraint allowed here
+                else:
+                    break
+                token = self._retry(stream, refused, logits, index)
+                if token is _TAKEN_BACK:
+                    return  # the row feeds its previous token again at the next step
+                if token is None:
+                    verdict = "length"  # the checks' budget is spent, or nothing passes: ends honestly
+                    break
         except Exception as error:  # one row's failure (a bug, a backend error) is that row's alone
             logger.exception("a row failed in the decode loop; the batch goes on")
             self.finished["error"] += 1
@@ -316,7 +337,74 @@ class DecodeLoop:
         if verdict is not None:
             self._finish(stream, verdict)
 
+    def _retry(self, stream: Stream, refused: int | None, logits: torch.Tensor, index: int) -> Any:
+        """A check refused `refused` at the row's next position (None: every token left there is
+        refused). Ban it and sample again from the same logits; with nothing left there, take the
+        last token back. A value refused ESCALATE_AFTER times is written again from its last member
+        (key or item; its first token banned), then from the one before, ..., then from its own first
+        token: what fails may lie anywhere in it. Never before the start of the value that failed.
+        The token, _TAKEN_BACK, or None when the checks' budget is spent or nothing is left to try."""
+        row, out = stream.row, stream.output
+        checker = row.checker
+        assert checker is not None
+        position, start = len(out.token_ids), checker.rollback_floor
+        if refused is not None:
+            if not checker.refuse(position, refused):
+                return None
+            checker.failures[start] = failures = checker.failures.get(start, 0) + 1
+            if failures % ESCALATE_AFTER == 0 and start < position:
+                # Write it again from its last member, then the one before, ..., then from its start.
+                members = [t for t in checker.retreat if start < t < position]
+                back = failures // ESCALATE_AFTER
+                target = members[-back] if back <= len(members) else start
+                if checker.refuse(target, out.token_ids[target]) and \
+                        self._take_back(stream, index, position - target):
+                    return _TAKEN_BACK
+                checker.stats.exhausted = True
+                return None
+            logits[refused] = -torch.inf
+            if row.closer is not None:
+                row.closer.rewind(out.text)
+            if bool(torch.isfinite(logits).any()):
+                return sample_tokens(logits[None], [row], [self.batch.generators[index]])[0]
+        if position == 0 or position - 1 < start or not checker.refuse(position - 1, out.token_ids[-1]) \
+                or not self._take_back(stream, index, 1):
+            checker.stats.exhausted = True  # no output that passes is left to search for
+            return None
+        return _TAKEN_BACK
+
+    def _take_back(self, stream: Stream, index: int, tokens: int) -> bool:
+        """Undo the row's last `tokens` tokens: its matcher, scan, closer and output go back; in the
+        KV cache their columns and the one before are masked out, and the token before them is fed
+        again (at its old position) so that the next step samples the first of them anew. False
+        (nothing changed) when the matcher cannot roll back that far."""
+        row, out = stream.row, stream.output
+        if row.matcher is not None:
+            try:
+                row.matcher.rollback(tokens)
+            except Exception:  # noqa: BLE001 - a backend's bounded history: the row ends honestly instead
+                logger.warning("the matcher cannot roll back %d tokens", tokens, exc_info=True)
+                return False
+        del out.token_ids[len(out.token_ids) - tokens:]
+        del out.logprobs[len(out.token_ids):]
+        out.text = self.decode_text(out.token_ids)
+        assert row.checker is not None
+        row.checker.rewind(len(out.token_ids), out.text)
+        if row.closer is not None:
+            row.closer.rewind(out.text)
+        mask = self.batch.mask
+        assert mask is not None
+        real = mask[index].nonzero(as_tuple=True)[0]
+        mask[index, real[-(tokens + 1):]] = 0
+        self.batch.positions[index] -= tokens + 1
+        return True
+
     def _finish(self, stream: Stream, reason: str) -> None:
+        checker = stream.row.checker
+        if checker is not None:
+            stats = checker.stats
+            self.checks.update(evaluated=stats.evaluated, violations=stats.violations, rollbacks=stats.rollbacks,
+                               exhausted=int(stats.exhausted))
         self.finished[reason] += 1
         stream.output.finish_reason = reason
         stream.output.total_s = time.perf_counter() - stream.submitted_at
@@ -344,6 +432,12 @@ def prefill_groups(streams: list[Stream]) -> list[list[Stream]]:
             groups.append([stream])
             tokens = length
     return groups
+
+
+# _retry's answer when it took tokens back.
+_TAKEN_BACK = object()
+# A value refused this many times is written again from its first token.
+ESCALATE_AFTER = 4
 
 
 def _closed_error() -> Exception:

@@ -2,9 +2,10 @@
 
 Before the token is appended, each policy may replace it or end the row; after it, each may end
 the row. The decode loop only schedules; these decide. The order matters and is the one
-`row_policies` builds: cancellation, closing (may force the completion's tokens), the
-constraint (the matcher must accept the token), end of sequence; then closing again (the
-completion is written out), stop strings, the token budget.
+`row_policies` builds: cancellation, closing (may force the completion's tokens), checks (may
+refuse the token: the loop then samples again without it), the constraint (the matcher must
+accept the token), end of sequence; then closing again (the completion is written out), the
+checks' scan, stop strings, the token budget.
 
 The constraint's mask is applied to the logits before sampling (`constraint_bitmask`, computed
 in a worker thread while the model runs); penalties and the n-gram ban are in sampling.py.
@@ -23,8 +24,9 @@ from serve_app.engine.sampling import logprob_entry
 from serve_app.engine.stream import Stream
 
 # A policy's verdict: the finish reason ("stop", "length", "cancelled"), CLOSED (stop, having
-# closed JSON early), or None to go on.
+# closed JSON early), RETRY (a check refused the token: ban it there and sample again), or None.
 CLOSED = "closed"
+RETRY = "retry"
 
 
 @dataclass
@@ -74,6 +76,38 @@ class Closing(RowPolicy):
         return CLOSED if closer is not None and closer.closed_early and not closer.forced else None
 
 
+class Checks(RowPolicy):
+    """Refuses a token whose text closes a value that fails a keyword checked while generating
+    (serve_app/constraints/checks.py); keeps the row's scan up to date with the tokens kept.
+    A row being closed is not checked: its completion was validated whole."""
+
+    def __init__(self, eos_ids: set[int], decode: Callable[[list[int]], str]) -> None:
+        self.eos_ids, self.decode = eos_ids, decode
+
+    def before(self, step: TokenStep) -> str | None:
+        row, out = step.stream.row, step.stream.output
+        checker = row.checker
+        if checker is None or step.token is None or (row.closer is not None and row.closer.closed_early):
+            return None
+        final = step.token in self.eos_ids
+        if final:
+            text = out.text
+        else:
+            text = step.text = step.text if step.text is not None else self.decode(out.token_ids + [step.token])
+        violation = checker.trial(text, final=final)
+        if violation is None:
+            return None
+        checker.stats.violations += 1
+        checker.rollback_floor, checker.retreat = violation.start_token, violation.children
+        return RETRY
+
+    def after(self, step: TokenStep) -> str | None:
+        row = step.stream.row
+        if row.checker is not None and not (row.closer is not None and row.closer.closed_early):
+            row.checker.commit(step.stream.output.text)
+        return None
+
+
 class Constraint(RowPolicy):
     def __init__(self, eos_ids: set[int]) -> None:
         self.eos_ids = eos_ids
@@ -116,7 +150,8 @@ class Budget(RowPolicy):
 
 def row_policies(eos_ids: set[int], decode: Callable[[list[int]], str]) -> list[RowPolicy]:
     closing = Closing(eos_ids, decode)
-    return [Cancellation(), closing, Constraint(eos_ids), EndOfSequence(eos_ids), StopStrings(), Budget()]
+    return [Cancellation(), closing, Checks(eos_ids, decode), Constraint(eos_ids), EndOfSequence(eos_ids),
+            StopStrings(), Budget()]
 
 
 def advance_row(step: TokenStep, policies: list[RowPolicy], decode: Callable[[list[int]], str]) -> str | None:

@@ -21,6 +21,7 @@ def next_tokens(logits: torch.Tensor, streams: list[Stream], bitmask: torch.Tens
     apply_penalties(logits, streams)
     if bitmask is not None:
         apply_bitmask(logits, bitmask.to(logits.device))
+    apply_check_bans(logits, streams)
     ban_repeated_ngrams(logits, streams)
     return sample_tokens(logits, [s.row for s in streams], generators)
 
@@ -105,6 +106,16 @@ def apply_penalties(logits: torch.Tensor, streams: list[Stream]) -> None:
             ids, counts = torch.unique(torch.tensor(generated, dtype=torch.long), return_counts=True)
             keep = ids < width
             logits[i, ids[keep]] -= row.frequency_penalty * counts[keep].to(logits.dtype) + row.presence_penalty
+
+
+def apply_check_bans(logits: torch.Tensor, streams: list[Stream]) -> None:
+    """Forbid the tokens a check refused at this position of a row (serve_app/constraints/checks.py)."""
+    for i, stream in enumerate(streams):
+        checker = stream.row.checker
+        if checker is not None and checker.bans:
+            banned = checker.banned(len(stream.output.token_ids))
+            if banned:
+                logits[i, torch.tensor(sorted(banned), dtype=torch.long)] = -torch.inf
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, streams: list[Stream]) -> None:

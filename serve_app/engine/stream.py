@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from serve_app.constraints.checks import RowChecker
 from serve_app.engine.backends import Matcher
 from serve_app.engine.closing import RowCloser
 
@@ -40,6 +41,7 @@ class Row:
     top_k: int = 0  # 0 (or -1): off
     min_p: float = 0.0
     logprobs: int | None = None  # None: none; k: the chosen token's and the top k alternatives
+    checker: RowChecker | None = None  # keywords checked while generating (may take tokens back)
 
     @cached_property
     def prompt_token_set(self) -> frozenset[int]:
@@ -107,11 +109,14 @@ class Stream:
         text = self.output.text
         hold = 0 if final else max((len(s) - 1 for s in self.row.stop if s), default=0)
         end = len(text) - hold
+        settled = len(self.output.logprobs)
+        if not final and self.row.checker is not None:  # what a check may still take back is held
+            end, settled = min(end, self.row.checker.settled_chars()), min(settled, self.row.checker.floor())
         while not final and end > self._sent and text[end - 1] == _PARTIAL:
             end -= 1
         if end > self._sent:
             if self.row.logprobs is not None:  # the entries so far, just before the text they go with
-                entries = self.output.logprobs[self._sent_logprobs:]
+                entries = self.output.logprobs[self._sent_logprobs:settled]
                 self._sent_logprobs += len(entries)
                 self.emit("logprobs", entries)
             self.emit("delta", text[self._sent:end])

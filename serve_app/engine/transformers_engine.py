@@ -26,6 +26,7 @@ from serve_app.constraints import (
     installed_backends,
     plan_constraint,
 )
+from serve_app.constraints.checks import RowChecker
 from serve_app.constraints.plan import backend_order
 from serve_app.engine.cache import CompileCache
 from serve_app.engine.chat import render_chat
@@ -68,6 +69,8 @@ class Submission:
     stream: Stream
     backend: str | None
     approximated: tuple[str, ...] = ()
+    rewrites: tuple[str, ...] = ()
+    checks: tuple[str, ...] = ()  # keywords checked while generating ("keyword at #pointer")
 
 
 class TransformersEngine:
@@ -188,7 +191,8 @@ class TransformersEngine:
                    closer=RowCloser(closer) if closer is not None else None,
                    repetition_penalty=pick["repetition_penalty"], frequency_penalty=pick["frequency_penalty"],
                    presence_penalty=pick["presence_penalty"], no_repeat_ngram_size=pick["no_repeat_ngram_size"],
-                   top_k=max(0, pick["top_k"]), min_p=pick["min_p"], logprobs=request.sampling.logprobs)
+                   top_k=max(0, pick["top_k"]), min_p=pick["min_p"], logprobs=request.sampling.logprobs,
+                   checker=RowChecker(compiled.checks) if compiled is not None and compiled.checks else None)
 
     def _check_prompt(self, prompt_tokens: int, max_new: int) -> None:
         if prompt_tokens == 0:  # found by fuzzing: a model cannot continue from nothing
@@ -228,7 +232,8 @@ class TransformersEngine:
                 notify: Callable[[tuple[str, Any]], None] | None = None, deltas: bool = True) -> Submission:
         stream = self.loop.submit(Stream(row, notify, deltas))
         return Submission(request, stream, compiled.backend if compiled else None,
-                          compiled.approximated if compiled else ())
+                          compiled.approximated if compiled else (), compiled.rewrites if compiled else (),
+                          compiled.checks.sites if compiled is not None and compiled.checks else ())
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate for all requests together (validated first: one bad request fails the call)."""
@@ -267,7 +272,10 @@ class TransformersEngine:
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens),
             valid=valid, closed_early=out.closed_early, backend=submission.backend,
-            approximated=list(submission.approximated), token_ids=out.token_ids,
+            approximated=list(submission.approximated), rewrites=list(submission.rewrites),
+            checks=({"keywords": list(submission.checks), **row.checker.stats.as_dict()}
+                    if row.checker is not None else None),
+            token_ids=out.token_ids,
             logprobs=self.logprobs(out.logprobs) if row.logprobs is not None else None,
             timings={"total_s": out.total_s, "first_token_s": out.first_token_s or 0.0,
                      **({"queue_s": out.queue_s} if out.queue_s is not None else {})},
@@ -293,6 +301,7 @@ class TransformersEngine:
             "queue": dict(zip(("waiting", "running"), self.queue_depth(), strict=True)),
             "finished": dict(self.loop.finished),
             "closed_early": self.loop.closed_early,
+            "checks": {k: self.loop.checks[k] for k in ("evaluated", "violations", "rollbacks", "exhausted")},
             "decode_steps": self.loop.steps,
             "mean_batch_size": round(self.loop.rows_stepped / self.loop.steps, 2) if self.loop.steps else None,
             "prefills": self.loop.prefills,

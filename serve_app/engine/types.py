@@ -171,6 +171,9 @@ class GenerationResult(_Model):
     closed_early: bool = False  # JSON closed with its shortest completion as max_tokens neared
     backend: str | None = None
     approximated: list[str] = Field(default_factory=list)  # not enforced (strict: false only); output checked
+    rewrites: list[str] = Field(default_factory=list)  # meaning-preserving schema rewrites before compiling
+    # Keywords checked while generating: {"keywords": [...], "evaluated", "violations", "rollbacks", "exhausted"}.
+    checks: dict[str, Any] | None = None
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
     timings: dict[str, float] = Field(default_factory=dict)

@@ -90,7 +90,8 @@ HARDENING_MATRIX = [
      400, "schema"),
     # (An unknown format such as "credit-card" is an annotation, as JSON Schema says: accepted.)
     ("keyword no backend enforces", {"model": "tiny", "prompt": "x", "constraint": {
-        "type": "json_schema", "schema": {"type": "array", "uniqueItems": True}}}, 400, "'uniqueItems' at #/"),
+        "type": "json_schema", "schema": {"type": "object", "allOf": [{"properties": {"a": {}}}],
+                                          "unevaluatedProperties": False}}}, 400, "'unevaluatedProperties' at #/"),
     ("backend not installed", {"model": "tiny", "prompt": "x", "constraint": {
         "type": "regex", "pattern": "a", "backend": "xgrammar"}}, 400, "not installed"),
     ("empty body", None, 400, "body"),

@@ -101,4 +101,5 @@ def test_annotations_and_extension_keys_are_allowed():
 def test_keyword_table_lists_every_backend():
     table = keyword_table_markdown()
     assert "| keyword | llguidance | outlines_core | xgrammar |" in table
-    assert "| `uniqueItems` | rejected | rejected | rejected |" in table
+    assert "| `uniqueItems` | checked | checked | checked |" in table
+    assert "| `unevaluatedProperties` | rejected | rejected | rejected |" in table

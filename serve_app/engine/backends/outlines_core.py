@@ -18,11 +18,15 @@ WHITESPACE = r"[ ]?"
 BYTES_PER_TRANSITION = 16
 
 
+# Tokens a matcher can take back (checks made while generating roll rows back; the default is 32).
+MAX_ROLLBACK = 4096
+
+
 class OutlinesCoreMatcher:
     def __init__(self, index: Any, vocab_size: int) -> None:
         from outlines_core import Guide
 
-        self.guide = Guide(index)
+        self.guide = Guide(index, max_rollback=MAX_ROLLBACK)
         self.width = bitmask_words(vocab_size)
 
     def fill_bitmask(self, bitmask: Any, row: int) -> None:
