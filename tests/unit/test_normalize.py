@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
+from serve_app.constraints.checks import RowChecker, ValueChecks, split_checks
 from serve_app.constraints.normalize import normalize_schema
 
 KNOWN = frozenset({"date-time", "date", "uuid", "email"})
@@ -566,6 +567,21 @@ CASES = [
     Case("recursive_ref_with_siblings", {"$defs": {"list": {"type": "object", "required": ["v"], "properties": {
         "next": {"$ref": "#/$defs/list", "description": "n"}, "v": {"type": "integer"}}}},
         "$ref": "#/$defs/list", "maxProperties": 3}, {"v": 1, "next": {"v": 2}}),
+    # Checked while generating (checks.py): the split test draws instances of these too.
+    Case("checked_tags", {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "x-y", 1, 1.0]}, "uniqueItems": True},
+        "name": {"type": "string", "not": {"pattern": "^x"}},
+        "v": {"oneOf": [{"type": "integer", "maximum": 5}, {"type": "integer", "minimum": 2}, {"type": "string"}]}},
+        "propertyNames": {"maxLength": 4}, "minProperties": 1, "maxProperties": 2},
+        {"tags": ["a", "b"], "v": 9}),
+    Case("checked_conditional", {"type": "object", "properties": {"kind": {"type": "string"}, "n": {"type": "integer"}},
+                                 "if": {"properties": {"kind": {"pattern": "^a"}}},
+                                 "then": {"properties": {"n": {"maximum": 3}}}, "else": {"required": ["n"]},
+                                 "dependentRequired": {"zz": ["kind"]}}, {"kind": "abc", "n": 1}),
+    Case("checked_nested_items", {"$defs": {"item": {"type": "object", "properties": {"a": {"not": {"const": 2}}},
+                                                     "contains": {"type": "integer"}}},
+                                  "type": "array", "items": {"$ref": "#/$defs/item"}, "uniqueItems": True},
+         [{"a": 1}, {"a": 3}]),
 ]
 
 _DELETE = object()
@@ -676,3 +692,29 @@ def test_a_type_that_a_recursive_refs_target_implies_is_dropped():
     validator = Draft202012Validator
     for instance in [{"kids": [{}]}, {"kids": [1]}, {"kids": [{"kids": ["x"]}]}, {"kids": [{"kids": [{}]}]}]:
         assert validator(schema).is_valid(instance) == validator(out.schema).is_valid(instance)
+
+
+@functools.cache
+def _split(name: str) -> tuple[Validator, Validator, ValueChecks | None]:
+    """(original, grammar) validators of a case whose normalised schema is split for checks, and its checks."""
+    schema = next(case for case in CASES if case.name == name).schema
+    normalized = normalize_schema(schema, KNOWN).schema
+    split = split_checks(normalized)
+    return _validator(schema), _validator(split.grammar), ValueChecks(normalized, split.sites) if split.sites else None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_the_grammar_and_the_checks_together_accept_only_what_the_schema_accepts(case: Case,
+                                                                                  data: st.DataObject) -> None:
+    """What the checks take out of the grammar loosens it (never refuses a valid instance); an instance the
+    grammar accepts and whose every value passes the checks as it closes is valid."""
+    original, grammar, checks = _split(case.name)
+    instance = data.draw(_instances(case.name))
+    if original.is_valid(instance):
+        assert grammar.is_valid(instance), (grammar.schema, instance)
+    if checks is not None and grammar.is_valid(instance):
+        checker = RowChecker(checks)
+        passed = checker.trial(json.dumps(instance, separators=(",", ":")), final=True) is None
+        assert not passed or original.is_valid(instance), (case.name, instance)
