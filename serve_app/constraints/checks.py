@@ -46,6 +46,8 @@ CHECKED_KEYWORDS = ("not", "oneOf", "uniqueItems", "if", "then", "else", "contai
 COUNT_KEYWORDS = ("minProperties", "maxProperties")
 # Banned tokens (each a resample, or a rollback of one token) one row may spend on checks.
 CHECK_BUDGET = 64
+# A value refused this many times (a duplicate item at once) is written again from an earlier token.
+ESCALATE_AFTER = 4
 # Regexes of patternProperties are matched against keys under this limit (a slow one matches nothing).
 KEY_PATTERN_TIMEOUT_S = 0.05
 # Subschemas one location may expand to (anyOf branches, $refs, allOf parts); beyond, the rest are not checked.
@@ -216,8 +218,10 @@ class ValueChecks:
 
 class Violation(NamedTuple):
     what: str
-    start_token: int  # the output token in which the failing value starts: rollbacks stop there
-    children: tuple[int, ...] = ()  # where its members start (keys, items): where to write it again from
+    start_token: int  # where the failing value's parent starts (its own start at the root): rollbacks stop there
+    children: tuple[int, ...] = ()  # where its and its siblings' members start: where to write it again from
+    value_token: int = -1  # the token holding the failing value's first character (inside a string's quote)
+    duplicate: bool = False
 
 
 class _Frame(NamedTuple):
@@ -274,9 +278,9 @@ class RowChecker:
     bans: dict[int, set[int]] = field(default_factory=dict)  # output position -> tokens refused there
     stats: CheckStats = field(default_factory=CheckStats)
     spent: int = 0
-    rollback_floor: int = 0  # the output token where the value that last failed starts
-    retreat: tuple[int, ...] = ()  # where its members start: a value refused again is rewritten from these
-    failures: dict[int, int] = field(default_factory=dict)  # refusals by the start token of the failing value
+    violation: Violation | None = None  # the last refusal's
+    failures: dict[int, int] = field(default_factory=dict)  # refusals by rollback floor
+    escalations: dict[int, int] = field(default_factory=dict)  # rewrites by the failing value's first token
     ends: list[int] = field(default_factory=lambda: [0])  # characters scanned after each output token
     _trial: tuple[str, ScanState] | None = None
 
@@ -310,15 +314,24 @@ class RowChecker:
         self.ends.append(state.pos)
         self.text, self._trial = text, None
 
-    def refuse(self, position: int, token: int) -> bool:
-        """Ban `token` at output position `position`; False when the budget is spent."""
+    def refuse(self, position: int, *tokens: int) -> bool:
+        """Ban `tokens` at output position `position`; False when the budget is spent."""
         self._trial = None
         if self.spent >= CHECK_BUDGET:
             self.stats.exhausted = True
             return False
         self.spent += 1
-        self.bans.setdefault(position, set()).add(token)
+        self.bans.setdefault(position, set()).update(tokens)
         return True
+
+    def rewrite_bans(self, target: int, output: list[int]) -> list[int]:
+        """What to ban where a failing value is written again from `target`: the token there and, for a
+        duplicate item, the first token of every item before it (each would likely start the same value)."""
+        violation = self.violation
+        banned = [output[target]]
+        if violation is not None and violation.duplicate:
+            banned += [output[t] for t in violation.children if t < target]
+        return banned
 
     def rewind(self, tokens_left: int, text: str) -> None:
         """The output was cut back to `tokens_left` tokens reading `text`; bans past it no longer apply."""
@@ -327,18 +340,45 @@ class RowChecker:
         del self.ends[tokens_left + 1:]
         self.bans = {p: b for p, b in self.bans.items() if p <= tokens_left}
         self.failures = {p: n for p, n in self.failures.items() if p <= tokens_left}
+        self.escalations = {p: n for p, n in self.escalations.items() if p <= tokens_left}
         self.text, self._trial = text, None
+
+    @property
+    def rollback_floor(self) -> int:
+        return self.violation.start_token if self.violation is not None else 0
+
+    def escalation(self, position: int) -> int | None:
+        """After a refusal at output position `position`: the output token to write the failing value
+        again from (its first token there is banned), or None to ban only the refused token and sample
+        again. A duplicate item is rewritten at once, another value after ESCALATE_AFTER refusals:
+        from its first character, then from its siblings' (the latest first), then from its parent's start."""
+        violation = self.violation
+        assert violation is not None
+        floor = violation.start_token
+        self.failures[floor] = refused = self.failures.get(floor, 0) + 1
+        if not violation.duplicate and refused % ESCALATE_AFTER:
+            return None
+        targets = sorted({t for t in (violation.value_token, *violation.children) if floor <= t < position},
+                         reverse=True)
+        if floor < position and floor not in targets:
+            targets.append(floor)
+        if not targets:
+            return None
+        here = max(violation.value_token, floor)  # the same value refused again goes further back
+        self.escalations[here] = step = self.escalations.get(here, 0) + 1
+        return targets[min(step, len(targets)) - 1]
 
     def banned(self, position: int) -> set[int]:
         return self.bans.get(position, set())
 
     def floor(self) -> int:
-        """The first output token a rollback may take back: the start of the outermost open value
-        that a check will read (the output's length when there is none)."""
+        """The first output token a rollback may take back: the start of the parent of the outermost
+        open value that a check will read (the output's length when there is none)."""
         state = self.states[-1]
-        starts = [f.start_token for f in state.frames if f.watched]
+        frames = state.frames
+        starts = [frames[max(0, d - 1)].start_token for d, f in enumerate(frames) if f.watched]
         if state.scalar is not None and state.scalar.kind != "key" and self._scalar_watched(state):
-            starts.append(state.scalar.start_token)
+            starts.append(frames[-1].start_token if frames else state.scalar.start_token)
         return min(starts, default=len(self.states) - 1)
 
     def settled_chars(self) -> int:
@@ -415,7 +455,7 @@ class RowChecker:
                     if most is not None and top.items >= most and i >= check_from:
                         self.stats.evaluated += 1
                         found.append(Violation(f"maxProperties: a property past {most} at "
-                                               f"{_pointer(top.path)}", scalar.start_token))
+                                               f"{_pointer(top.path)}", top.start_token, top.starts))
                         break
                 elif c == "}" and top.state in ("key_or_end", "after"):
                     frames.pop()
@@ -440,8 +480,10 @@ class RowChecker:
                 elif c == "," and top.state == "after":
                     frames[-1] = top._replace(state="value")
                 elif top.state in ("value_or_end", "value"):
+                    first = i + 1 if c == '"' else i  # an item is written again from its first character
                     frames[-1] = top._replace(state="after", items=top.items + 1,
-                                              starts=top.starts + (self._token_of(i),))
+                                              starts=top.starts + (self._token_of(first) if first < n else
+                                                                   len(self.ends),))
                     scalar = self._open(frames, c, i, token, top.path + (top.items,), parent_index=len(frames) - 1)
                 else:
                     return ScanState(broken=True, pos=n)
@@ -482,7 +524,8 @@ class RowChecker:
             except Exception:  # noqa: BLE001 - undecided (a slow pattern): not proven valid
                 ok = False
             if not ok:
-                found.append(Violation(f"propertyNames: {key!r} at {_pointer(frame.path)}", start_token))
+                found.append(Violation(f"propertyNames: {key!r} at {_pointer(frame.path)}", frame.start_token,
+                                       frame.starts))
                 return
 
     def _token_of(self, char: int) -> int:
@@ -507,8 +550,14 @@ class RowChecker:
         if max(end - 1, at) >= check_from:  # decided by this token's text: checked now
             self.stats.evaluated += 1
             where = _pointer(path)
+            # Rollbacks may rewrite the value's siblings too (a duplicate of an earlier item; a token
+            # the grammar forces, shared with the end of the member before): back to its parent's start.
+            floor = parent.start_token if parent is not None else start_token
+            members = tuple(sorted({*(parent.starts if parent is not None else ()),
+                                    *(closing.starts if closing is not None else ())}))
+            first = self._token_of(start + 1) if text[start] == '"' else start_token
             if unique and canonical in (parent.seen or ()):  # type: ignore[union-attr]
-                found.append(Violation(f"uniqueItems: a duplicate item at {where}", start_token))
+                found.append(Violation(f"uniqueItems: a duplicate item at {where}", floor, members, first, True))
                 return
             for validator in location.checks:
                 try:
@@ -516,8 +565,7 @@ class RowChecker:
                 except Exception:  # noqa: BLE001 - undecided (a slow pattern): not proven valid
                     ok = False
                 if not ok:
-                    found.append(Violation(f"a checked keyword fails at {where}", start_token,
-                                           closing.starts if closing is not None else ()))
+                    found.append(Violation(f"a checked keyword fails at {where}", floor, members, first))
                     return
         if unique:
             frames[-1] = parent._replace(seen=parent.seen + (canonical,))  # type: ignore[union-attr,operator]

@@ -339,25 +339,20 @@ class DecodeLoop:
 
     def _retry(self, stream: Stream, refused: int | None, logits: torch.Tensor, index: int) -> Any:
         """A check refused `refused` at the row's next position (None: every token left there is
-        refused). Ban it and sample again from the same logits; with nothing left there, take the
-        last token back. A value refused ESCALATE_AFTER times is written again from its last member
-        (key or item; its first token banned), then from the one before, ..., then from its own first
-        token: what fails may lie anywhere in it. Never before the start of the value that failed.
-        The token, _TAKEN_BACK, or None when the checks' budget is spent or nothing is left to try."""
+        refused). Ban it and sample again from the same logits, or (RowChecker.escalation) write
+        the failing value again from an earlier token, banned there; with nothing left at a
+        position, take the last token back. Never before the failing value's parent. The token,
+        _TAKEN_BACK, or None when the checks' budget is spent or nothing is left to try."""
         row, out = stream.row, stream.output
         checker = row.checker
         assert checker is not None
-        position, start = len(out.token_ids), checker.rollback_floor
+        position, floor = len(out.token_ids), checker.rollback_floor
         if refused is not None:
             if not checker.refuse(position, refused):
                 return None
-            checker.failures[start] = failures = checker.failures.get(start, 0) + 1
-            if failures % ESCALATE_AFTER == 0 and start < position:
-                # Write it again from its last member, then the one before, ..., then from its start.
-                members = [t for t in checker.retreat if start < t < position]
-                back = failures // ESCALATE_AFTER
-                target = members[-back] if back <= len(members) else start
-                if checker.refuse(target, out.token_ids[target]) and \
+            target = checker.escalation(position)
+            if target is not None:
+                if checker.refuse(target, *checker.rewrite_bans(target, out.token_ids)) and \
                         self._take_back(stream, index, position - target):
                     return _TAKEN_BACK
                 checker.stats.exhausted = True
@@ -367,7 +362,7 @@ class DecodeLoop:
                 row.closer.rewind(out.text)
             if bool(torch.isfinite(logits).any()):
                 return sample_tokens(logits[None], [row], [self.batch.generators[index]])[0]
-        if position == 0 or position - 1 < start or not checker.refuse(position - 1, out.token_ids[-1]) \
+        if position == 0 or position - 1 < floor or not checker.refuse(position - 1, out.token_ids[-1]) \
                 or not self._take_back(stream, index, 1):
             checker.stats.exhausted = True  # no output that passes is left to search for
             return None
@@ -436,8 +431,6 @@ def prefill_groups(streams: list[Stream]) -> list[list[Stream]]:
 
 # _retry's answer when it took tokens back.
 _TAKEN_BACK = object()
-# A value refused this many times is written again from its first token.
-ESCALATE_AFTER = 4
 
 
 def _closed_error() -> Exception:

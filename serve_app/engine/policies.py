@@ -98,7 +98,7 @@ class Checks(RowPolicy):
         if violation is None:
             return None
         checker.stats.violations += 1
-        checker.rollback_floor, checker.retreat = violation.start_token, violation.children
+        checker.violation = violation
         return RETRY
 
     def after(self, step: TokenStep) -> str | None:

@@ -273,7 +273,7 @@ class TransformersEngine:
                         total_tokens=prompt_tokens + completion_tokens),
             valid=valid, closed_early=out.closed_early, backend=submission.backend,
             approximated=list(submission.approximated), rewrites=list(submission.rewrites),
-            checks=({"keywords": list(submission.checks), **row.checker.stats.as_dict()}
+            checks=({"keywords": _listed(submission.checks), **row.checker.stats.as_dict()}
                     if row.checker is not None else None),
             token_ids=out.token_ids,
             logprobs=self.logprobs(out.logprobs) if row.logprobs is not None else None,
@@ -309,6 +309,15 @@ class TransformersEngine:
             "out_of_memory": dict(self.loop.oom_events),
             "gpu_memory": gpu_memory(),
         }
+
+
+# Checked keywords listed in a response; a large schema can have hundreds.
+MAX_LISTED_CHECKS = 16
+
+
+def _listed(sites: tuple[str, ...]) -> list[str]:
+    shown = list(sites[:MAX_LISTED_CHECKS])
+    return shown + [f"... and {len(sites) - len(shown)} more"] if len(sites) > len(shown) else shown
 
 
 def torch_threads() -> int:

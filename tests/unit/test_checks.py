@@ -87,13 +87,18 @@ def test_duplicates_follow_json_schema_equality():
     assert scan(unique, '["a\\u0062","ab"]')[0] is not None  # escapes decode first
 
 
-def test_a_root_scalar_is_checked_at_eos_and_rollbacks_stop_at_the_failing_value():
+def test_a_root_scalar_is_checked_at_eos_and_rollbacks_stop_at_the_failing_values_parent():
     violation, _ = scan({"type": "integer", "not": {"const": 12}}, "12", final=True)
     assert violation is not None and violation.start_token == 0
+    # Chunks: '{"' 'ta' 'gs' '":' '["' 'ab' '",' '"a' 'b"' -- the duplicate's first character is in chunk 7.
     violation, checker = scan(TAGS, '{"tags":["ab","ab"]}', chunk=2)
-    assert violation is not None and violation.start_token == 7  # the chunk holding the second item's quote
-    # Each item is checked, not the array: the open item is held back from streams, the first is not.
-    assert checker.floor() == 7 and checker.settled_chars() == 14
+    assert violation is not None and violation.duplicate
+    assert violation.start_token == 4 and violation.value_token == 7 and violation.children == (5, 7)
+    checker.violation = violation  # (what the Checks policy records)
+    assert checker.escalation(position=9) == 7  # a duplicate is written again at once, from its first token
+    assert checker.rewrite_bans(7, list(range(100, 109))) == [107, 105]  # and cannot start as the first did
+    # Rollbacks may reach the array's start: held back from streams from there.
+    assert checker.floor() == 4 and checker.settled_chars() == 8
 
 
 def generate(engine, schema, seeds=(None,), max_new_tokens=64, prompt="JSON:"):
@@ -188,11 +193,14 @@ def test_property_names_and_counts_are_checked_per_key():
              "properties": {"a": {}, "b": {}, "c": {}}}
     split = split_checks(names)
     assert split.sites == ("propertyNames at #/", "maxProperties at #/") and "maxProperties" not in split.grammar
-    bad_key, _ = scan(names, '{"a":1,"B":2}')
+    bad_key, checker = scan(names, '{"a":1,"B":2}')
     assert bad_key is not None and "propertyNames: 'B'" in bad_key.what
-    assert bad_key.start_token == len('{"a":1,')  # the key is written again, not the object
+    assert bad_key.children == (2, len('{"a":1,"'))  # where each name's first character is
+    checker.violation = bad_key
+    for refusal in range(1, 5):  # refused again and again: then the name is written again
+        assert checker.escalation(position=11) == (8 if refusal == 4 else None)
     third, _ = scan(names, '{"a":1,"b":2,"c":3}')
-    assert third is not None and "maxProperties" in third.what and third.start_token == len('{"a":1,"b":2,')
+    assert third is not None and "maxProperties" in third.what and third.start_token == 0
     assert scan(names, '{"a":1,"b":2}')[0] is None
     # Every declared property required: llguidance enforces the counts itself, the grammar keeps them.
     closed = {"type": "object", "properties": {"a": {}}, "required": ["a"], "maxProperties": 1}
