@@ -48,8 +48,8 @@ COUNT_KEYWORDS = ("minProperties", "maxProperties")
 CHECK_BUDGET = 64
 # A value refused this many times (a duplicate item at once) is written again from an earlier token.
 ESCALATE_AFTER = 4
-# Regexes of patternProperties are matched against keys under this limit (a slow one matches nothing).
-KEY_PATTERN_TIMEOUT_S = 0.05
+# Every regex a check runs has this limit (it runs in the decode loop, as closing's do): undecided fails.
+PATTERN_TIMEOUT_S = 0.01
 # Subschemas one location may expand to (anyOf branches, $refs, allOf parts); beyond, the rest are not checked.
 MAX_APPLICABLE = 512
 _CACHED_LOCATIONS = 4096
@@ -127,12 +127,16 @@ class ValueChecks:
     def __init__(self, schema: dict[str, Any], sites: tuple[str, ...]) -> None:
         self.root = schema
         self.sites = sites
-        self._validator = safe_validator(schema, KEY_PATTERN_TIMEOUT_S, ENFORCED_FORMATS)
+        self._validator = safe_validator(schema, PATTERN_TIMEOUT_S, ENFORCED_FORMATS)
         self._fragments: dict[int, Any] = {}
         self._keep: list[Any] = []
         self._locations: OrderedDict[tuple[Any, ...], Location] = OrderedDict()
+        self._tuple_items = max((len(sub[k]) for _, sub in iter_subschemas(schema) for k in ("prefixItems", "items")
+                                 if isinstance(sub.get(k), list)), default=0)
 
     def at(self, path: tuple[Any, ...]) -> Location:
+        # Items past the longest tuple form (prefixItems, items as a list) all follow the same subschemas.
+        path = tuple(min(p, self._tuple_items) if isinstance(p, int) else p for p in path)
         found = self._locations.get(path)
         if found is not None:
             return found
@@ -200,7 +204,7 @@ class ValueChecks:
                     matched = True
                 patterns = node.get("patternProperties")
                 for pattern, sub in (patterns.items() if isinstance(patterns, dict) else ()):
-                    if regex_search(pattern, segment, KEY_PATTERN_TIMEOUT_S):
+                    if regex_search(pattern, segment, PATTERN_TIMEOUT_S):
                         out.append(sub)
                         matched = True
                 if not matched and isinstance(node.get("additionalProperties"), dict):

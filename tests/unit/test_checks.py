@@ -214,3 +214,12 @@ def test_min_properties_the_grammar_lacks_are_reached_by_refusing_the_close(tiny
     for result in results:
         assert_valid(result, schema)
     assert results[0].checks["violations"] > 0  # greedy, the tiny model closes after one property
+
+
+def test_a_check_whose_regex_cannot_finish_refuses_instead_of_stalling_the_loop():
+    # `not` of a backtracking pattern: deciding it takes ~2**40 steps; undecided within the time limit, the
+    # value is refused (a row would then write another one, or end honestly), never accepted unproven.
+    schema = {"type": "object", "properties": {"s": {"type": "string", "not": {"pattern": "^(a|a)*$"}}}}
+    violation, _ = scan(schema, '{"s":"' + "a" * 40 + '!"}', chunk=100)
+    assert violation is not None
+    assert scan(schema, '{"s":"b"}', chunk=100)[0] is None
