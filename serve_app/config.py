@@ -133,6 +133,20 @@ class HealthConfig(_Strict):
         "not finished a step for this long")
 
 
+class VllmConfig(_Strict):
+    """`engine: vllm` only: how vLLM's engine runs inside the replica (docs/engines.md)."""
+
+    enforce_eager: bool = Field(True, description="no CUDA graphs / torch.compile: start-up in seconds, not "
+                                "minutes; false for the last few percent of GPU throughput")
+    max_model_len: int | None = Field(None, ge=16, description="longest prompt + output vLLM plans its KV cache "
+                                      "for (default: the model's context length)")
+    cpu_kv_cache_gib: float = Field(2.0, gt=0, description="on CPU: memory for vLLM's KV cache "
+                                    "(VLLM_CPU_KVCACHE_SPACE); vLLM's own default takes most of the RAM")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="on GPU: the share of each card vLLM may use (default: the replica's "
+        "`gpus_per_replica` share when fractional, else 0.9)")
+
+
 class CacheConfig(_Strict):
     """Compiled constraints kept per replica (least recently used evicted first)."""
 
@@ -170,9 +184,11 @@ class ModelConfig(_Strict):
         "(builtin:smollm2-135m-instruct, builtin:tiny-random-llama)"
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `source`")
-    engine: Literal["transformers"] = Field(
+    engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="what generates: the project's transformers decode loop (any HF causal LM, "
-        "accelerate sharding, CPU)")
+        "accelerate sharding, CPU; keywords checked while generating, closing) or vllm (its scheduler and kernels, "
+        "tensor parallel over the replica's GPUs; needs the vllm extra)")
+    vllm: VllmConfig = VllmConfig()
     dtype: Dtype = Field("auto", description="auto: bfloat16 on GPUs that compute it natively, float16 on older "
                          "ones; on CPU bfloat16 where it has native bf16 math (AVX-512 BF16, AMX, Arm BF16), else "
                          "float32")

@@ -47,7 +47,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a Hugging Face id, a local directory, a .gguf file or builtin:<name>, "
                         "instead of CONFIG")
     parser.add_argument("--name", help="the model's name in the API (default: from --model)")
-    parser.add_argument("--engine", default="transformers", choices=["transformers"])
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     parser.add_argument("--gpus", type=float, default=0, help="GPUs per replica: 0 (CPU), a share (0.5) or N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--replicas", type=int, default=1)

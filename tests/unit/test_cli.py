@@ -252,7 +252,8 @@ def test_a_manifest_whose_pods_cannot_hold_the_replicas_is_refused(capsys, tmp_p
 def test_shipped_configs_are_listed_and_usable_by_name_from_anywhere(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no configs/ here
     code, out, _ = run_cli(capsys, "configs")
-    assert code == 0 and {line.split()[0] for line in out.splitlines()} == {"local", "fractional_gpu", "multi_gpu"}
+    assert code == 0 and {line.split()[0] for line in out.splitlines()} == {"local", "fractional_gpu", "multi_gpu",
+                                                                                  "vllm_cpu", "vllm_multi_gpu"}
     for name in ("local", "local.yaml", "configs/local.yaml"):
         code, out, err = run_cli(capsys, "build", name)
         assert code == 0, err

@@ -1,0 +1,108 @@
+"""`engine: vllm` as a user runs it: `make serve CONFIG=configs/vllm_cpu.yaml` (SmolLM2 through
+vLLM's CPU build, in the replica's process), and the same HTTP API and constraint layer on top.
+vLLM runs only in that server's processes, never in the test process (it binds threads and
+memory to cores)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jsonschema
+import lark
+import pytest
+
+from tests.e2e.test_commands import ROOT, START_TIMEOUT_S, free_port, stop_serving
+
+MODEL = "smollm2-135m-instruct"
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+GRAMMAR = 'start: NUM "+" NUM\nNUM: /[0-9]{1,3}/'
+USER = [{"role": "user", "content": "Invent a person."}]
+
+
+@pytest.fixture(scope="module")
+def vllm_server():
+    port = free_port()
+    server = subprocess.Popen(["make", "serve", "CONFIG=configs/vllm_cpu.yaml", f"PORT={port}"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert server.poll() is None, server.stdout.read() if server.stdout else ""
+        with httpx.Client(base_url=base, timeout=300) as client:
+            yield client
+    finally:
+        stop_serving(server)
+
+
+def native(client: httpx.Client, constraint: dict, max_tokens: int = 64, **extra) -> dict:
+    response = client.post("/v1/generate", json={"model": MODEL, "messages": USER, "max_tokens": max_tokens,
+                                                 "temperature": 0, "constraint": constraint, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.slow
+def test_the_four_constraint_kinds_mixed_in_one_batch_are_enforced_and_validated(vllm_server):
+    kinds = [{"type": "json_schema", "schema": PERSON}, {"type": "regex", "pattern": "[ab]{3}c"},
+             {"type": "choice", "choices": ["yes", "no"]}, {"type": "grammar", "grammar": GRAMMAR}] * 2
+    with ThreadPoolExecutor(len(kinds)) as pool:  # concurrent: vLLM batches them together
+        answers = list(pool.map(lambda c: native(vllm_server, c), kinds))
+    for constraint, answer in zip(kinds, answers, strict=True):
+        assert answer["finish_reason"] == "stop" and answer["valid"] is True, (constraint, answer)
+        assert answer["backend"] == "guidance"
+    jsonschema.validate(json.loads(answers[0]["text"]), PERSON)
+    assert answers[2]["text"] in ("yes", "no")
+    lark.Lark(GRAMMAR).parse(answers[3]["text"])
+    deadline = time.monotonic() + 60  # replicas report every 2 s: wait for a report that counts these rows
+    while True:
+        [replica] = vllm_server.get("/v1/replicas").json()["replicas"]
+        if replica["finished"].get("stop", 0) >= len(kinds) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert replica["engine"] == "vllm" and replica["finished"]["stop"] >= len(kinds), replica
+
+
+@pytest.mark.slow
+def test_streaming_chat_concatenates_to_the_answer_and_the_openai_shape_holds(vllm_server):
+    body = {"model": MODEL, "messages": USER, "max_tokens": 64, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}}
+    whole = vllm_server.post("/v1/chat/completions", json=body).json()
+    parts = []
+    with vllm_server.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in json.loads(line[6:])["choices"]:
+                    parts.append(choice["delta"].get("content") or "")
+    assert "".join(parts) == whole["choices"][0]["message"]["content"]
+    jsonschema.validate(json.loads("".join(parts)), PERSON)
+
+
+@pytest.mark.slow
+def test_a_keyword_nothing_enforces_is_a_400_before_vllm_and_a_cut_answer_is_never_valid(vllm_server):
+    refused = vllm_server.post("/v1/generate", json={"model": MODEL, "prompt": "x", "constraint": {
+        "type": "json_schema", "schema": {"type": "object", "allOf": [{"properties": {"a": {}}}],
+                                          "unevaluatedProperties": False}}})
+    assert refused.status_code == 400 and "'unevaluatedProperties' at #/" in refused.json()["error"]["message"]
+    cut = native(vllm_server, {"type": "json_schema", "schema": {"type": "object", "properties": {
+        "story": {"type": "string"}}, "required": ["story"]}}, max_tokens=8)
+    assert cut["finish_reason"] == "length" and cut["valid"] is False and cut["truncated"] is True
+    assert cut["parsed"] is None
+    # What the transformers engine checks while generating is checked after generation here, and said so.
+    unique = {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 2, "maxItems": 2, "uniqueItems": True}
+    answer = native(vllm_server, {"type": "json_schema", "schema": unique}, max_tokens=24)
+    assert answer["approximated"] == ["uniqueItems at #/: checked after generation only (engine vllm)"]
+    items = json.loads(answer["text"])
+    assert answer["valid"] is (answer["finish_reason"] == "stop" and len(set(items)) == len(items))
