@@ -74,7 +74,7 @@ $(PEERS_VENV)/.installed:
 	$(PEERS_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
-bench-peers: prepare $(PEERS_VENV)/.installed
+bench-peers: prepare $(VLLM_STAMP) $(PEERS_VENV)/.installed
 	$(PIP) install --quiet -e ".[bench]"
 	$(PY) bench/peers.py --vllm-python $(PEERS_VENV)/bin/python --out $(BENCH_OUT)
 

@@ -1,7 +1,10 @@
 """serve_app beside vLLM's CPU build on the same machine, same weights, same workloads, one
-server at a time: `make bench-peers` (installs vLLM into .venv-peers first).
+server at a time: `make bench-peers` (installs vLLM into .venv-peers first). Three servers:
+serve_app (its transformers engine), serve_app_vllm (`engine: vllm`, configs/vllm_cpu.yaml set
+up as bare vLLM runs: compiled, same KV cache space) and bare vLLM; the serve_app_vllm / vllm
+ratio is the overhead of our layer over the same engine.
 
-    .venv/bin/python bench/peers.py --vllm-python .venv-peers/bin/python    # both servers
+    .venv/bin/python bench/peers.py --vllm-python .venv-peers/bin/python    # all three servers
     .venv/bin/python bench/peers.py --servers serve_app --quick             # ours alone, the tiny model
 
 Workloads (OpenAI chat completions over HTTP, temperature 0, every request its own prompt):
@@ -192,12 +195,27 @@ def stop(process: subprocess.Popen[bytes], group: bool) -> None:
             process.wait(30)
 
 
+def vllm_engine_config(out: Path) -> str:
+    """configs/vllm_cpu.yaml set up as bare vLLM runs here: compiled (not eager), the same KV cache
+    space, so that the difference is our layer (HTTP router, plan, validation), not vLLM's settings."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "vllm_cpu.yaml").read_text())
+    model = config["applications"][0]["args"]["models"][0]
+    model["vllm"].update(enforce_eager=False, cpu_kv_cache_gib=float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")))
+    path = out / "vllm_engine.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
 def bench_server(server: str, args: argparse.Namespace, loads: list[Workload], out: Path) -> dict[str, Any]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = out / f"{server}.log"
     if server == "serve_app":
         process, model, group = start_serve_app(port, args.config, log), args.served_model, False
+    elif server == "serve_app_vllm":  # engine: vllm
+        process, model, group = start_serve_app(port, vllm_engine_config(out), log), MODEL_NAME, False
     else:
         process, model, group = start_vllm(args.vllm_python, port, args.model_dir, log), MODEL_NAME, True
     started = time.perf_counter()
@@ -232,9 +250,10 @@ def table(results: dict[str, dict[str, Any]], loads: list[Workload]) -> str:
     servers = list(results)
     head = ["workload"] + [f"{s} tok/s" for s in servers] + [f"{s} valid tok/s" for s in servers] + \
         [f"{s} p50 s" for s in servers] + [f"{s} valid/cut/invalid/5xx" for s in servers]
-    if len(servers) > 1:
-        head += [f"tok/s {servers[0]} / {s}" for s in servers[1:]]
-        head += [f"valid tok/s {servers[0]} / {s}" for s in servers[1:]]
+    pairs = [(servers[0], s) for s in servers[1:]]
+    if "serve_app_vllm" in servers and "vllm" in servers and servers[0] != "serve_app_vllm":
+        pairs.append(("serve_app_vllm", "vllm"))  # our layer over bare vLLM: same engine underneath
+    head += [f"tok/s {a} / {b}" for a, b in pairs] + [f"valid tok/s {a} / {b}" for a, b in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for workload in loads:
         rows = [results[s]["workloads"][workload.name] for s in servers]
@@ -243,9 +262,9 @@ def table(results: dict[str, dict[str, Any]], loads: list[Workload]) -> str:
             [f"{r['valid_tok_s']:.1f}" if constrained else "-" for r in rows] + \
             [f"{r['p50_s']:.2f}" if r["p50_s"] is not None else "-" for r in rows] + \
             [f"{r['valid']}/{r.get('cut', 0)}/{r['invalid']}/{server_errors(r)}" if constrained else "-" for r in rows]
-        if len(servers) > 1:
-            cells += [ratio(rows[0]["tok_s"], r["tok_s"]) for r in rows[1:]]
-            cells += [ratio(rows[0]["valid_tok_s"], r["valid_tok_s"]) if constrained else "-" for r in rows[1:]]
+        run = {s: results[s]["workloads"][workload.name] for s in servers}
+        cells += [ratio(run[a]["tok_s"], run[b]["tok_s"]) for a, b in pairs]
+        cells += [ratio(run[a]["valid_tok_s"], run[b]["valid_tok_s"]) if constrained else "-" for a, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -280,7 +299,8 @@ def plot(results: dict[str, dict[str, Any]], loads: list[Workload], path: Path) 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--servers", default="serve_app,vllm", help="comma-separated: serve_app, vllm")
+    parser.add_argument("--servers", default="serve_app,serve_app_vllm,vllm",
+                        help="comma-separated: serve_app, serve_app_vllm (engine: vllm), vllm (bare)")
     parser.add_argument("--config", default="configs/local.yaml", help="serve_app's config")
     parser.add_argument("--served-model", default=MODEL_NAME, help="the model name in serve_app's config")
     parser.add_argument("--vllm-python", default=".venv-peers/bin/python")

@@ -164,3 +164,10 @@ def test_every_corpus_schema_the_cascade_accepts_compiles_and_the_rest_get_a_poi
             assert error.status_code == 400
             assert " at #" in error.message or "json_schema" in error.message, (entry["id"], error.message)
     assert accepted > len(entries) // 2
+
+
+def test_a_backend_that_is_not_installed_is_a_400_naming_what_is():
+    constraint = parse_constraint({"type": "regex", "pattern": "a", "backend": "xgrammar"})
+    with pytest.raises(ConstraintError, match="backend 'xgrammar' is not installed here; installed: llguidance") as e:
+        plan_constraint(constraint, LimitsConfig(), BackendDefaults(), ("llguidance",))
+    assert e.value.status_code == 400
