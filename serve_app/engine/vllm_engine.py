@@ -124,7 +124,7 @@ class VllmEngine:
             dtype=config.dtype, seed=0, enforce_eager=config.vllm.enforce_eager,
             tensor_parallel_size=tensor_parallel, served_model_name=config.name,
             gpu_memory_utilization=config.vllm.gpu_memory_utilization or (share if gpus and share < 1 else 0.9),
-            structured_outputs_config=structured, disable_log_stats=True, **optional)
+            structured_outputs_config=structured, disable_log_stats=False, **optional)  # stats: vllm_stats()
         llm = LLMEngine.from_engine_args(args)
         tokenizer = load_tokenizer(source, config.loading.chat_template)
         context = int(llm.model_config.max_model_len)
@@ -271,7 +271,26 @@ class VllmEngine:
         return [self.result(s, s.stream.result()) for s in submissions]
 
     def queue_depth(self) -> tuple[int, int]:
-        return self.waiting.qsize(), len(self.running)
+        """(waiting, running): rows not yet handed to vLLM plus those its scheduler holds waiting, and
+        those it runs (what autoscaling and the queue metrics read)."""
+        held = len(self.running)  # vLLM's gauges lag (they change on a step): bounded by what it holds
+        queued = min(held, int(self.vllm_stats().get("num_requests_waiting", 0)))
+        return self.waiting.qsize() + queued, held - queued
+
+    def vllm_stats(self) -> dict[str, float]:
+        """vLLM's own gauges and counters: its queue, KV-cache use, prefix-cache hits."""
+        wanted = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries",
+                  "prefix_cache_hits", "num_preemptions")
+        out: dict[str, float] = {}
+        try:
+            metrics = self.llm.get_metrics()
+        except Exception:  # noqa: BLE001 - stats are a report, never a failure
+            return out
+        for metric in metrics:
+            name = metric.name.removeprefix("vllm:")
+            if name in wanted and isinstance(getattr(metric, "value", None), (int, float)):
+                out[name] = out.get(name, 0) + float(metric.value)
+        return out
 
     def result(self, submission: VllmSubmission, out: RowOutput) -> GenerationResult:
         request, row = submission.request, submission.stream.row
@@ -307,7 +326,7 @@ class VllmEngine:
             "dtype": str(self.llm.model_config.dtype).removeprefix("torch."),
             "max_model_len": self.context_length, "load_seconds": round(self.load_seconds, 3),
             "queue": dict(zip(("waiting", "running"), self.queue_depth(), strict=True)),
-            "finished": dict(self.finished), "decode_steps": self.steps,
+            "finished": dict(self.finished), "decode_steps": self.steps, "vllm": self.vllm_stats(),
             "compile_cache": {"entries": len(self.plans)},
         }
 

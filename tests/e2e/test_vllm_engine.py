@@ -73,6 +73,7 @@ def test_the_four_constraint_kinds_mixed_in_one_batch_are_enforced_and_validated
             break
         time.sleep(0.5)
     assert replica["engine"] == "vllm" and replica["finished"]["stop"] >= len(kinds), replica
+    assert replica["vllm"]["prefix_cache_queries"] >= len(kinds) and "kv_cache_usage_perc" in replica["vllm"]
 
 
 @pytest.mark.slow
@@ -106,3 +107,23 @@ def test_a_keyword_nothing_enforces_is_a_400_before_vllm_and_a_cut_answer_is_nev
     assert answer["approximated"] == ["uniqueItems at #/: checked after generation only (engine vllm)"]
     items = json.loads(answer["text"])
     assert answer["valid"] is (answer["finish_reason"] == "stop" and len(set(items)) == len(items))
+
+
+@pytest.mark.slow
+def test_a_client_that_goes_away_mid_stream_aborts_its_vllm_request(vllm_server):
+    # A regex no answer can finish quickly (no early EOS): only an abort ends it before max_tokens.
+    body = {"model": MODEL, "prompt": "Write.", "max_tokens": 500, "temperature": 0, "stream": True,
+            "constraint": {"type": "regex", "pattern": "[ab]{499}"}}
+    with vllm_server.stream("POST", "/v1/generate", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and "delta" in line:
+                break  # the first token arrived: closing the response drops the connection
+    deadline = time.monotonic() + 120  # the replica reports every 2 s
+    while time.monotonic() < deadline:
+        [replica] = vllm_server.get("/v1/replicas").json()["replicas"]
+        if replica["finished"].get("cancelled", 0) >= 1 and replica["queue"]["running"] == 0:
+            break
+        time.sleep(0.5)
+    assert replica["finished"].get("cancelled", 0) >= 1 and replica["queue"]["running"] == 0, \
+        (replica["finished"], replica["queue"], replica["vllm"])
