@@ -87,6 +87,7 @@ class VllmEngine:
         self.tensor_parallel = tensor_parallel
         self.plans: OrderedDict[str, Plan] = OrderedDict()
         self.min_tokens: dict[str, int | None] = {}
+        self._plans_lock = threading.Lock()  # requests are prepared in several threads at once
         self.waiting: queue.SimpleQueue[tuple[str, Stream, Any, Any]] = queue.SimpleQueue()
         self.running: dict[str, Stream] = {}
         self.finished: Counter[str] = Counter()
@@ -175,14 +176,16 @@ class VllmEngine:
         """The plan (limits, normalisation, keyword checks: the router's), cached; vLLM compiles
         the grammar itself, per request, with its own cache."""
         key = constraint.cache_key()
-        plan = self.plans.get(key)
-        if plan is None:
-            plan = plan_constraint(constraint, self.config.limits, self.config.backends, ("llguidance",))
+        with self._plans_lock:
+            plan = self.plans.get(key)
+            if plan is not None:
+                self.plans.move_to_end(key)
+                return plan
+        plan = plan_constraint(constraint, self.config.limits, self.config.backends, ("llguidance",))
+        with self._plans_lock:
             self.plans[key] = plan
             while len(self.plans) > MAX_PLANS:
                 self.plans.popitem(last=False)
-        else:
-            self.plans.move_to_end(key)
         return plan
 
     def precompile(self, constraints: Iterable[AnyConstraint]) -> None:
@@ -192,7 +195,9 @@ class VllmEngine:
     def _min_tokens(self, plan: Plan) -> int | None:
         """The fewest tokens of a valid output (a 400 below it, as the transformers engine says)."""
         key = plan.constraint.cache_key()
-        if key not in self.min_tokens:
+        with self._plans_lock:
+            known = key in self.min_tokens
+        if not known:
             found: int | None = None
             encode = self._encode
             if isinstance(plan.constraint, ChoiceConstraint):
@@ -202,10 +207,13 @@ class VllmEngine:
                     found = JsonCloser(plan.target.json_schema, encode, ENFORCED_FORMATS).min_tokens
                 except Exception:  # noqa: BLE001 - no minimum known: vLLM's own length limit decides
                     found = None
-            self.min_tokens[key] = found
-            if len(self.min_tokens) > MAX_PLANS:
-                self.min_tokens.pop(next(iter(self.min_tokens)))
-        return self.min_tokens[key]
+            with self._plans_lock:
+                self.min_tokens[key] = found
+                if len(self.min_tokens) > MAX_PLANS:
+                    self.min_tokens.pop(next(iter(self.min_tokens)))
+            return found
+        with self._plans_lock:
+            return self.min_tokens.get(key)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
