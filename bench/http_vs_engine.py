@@ -16,7 +16,7 @@ import httpx
 from serve_app.config import ModelConfig
 from serve_app.constraints import parse_constraint
 from serve_app.engine.factory import create_engine
-from serve_app.engine.types import GenerationRequest, SamplingParams
+from serve_app.generation import GenerationRequest, SamplingParams
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},

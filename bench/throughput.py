@@ -28,7 +28,7 @@ from serve_app.config import ModelConfig
 from serve_app.constraints import parse_constraint
 from serve_app.engine.factory import create_engine
 from serve_app.engine.transformers_engine import TransformersEngine
-from serve_app.engine.types import GenerationRequest, SamplingParams
+from serve_app.generation import GenerationRequest, SamplingParams
 from serve_app.readiness import wait_until_ready
 
 HERE = Path(__file__).resolve().parent

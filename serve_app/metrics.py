@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from serve_app.engine.types import GenerationResult
+from serve_app.generation import GenerationResult
 
 PREFIX = "serve_app"
 TOKEN_RATE_WINDOW_S = 60.0

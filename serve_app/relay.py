@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from serve_app.api.errors import as_serve_app_error
-from serve_app.engine.types import GenerationResult, TokenLogprobs
+from serve_app.generation import GenerationResult, TokenLogprobs
 
 DONE = "data: [DONE]\n\n"
 

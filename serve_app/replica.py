@@ -145,7 +145,7 @@ class ModelReplica:
     async def _events(self, requests: list[dict[str, Any]], deltas: bool) -> AsyncGenerator[dict[str, Any], None]:
         """The rows' events; without `deltas` only the final ones (no wake-up of this event loop
         per generated token, which would take the GIL from the decode thread)."""
-        from serve_app.engine.types import GenerationRequest
+        from serve_app.generation import GenerationRequest
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, tuple[str, Any]]] = asyncio.Queue()

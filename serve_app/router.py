@@ -24,8 +24,8 @@ from serve_app.api import schemas
 from serve_app.api.errors import error_response
 from serve_app.api.intake import Intake, RequestChecker
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.engine.types import GenerationRequest, GenerationResult
 from serve_app.errors import ModelNotFoundError, ServeAppError
+from serve_app.generation import GenerationRequest, GenerationResult
 from serve_app.guard import Guard, GuardMiddleware
 from serve_app.logs import under_serve_logger
 from serve_app.metrics import UNKNOWN_ROUTE, ClusterMetrics, RouterMetrics

@@ -22,7 +22,6 @@ from serve_app.api.body import load_json
 from serve_app.api.errors import from_validation_error
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.constraints import AnyConstraint, Plan, check_max_new_tokens, installed_backends, plan_constraint
-from serve_app.engine.types import GenerationRequest
 from serve_app.errors import (
     ConstraintError,
     InvalidRequestError,
@@ -30,6 +29,7 @@ from serve_app.errors import (
     ModelNotFoundError,
     ServeAppError,
 )
+from serve_app.generation import GenerationRequest
 
 logger = logging.getLogger(__name__)
 _Body = TypeVar("_Body", bound=BaseModel)

@@ -16,14 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from serve_app.api import tools as tooling
 from serve_app.api.tools import MAX_TOOLS, Tool, ToolChoice
 from serve_app.constraints import SOURCE_FIELD, Constraint, JsonSchemaConstraint, build_constraint
-from serve_app.engine.types import (
-    ChatMessage,
-    ChatTemplateKwargs,
-    GenerationRequest,
-    GenerationResult,
-    SamplingParams,
-    TokenLogprobs,
-)
 from serve_app.errors import ConstraintError, InvalidRequestError
 from serve_app.fields import (
     FrequencyPenalty,
@@ -40,6 +32,14 @@ from serve_app.fields import (
     TopP,
     seed_for_choice,
     stops_validator,
+)
+from serve_app.generation import (
+    ChatMessage,
+    ChatTemplateKwargs,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    TokenLogprobs,
 )
 
 MAX_N = 8

@@ -2,5 +2,5 @@
 
 `serve_app.engine.factory.create_engine(model_config)` builds the engine a model's config names;
 engines follow protocol.py. This package's `__init__` imports nothing: the router imports
-`serve_app.engine.types` and must not pull in torch with it.
+`serve_app.generation` and must not pull in torch with it.
 """

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from serve_app.engine.types import ChatMessage
 from serve_app.errors import InvalidRequestError
+from serve_app.generation import ChatMessage
 
 TOOLS_PROMPT = (
     "You can call these functions. Each is given as JSON: its name, what it does, and the JSON Schema of its "

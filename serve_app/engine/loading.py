@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.config import ModelConfig
+from serve_app.engine.attention import use_packed_decode_attention
 from serve_app.engine.placement import PlacementPlan, available_cpu_memory, plan_placement
 from serve_app.errors import ModelLoadError
 from serve_app.models import BUILTIN_PREFIX, prepare
@@ -146,6 +147,7 @@ def _from_pretrained(source: ModelSource, plan: PlacementPlan, model_cfg: ModelC
         max_memory=plan.max_memory,
         **extra,
     )
+    use_packed_decode_attention(model)  # the decode step without repeat_kv (engine/attention.py)
     return model.eval()
 
 

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from serve_app.config import ModelConfig
 from serve_app.constraints import AnyConstraint
-from serve_app.engine.types import GenerationRequest, GenerationResult, TokenLogprobs
+from serve_app.generation import GenerationRequest, GenerationResult, TokenLogprobs
 
 Notify = Callable[[tuple[str, Any]], None]
 

@@ -43,7 +43,8 @@ from serve_app.engine.loading import (
 )
 from serve_app.engine.memory import gpu_memory
 from serve_app.engine.placement import GpuInfo, available_cpu_memory, plan_placement
-from serve_app.engine.types import (
+from serve_app.errors import ConstraintError, InvalidRequestError, LimitExceededError, ServeAppError
+from serve_app.generation import (
     GenerationRequest,
     GenerationResult,
     SamplingParams,
@@ -51,7 +52,6 @@ from serve_app.engine.types import (
     TokenLogprobs,
     Usage,
 )
-from serve_app.errors import ConstraintError, InvalidRequestError, LimitExceededError, ServeAppError
 
 logger = logging.getLogger(__name__)
 MAX_CACHED_FAILURES = 1024

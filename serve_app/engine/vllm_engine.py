@@ -46,8 +46,8 @@ from serve_app.engine.chat import render_chat
 from serve_app.engine.loading import load_tokenizer, resolve_source
 from serve_app.engine.placement import GpuInfo
 from serve_app.engine.stream import Row, RowOutput, Stream
-from serve_app.engine.types import GenerationRequest, GenerationResult, TokenLogprob, TokenLogprobs, Usage
 from serve_app.errors import InvalidRequestError, LimitExceededError, OverloadedError
+from serve_app.generation import GenerationRequest, GenerationResult, TokenLogprob, TokenLogprobs, Usage
 
 logger = logging.getLogger(__name__)
 # What vLLM's structured outputs compile here: the same library as the cascade's first backend.

@@ -8,7 +8,7 @@ import pytest
 from serve_app.config import ModelConfig
 from serve_app.constraints import parse_constraint
 from serve_app.engine.factory import create_engine
-from serve_app.engine.types import GenerationRequest, SamplingParams
+from serve_app.generation import GenerationRequest, SamplingParams
 
 PERSON = {
     "type": "object",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -217,14 +215,6 @@ def test_fake_gpus_are_assigned_and_the_two_gpu_plan_spans_exactly_its_ids(clien
         assert replica["plan"]["device"] == "cpu"
     half_ids = {r["assigned_gpu_ids"][0] for r in half}
     assert not half_ids & set(double["assigned_gpu_ids"]) or len(half_ids) == 1
-
-
-def test_the_router_never_imports_torch_or_outlines():
-    code = ("import sys, serve_app.router, serve_app.app; "
-            "bad = [m for m in ('torch', 'outlines', 'transformers') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 BIG_SCHEMA = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(20)}}

@@ -4,7 +4,7 @@ import json
 
 from serve_app.api.schemas import native_response
 from serve_app.constraints import parse_constraint
-from serve_app.engine.types import GenerationResult, Usage
+from serve_app.generation import GenerationResult, Usage
 
 
 def _result(text):

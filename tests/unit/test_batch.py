@@ -82,7 +82,7 @@ def test_common_prefix_and_the_prefix_cache_bounds():
 def test_prompts_that_share_a_prefix_generate_what_they_generate_without_the_prefix_cache(tiny_config):
     from serve_app.constraints import parse_constraint
     from serve_app.engine.factory import create_engine
-    from serve_app.engine.types import GenerationRequest, SamplingParams
+    from serve_app.generation import GenerationRequest, SamplingParams
 
     system = "You are a careful assistant who answers in the requested format and nothing else. " * 3
 
@@ -115,7 +115,7 @@ def test_where_a_cache_cannot_be_built_from_tensors_the_prefix_cache_turns_off_a
     import transformers
 
     from serve_app.engine.factory import create_engine
-    from serve_app.engine.types import GenerationRequest, SamplingParams
+    from serve_app.generation import GenerationRequest, SamplingParams
 
     def old_api(*args, **kwargs):
         raise TypeError("DynamicCache() takes no tensors here")

@@ -11,8 +11,8 @@ import pytest
 from serve_app.constraints import BackendDefaults, LimitsConfig, installed_backends, parse_constraint, plan_constraint
 from serve_app.constraints.keywords import unsupported_keywords
 from serve_app.constraints.plan import plan_schema
-from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import ConstraintError, LimitExceededError
+from serve_app.generation import GenerationRequest, SamplingParams
 
 ORDER = ("llguidance", "outlines_core")
 

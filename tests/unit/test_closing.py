@@ -9,8 +9,8 @@ import pytest
 from serve_app.constraints import installed_backends, parse_constraint
 from serve_app.constraints.checking import ENFORCED_FORMATS
 from serve_app.constraints.completion import JsonCloser, regex_example
-from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import InvalidRequestError
+from serve_app.generation import GenerationRequest, SamplingParams
 
 SCHEMAS = {
     "person": {"type": "object", "properties": {
@@ -165,7 +165,7 @@ def test_penalties_change_outputs_and_never_break_the_constraint(tiny_engine, pe
 
 
 def test_no_repeat_ngram_size_removes_repeated_pairs_from_free_text(tiny_engine):
-    from serve_app.engine.types import GenerationRequest as Req
+    from serve_app.generation import GenerationRequest as Req
 
     def pairs(ids):
         return [tuple(ids[i:i + 2]) for i in range(len(ids) - 1)]

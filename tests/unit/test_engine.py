@@ -10,8 +10,8 @@ from serve_app.constraints import parse_constraint
 from serve_app.engine.cache import CompileCache
 from serve_app.engine.factory import create_engine
 from serve_app.engine.transformers_engine import TransformersEngine
-from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import ConstraintError, InvalidRequestError, LimitExceededError
+from serve_app.generation import GenerationRequest, SamplingParams
 
 PERSON = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 12},

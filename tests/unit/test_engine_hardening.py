@@ -9,8 +9,8 @@ from serve_app.constraints import check_limits, parse_constraint
 from serve_app.constraints.keywords import schema_size
 from serve_app.engine.factory import create_engine
 from serve_app.engine.transformers_engine import TransformersEngine
-from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import ConstraintError, LimitExceededError, OverloadedError
+from serve_app.generation import GenerationRequest, SamplingParams
 
 CONSTRAINTS = [
     {"type": "json_schema", "schema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}},

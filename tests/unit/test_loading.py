@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from serve_app.config import LoadingConfig, ModelConfig
 from serve_app.engine.factory import create_engine
-from serve_app.engine.types import ChatMessage, GenerationRequest, SamplingParams
 from serve_app.errors import InvalidRequestError
+from serve_app.generation import ChatMessage, GenerationRequest, SamplingParams
 
 HELLO = [ChatMessage(role="user", content="hi")]
 

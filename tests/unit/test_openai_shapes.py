@@ -13,8 +13,8 @@ from serve_app.api.schemas import ChatCompletionRequest, ChunkFormatter, Complet
 from serve_app.constraints import LimitsConfig, installed_backends, plan_constraint
 from serve_app.constraints.registry import BackendDefaults
 from serve_app.engine.chat import render_chat
-from serve_app.engine.types import ChatMessage, GenerationRequest, GenerationResult, SamplingParams, Usage
 from serve_app.errors import ConstraintError, InvalidRequestError
+from serve_app.generation import ChatMessage, GenerationRequest, GenerationResult, SamplingParams, Usage
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -18,8 +18,8 @@ import pytest
 from serve_app.api.body import load_json
 from serve_app.config import ConfigError, LimitsConfig, ModelConfig, ServerConfig
 from serve_app.constraints import build_constraint, check_constraint, group_depth, parse_constraint
-from serve_app.engine.types import GenerationRequest, SamplingParams
 from serve_app.errors import ConstraintError, InvalidRequestError, LimitExceededError
+from serve_app.generation import GenerationRequest, SamplingParams
 from serve_app.guard import Guard, api_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -287,7 +287,7 @@ def test_engine_close_stops_the_decode_thread_and_the_process_exits_cleanly(tiny
     script = f"""
 from serve_app.config import ModelConfig
 from serve_app.engine.factory import create_engine
-from serve_app.engine.types import GenerationRequest, SamplingParams
+from serve_app.generation import GenerationRequest, SamplingParams
 with create_engine(ModelConfig(name="t", source={tiny_model_dir!r})) as engine:
     engine.generate([GenerationRequest(prompt="x", sampling=SamplingParams(max_new_tokens=4))])
 print("closed", engine.loop._thread.is_alive())
