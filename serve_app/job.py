@@ -16,17 +16,10 @@ import argparse
 import sys
 from typing import Any
 
-from serve_app.cli import (
-    CliError,
-    deploy_config,
-    http_base,
-    read_yaml,
-    serve_client,
-    serve_config,
-    wait_http_ready,
-    wait_running,
-)
-from serve_app.config import ConfigError
+from serve_app.config import ConfigError, read_yaml
+from serve_app.ops import CliError
+from serve_app.ops.dashboard import deploy_config, http_base, serve_client, wait_http_ready, wait_running
+from serve_app.ops.serve_config import serve_config
 
 
 def with_job_working_dir(built: dict[str, Any], working_dir: str | None) -> dict[str, Any]:

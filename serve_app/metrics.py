@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from serve_app.generation import GenerationResult
+from serve_app.status import ReplicaStatus
 
 PREFIX = "serve_app"
 TOKEN_RATE_WINDOW_S = 60.0
@@ -53,7 +54,7 @@ class ReplicaCollector(Collector):
     """Series derived from the latest replica heartbeats (set `snapshot` before scraping)."""
 
     def __init__(self) -> None:
-        self.snapshot: list[dict[str, Any]] = []
+        self.snapshot: list[ReplicaStatus] = []
 
     def collect(self) -> Iterator[Metric]:
         yield from _queue_families(self.snapshot)
@@ -61,27 +62,27 @@ class ReplicaCollector(Collector):
         yield from _gpu_families(self.snapshot)
 
 
-def _labels(replica: dict[str, Any]) -> list[str]:
-    return [replica["model"], replica["replica_id"]]
+def _labels(replica: ReplicaStatus) -> list[str]:
+    return [replica.model, replica.replica_id]
 
 
-def _queue_families(replicas: list[dict[str, Any]]) -> Iterator[Metric]:
+def _queue_families(replicas: list[ReplicaStatus]) -> Iterator[Metric]:
     depth = GaugeMetricFamily(f"{PREFIX}_replica_queue_depth", "Rows per replica and state (waiting, running)",
                               labels=["model", "replica", "state"])
     running = GaugeMetricFamily(f"{PREFIX}_running_requests", "Rows being generated, per model", labels=["model"])
     count = GaugeMetricFamily(f"{PREFIX}_replicas", "Live (heartbeating) replicas per model", labels=["model"])
-    per_model: dict[str, list[dict[str, Any]]] = {}
+    per_model: dict[str, list[ReplicaStatus]] = {}
     for replica in replicas:
-        per_model.setdefault(replica["model"], []).append(replica)
-        for state in ("waiting", "running"):
-            depth.add_metric([*_labels(replica), state], replica.get("queue", {}).get(state, 0))
+        per_model.setdefault(replica.model, []).append(replica)
+        depth.add_metric([*_labels(replica), "waiting"], replica.queue.waiting)
+        depth.add_metric([*_labels(replica), "running"], replica.queue.running)
     for model, group in per_model.items():
-        running.add_metric([model], sum(r.get("queue", {}).get("running", 0) for r in group))
+        running.add_metric([model], sum(r.queue.running for r in group))
         count.add_metric([model], len(group))
     yield from (depth, running, count)
 
 
-def _cache_families(replicas: list[dict[str, Any]]) -> Iterator[Metric]:
+def _cache_families(replicas: list[ReplicaStatus]) -> Iterator[Metric]:
     hits = CounterMetricFamily(f"{PREFIX}_compile_cache_hits", "Compiled-constraint cache hits",
                                labels=["model", "replica"])
     misses = CounterMetricFamily(f"{PREFIX}_compile_cache_misses", "Compiled-constraint cache misses",
@@ -89,14 +90,13 @@ def _cache_families(replicas: list[dict[str, Any]]) -> Iterator[Metric]:
     seconds = CounterMetricFamily(f"{PREFIX}_compile_seconds", "Seconds spent compiling constraints",
                                   labels=["model", "replica"])
     for replica in replicas:
-        stats = replica.get("compile_cache", {})
-        hits.add_metric(_labels(replica), stats.get("hits", 0))
-        misses.add_metric(_labels(replica), stats.get("misses", 0))
-        seconds.add_metric(_labels(replica), stats.get("compile_seconds", 0.0))
+        hits.add_metric(_labels(replica), replica.compile_cache.hits)
+        misses.add_metric(_labels(replica), replica.compile_cache.misses)
+        seconds.add_metric(_labels(replica), replica.compile_cache.compile_seconds)
     yield from (hits, misses, seconds)
 
 
-def _gpu_families(replicas: list[dict[str, Any]]) -> Iterator[Metric]:
+def _gpu_families(replicas: list[ReplicaStatus]) -> Iterator[Metric]:
     memory = GaugeMetricFamily(f"{PREFIX}_gpu_memory_bytes", "GPU memory per replica and device (torch.cuda)",
                                labels=["model", "replica", "device", "kind"])
     reported = GaugeMetricFamily(f"{PREFIX}_gpu_memory_reported",
@@ -105,12 +105,13 @@ def _gpu_families(replicas: list[dict[str, Any]]) -> Iterator[Metric]:
     fallback = GaugeMetricFamily(f"{PREFIX}_replica_cpu_fallback", "1 when the replica fell back to CPU",
                                  labels=["model", "replica"])
     for replica in replicas:
-        readings = replica.get("gpu_memory", {})
-        reported.add_metric([*_labels(replica), readings.get("reason") or ""], 1 if readings.get("devices") else 0)
-        fallback.add_metric(_labels(replica), 1 if replica.get("fell_back_to_cpu") else 0)
-        for device in readings.get("devices", []):
-            for kind in ("allocated", "reserved", "total"):
-                memory.add_metric([*_labels(replica), str(device["device"]), kind], device[f"{kind}_bytes"])
+        readings = replica.gpu_memory
+        reported.add_metric([*_labels(replica), readings.reason or ""], 1 if readings.devices else 0)
+        fallback.add_metric(_labels(replica), 1 if replica.fell_back_to_cpu else 0)
+        for device in readings.devices:
+            for kind, value in (("allocated", device.allocated_bytes), ("reserved", device.reserved_bytes),
+                                ("total", device.total_bytes)):
+                memory.add_metric([*_labels(replica), str(device.device), kind], value)
     yield from (memory, reported, fallback)
 
 
@@ -150,7 +151,7 @@ class RouterMetrics:
                 else "finished"
             self.outcomes.labels(model, outcome).inc()
 
-    def render(self, replicas: list[dict[str, Any]]) -> bytes:
+    def render(self, replicas: list[ReplicaStatus]) -> bytes:
         self.replicas.snapshot = replicas
         for model, rate in self._rates.items():
             self.tokens_per_s.labels(model).set(rate.per_second())

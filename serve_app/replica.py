@@ -12,14 +12,19 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
 from serve_app.config import RECONFIGURABLE, ModelConfig
+from serve_app.generation import GenerationRequest
 from serve_app.logs import under_serve_logger
 from serve_app.metrics import ClusterMetrics
 from serve_app.registry import HEARTBEAT_S, get_registry
+from serve_app.status import ReplicaStatus
+
+if TYPE_CHECKING:
+    from serve_app.engine.requests import PreparedRow, Submission
 
 logger = logging.getLogger(__name__)
 # Without CUDA, the GPUs Ray assigns are logical: plan for them as 16 GiB cards (a T4's size),
@@ -62,7 +67,7 @@ class ModelReplica:
         threading.Thread(target=self._heartbeat, daemon=True, name="registry-heartbeat").start()
         status = self.engine.status()
         logger.info("replica %s of %s ready in %.1f s: %s, %d named constraints compiled", self.replica_id,
-                    self.config.name, time.perf_counter() - started, status.get("plan", {}).get("reason", "?"),
+                    self.config.name, time.perf_counter() - started, status.plan.get("reason", "?"),
                     len(self.config.constraints))
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -104,15 +109,16 @@ class ModelReplica:
         digest = hashlib.sha256(self.config.model_dump_json().encode()).hexdigest()[:12]
         return {"replica_id": self.replica_id, "version": self.config.version, "config_hash": digest}
 
-    def status(self) -> dict[str, Any]:
-        return {"replica_id": self.replica_id, "app": self.app_name, "model": self.config.name,
-                "assigned_gpu_ids": self.gpu_ids, **self.served_by(), **self.engine.status()}
+    def status(self) -> ReplicaStatus:
+        return self.engine.status().model_copy(update={
+            "replica_id": self.replica_id, "app": self.app_name, "assigned_gpu_ids": self.gpu_ids,
+            "version": self.config.version, "config_hash": self.served_by()["config_hash"]})
 
     def _heartbeat(self) -> None:
         while not self._stop.is_set():
             self.metrics.queue(self.config.name, *self.engine.queue_depth())
             try:
-                self._registry.report.remote(self.replica_id, self.status())
+                self._registry.report.remote(self.replica_id, self.status().model_dump(mode="json"))
             except Exception:  # the registry restarting must not take the replica down
                 logger.warning("could not report to the replica registry", exc_info=True)
             self._stop.wait(HEARTBEAT_S)
@@ -145,8 +151,6 @@ class ModelReplica:
     async def _events(self, requests: list[dict[str, Any]], deltas: bool) -> AsyncGenerator[dict[str, Any], None]:
         """The rows' events; without `deltas` only the final ones (no wake-up of this event loop
         per generated token, which would take the GIL from the decode thread)."""
-        from serve_app.generation import GenerationRequest
-
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, tuple[str, Any]]] = asyncio.Queue()
 
@@ -155,38 +159,45 @@ class ModelReplica:
                 loop.call_soon_threadsafe(events.put_nowait, (index, event))
             return notify
 
-        parsed = [GenerationRequest.model_validate(r) for r in requests]
-        # Validation and compiling run off the event loop; a bad row raises before any starts.
-        # Rows are submitted here, after the await: a caller gone during the compile (a client
-        # disconnect cancels this coroutine) leaves nothing in the decode loop.
-        self._preparing += len(parsed)
+        prepared = await self._prepare(requests)
+        submissions = [self.engine.submit_prepared(p, notifier(i), deltas=deltas) for i, p in enumerate(prepared)]
         try:
-            prepared = await asyncio.to_thread(lambda: [self.engine.prepare(r) for r in parsed])
-        finally:
-            self._preparing -= len(parsed)
-        submissions = [self.engine.submit_prepared(request, row, notifier(i), deltas=deltas)
-                       for i, (request, row) in enumerate(zip(parsed, prepared, strict=True))]
-        pending, served_by = len(submissions), self.served_by()
-        logprobs: dict[int, list[dict[str, Any]]] = {}  # entries that go with each row's next delta
-        try:
-            while pending:
-                index, (kind, value) = await events.get()
-                if kind == "logprobs":
-                    if deltas:  # without deltas the result carries them all
-                        logprobs[index] = [e.model_dump() for e in self.engine.logprobs(value)]
-                elif kind == "delta":
-                    extra = {"logprobs": logprobs.pop(index)} if index in logprobs else {}
-                    yield {"index": index, "delta": value, **extra}
-                elif kind == "error":
-                    raise value
-                else:
-                    pending -= 1
-                    result = self.engine.result(submissions[index], value)
-                    self.metrics.row_finished(self.config.name, result)
-                    yield {"index": index, "done": result.model_copy(update={"served_by": served_by}).model_dump()}
+            async for event in self._relay(events, submissions, deltas):
+                yield event
         finally:
             for submission in submissions:
                 submission.stream.cancel()  # a no-op for finished rows
+
+    async def _prepare(self, requests: list[dict[str, Any]]) -> list[PreparedRow]:
+        """Validation and the constraint's compile, off the event loop; a bad row raises before any
+        starts. Rows are submitted after this await: a caller gone during the compile (a client
+        disconnect cancels the coroutine) leaves nothing in the decode loop."""
+        parsed = [GenerationRequest.model_validate(r) for r in requests]
+        self._preparing += len(parsed)
+        try:
+            return await asyncio.to_thread(lambda: [self.engine.prepare(r) for r in parsed])
+        finally:
+            self._preparing -= len(parsed)
+
+    async def _relay(self, events: asyncio.Queue[tuple[int, tuple[str, Any]]], submissions: list[Submission],
+                     deltas: bool) -> AsyncGenerator[dict[str, Any], None]:
+        pending, served_by = len(submissions), self.served_by()
+        logprobs: dict[int, list[dict[str, Any]]] = {}  # entries that go with each row's next delta
+        while pending:
+            index, (kind, value) = await events.get()
+            if kind == "logprobs":
+                if deltas:  # without deltas the result carries them all
+                    logprobs[index] = [e.model_dump() for e in self.engine.logprobs(value)]
+            elif kind == "delta":
+                extra = {"logprobs": logprobs.pop(index)} if index in logprobs else {}
+                yield {"index": index, "delta": value, **extra}
+            elif kind == "error":
+                raise value
+            else:
+                pending -= 1
+                result = self.engine.result(submissions[index], value)
+                self.metrics.row_finished(self.config.name, result)
+                yield {"index": index, "done": result.model_copy(update={"served_by": served_by}).model_dump()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Polled by Serve; `queue_depth` drives serve_app.autoscaling.QueueDepthPolicy."""

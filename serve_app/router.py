@@ -32,6 +32,7 @@ from serve_app.metrics import UNKNOWN_ROUTE, ClusterMetrics, RouterMetrics
 from serve_app.model_queue import ModelQueue
 from serve_app.registry import get_registry
 from serve_app.relay import StreamFormat, relay
+from serve_app.status import read_statuses
 
 app = FastAPI(title="serve_app", version="0.1.0")
 
@@ -205,17 +206,17 @@ class Router:
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        live = await self.registry.live.remote(self.app_name)
-        counts = {m.name: sum(1 for r in live if r["model"] == m.name) for m in self.config.models}
+        live = read_statuses(await self.registry.live.remote(self.app_name))
+        counts = {m.name: sum(1 for r in live if r.model == m.name) for m in self.config.models}
         ready = all(counts.values())
         return JSONResponse({"ready": ready, "replicas": counts}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
-        live = await self.registry.live.remote(self.app_name)
+        live = read_statuses(await self.registry.live.remote(self.app_name))
         return Response(self.metrics.render(live), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/replicas")
     async def replicas(self) -> dict[str, Any]:
-        live = await self.registry.live.remote(self.app_name)
-        return {"replicas": sorted(live, key=lambda r: (r["model"], r["replica_id"]))}
+        live = read_statuses(await self.registry.live.remote(self.app_name))
+        return {"replicas": [r.model_dump(mode="json") for r in sorted(live, key=lambda r: (r.model, r.replica_id))]}

@@ -10,8 +10,6 @@ cached, so a popular schema is checked once per router.
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from serve_app.api.body import load_json
 from serve_app.api.errors import from_validation_error
+from serve_app.cache import BoundedCache
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.constraints import AnyConstraint, Plan, check_max_new_tokens, installed_backends, plan_constraint
 from serve_app.errors import (
@@ -35,6 +34,7 @@ logger = logging.getLogger(__name__)
 _Body = TypeVar("_Body", bound=BaseModel)
 # Constraint verdicts kept per router (a verdict is a few hundred bytes).
 MAX_VERDICTS = 1024
+PASSED = "passed"
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,9 @@ class RequestChecker:
     def __init__(self, config: AppConfig) -> None:
         self.config = config
         self.installed = installed_backends()
-        # Refusals, and None for a constraint that passed (a plan holds the normalised schema,
+        # Refusals, and PASSED for a constraint that passed (a plan holds the normalised schema,
         # up to max_schema_bytes each: not worth keeping at the router).
-        self._verdicts: OrderedDict[str, ServeAppError | None] = OrderedDict()
-        self._lock = threading.Lock()
+        self.verdicts: BoundedCache[str, ServeAppError | str] = BoundedCache(MAX_VERDICTS)
 
     def prepare(self, raw: bytes, body_type: type[_Body]) -> Intake:
         body = self.parse(raw, body_type)
@@ -100,20 +99,13 @@ class RequestChecker:
     def check_constraint(self, model: ModelConfig, constraint: AnyConstraint, source: str | None = None) -> None:
         """Plan the constraint as the engine will (its 4xx if it cannot be); cached per router."""
         key = f"{model.name}|{source}|{constraint.cache_key()}"
-        with self._lock:
-            known = key in self._verdicts
-            if known:
-                self._verdicts.move_to_end(key)
-            verdict = self._verdicts.get(key)
-        if not known:
-            planned = plan_or_error(model, constraint, source, self.installed)
-            verdict = planned if isinstance(planned, ServeAppError) else None
-            with self._lock:
-                self._verdicts[key] = verdict
-                while len(self._verdicts) > MAX_VERDICTS:
-                    self._verdicts.popitem(last=False)
-        if verdict is not None:
+        verdict = self.verdicts.get_or_build(key, lambda: self._verdict(model, constraint, source))
+        if isinstance(verdict, ServeAppError):
             raise verdict
+
+    def _verdict(self, model: ModelConfig, constraint: AnyConstraint, source: str | None) -> ServeAppError | str:
+        planned = plan_or_error(model, constraint, source, self.installed)
+        return planned if isinstance(planned, ServeAppError) else PASSED
 
 
 def plan_or_error(model: ModelConfig, constraint: AnyConstraint, source: str | None,

@@ -22,28 +22,21 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from serve_app.constraints.checking import ENFORCED_FORMATS, regex_search, safe_validator
+from serve_app.cache import BoundedCache
 from serve_app.constraints.keywords import (
-    _SCHEMA_LISTS,
-    _SCHEMA_MAPS,
-    _SCHEMA_VALUES,
-    _escape,
+    CHECKED_KEYWORDS,
+    COUNT_KEYWORDS,
+    escape_pointer,
     iter_subschemas,
+    map_subschemas,
     resolve_pointer,
 )
+from serve_app.constraints.validation import ENFORCED_FORMATS, regex_search, safe_validator
 from serve_app.errors import ConstraintError
 
-# Keywords taken out of the grammar and checked at the close of the value they apply to
-# (`propertyNames` at the close of each key, `maxProperties` as each key starts, too).
-CHECKED_KEYWORDS = ("not", "oneOf", "uniqueItems", "if", "then", "else", "contains", "minContains", "maxContains",
-                    "dependentRequired", "dependencies", "dependentSchemas", "propertyNames")
-# Checked where the grammar cannot have them: llguidance enforces these only when every declared
-# property is required.
-COUNT_KEYWORDS = ("minProperties", "maxProperties")
 # Banned tokens (each a resample, or a rollback of one token) one row may spend on checks.
 CHECK_BUDGET = 64
 # A value refused this many times (a duplicate item at once) is written again from an earlier token.
@@ -88,7 +81,7 @@ def split_checks(schema: dict[str, Any]) -> Split:
                 if _checked(key, node) and key not in ("then", "else", "minContains", "maxContains"):
                     sites.append(f"{key} at #{ptr or '/'}")
                 continue
-            out[key] = children(key, value, ptr)
+            out[key] = map_subschemas(key, value, ptr, strip)
         if isinstance(node.get("oneOf"), list):  # an instance matches at least one branch: the grammar's part
             branches = [strip(b, f"{ptr}/oneOf/{i}") for i, b in enumerate(node["oneOf"])]
             if "anyOf" in out:
@@ -96,16 +89,6 @@ def split_checks(schema: dict[str, Any]) -> Split:
             else:
                 out["anyOf"] = branches
         return out
-
-    def children(key: str, value: Any, ptr: str) -> Any:
-        where = f"{ptr}/{_escape(key)}"
-        if key in _SCHEMA_MAPS and isinstance(value, dict):
-            return {name: strip(sub, f"{where}/{_escape(name)}") for name, sub in value.items()}
-        if (key in _SCHEMA_LISTS or key == "items") and isinstance(value, list):
-            return [strip(sub, f"{where}/{i}") for i, sub in enumerate(value)]
-        if key in _SCHEMA_VALUES or key == "items":
-            return strip(value, where)
-        return value
 
     return Split(strip(schema, ""), tuple(dict.fromkeys(sites)))
 
@@ -128,9 +111,9 @@ class ValueChecks:
         self.root = schema
         self.sites = sites
         self._validator = safe_validator(schema, PATTERN_TIMEOUT_S, ENFORCED_FORMATS)
-        self._fragments: dict[int, Any] = {}
-        self._keep: list[Any] = []
-        self._locations: OrderedDict[tuple[Any, ...], Location] = OrderedDict()
+        # Keyed by id(): each entry holds its subschema, which keeps the id from being reused.
+        self._fragments: BoundedCache[int, tuple[Any, Any]] = BoundedCache(_CACHED_LOCATIONS)
+        self._locations: BoundedCache[tuple[Any, ...], Location] = BoundedCache(_CACHED_LOCATIONS)
         self._tuple_items = max((len(sub[k]) for _, sub in iter_subschemas(schema) for k in ("prefixItems", "items")
                                  if isinstance(sub.get(k), list)), default=0)
 
@@ -154,21 +137,22 @@ class ValueChecks:
             limit = node.get("maxProperties")
             if isinstance(limit, int) and not isinstance(limit, bool):
                 most = limit if most is None else min(most, limit)
-        found = self._locations[path] = Location(tuple(checks), unique, tuple(names), most)
-        if len(self._locations) > _CACHED_LOCATIONS:
-            self._locations.popitem(last=False)
+        found = Location(tuple(checks), unique, tuple(names), most)
+        self._locations.put(path, found)
         return found
 
     def _fragment(self, node: dict[str, Any]) -> Any:
-        if id(node) not in self._fragments:
-            keys = [k for k in (*CHECKED_KEYWORDS, *COUNT_KEYWORDS) if k in node
-                    and k not in ("uniqueItems", "propertyNames")]
-            if "if" not in node:
-                keys = [k for k in keys if k not in ("then", "else")]
-            fragment = {k: node[k] for k in keys}
-            self._fragments[id(node)] = self._validator.evolve(schema=fragment) if fragment else None
-            self._keep.append(node)
-        return self._fragments[id(node)]
+        known = self._fragments.get(id(node))
+        if known is not None and known[0] is node:
+            return known[1]
+        keys = [k for k in (*CHECKED_KEYWORDS, *COUNT_KEYWORDS)
+                if k in node and k not in ("uniqueItems", "propertyNames")]
+        if "if" not in node:
+            keys = [k for k in keys if k not in ("then", "else")]
+        fragment = {k: node[k] for k in keys}
+        validator = self._validator.evolve(schema=fragment) if fragment else None
+        self._fragments.put(id(node), (node, validator))
+        return validator
 
     def _expand(self, schemas: list[Any]) -> list[dict[str, Any]]:
         """The subschemas that apply in place: through $ref, allOf/anyOf/oneOf, then/else, dependent schemas."""
@@ -585,7 +569,7 @@ class RowChecker:
 
 
 def _pointer(path: tuple[Any, ...]) -> str:
-    return "/" + "/".join(_escape(str(p)) for p in path)
+    return "/" + "/".join(escape_pointer(str(p)) for p in path)
 
 
 def _child_path(parent: _Frame) -> tuple[Any, ...]:

@@ -10,7 +10,7 @@ No torch or Outlines import: the router uses this to reject early.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from serve_app.errors import ConstraintError
@@ -61,28 +61,56 @@ SUPPORTED_FORMATS: dict[str, frozenset[str]] = {
     "outlines_core": frozenset({"date-time", "time", "date", "uuid", "email", "uri"}),
     "xgrammar": frozenset({"date-time", "time", "date", "email", "ipv4", "ipv6", "hostname", "uuid", "uri"}),
 }
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
-_SCHEMA_VALUES = ("not", "if", "then", "else", "additionalProperties", "additionalItems",
-                  "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties")
+# Keywords no grammar expresses: taken out of what the backends compile and checked while
+# generating, at the close of the value they apply to (checks.py; `propertyNames` at the close of
+# each key, `maxProperties` as each key starts, too).
+CHECKED_KEYWORDS = ("not", "oneOf", "uniqueItems", "if", "then", "else", "contains", "minContains", "maxContains",
+                    "dependentRequired", "dependencies", "dependentSchemas", "propertyNames")
+# Checked where the grammar cannot have them: llguidance enforces these only when every declared
+# property is required.
+COUNT_KEYWORDS = ("minProperties", "maxProperties")
+
+# Where subschemas sit: keyword -> {name: subschema}, [subschema, ...] or one subschema (`items` is
+# either of the last two; `dependencies` maps names to a subschema or a list of names).
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+SCHEMA_VALUES = ("not", "if", "then", "else", "additionalProperties", "additionalItems",
+                 "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties")
 
 
-def _escape(token: str) -> str:
+def escape_pointer(token: str) -> str:
+    """One JSON pointer segment (RFC 6901)."""
     return token.replace("~", "~0").replace("/", "~1")
 
 
-def _child_entries(schema: dict[str, Any], definitions: bool = True) -> Iterator[tuple[str, Any]]:
+def map_subschemas(key: str, value: Any, pointer: str, fn: Callable[[Any, str], Any]) -> Any:
+    """The value of keyword `key` (of the schema at `pointer`) with `fn(subschema, its pointer)`
+    applied to every subschema it holds; the value as it is when it holds none."""
+    where = f"{pointer}/{escape_pointer(key)}"
+    if key in SCHEMA_MAPS and isinstance(value, dict):
+        return {name: fn(sub, f"{where}/{escape_pointer(name)}") for name, sub in value.items()}
+    if key == "dependencies" and isinstance(value, dict):
+        return {name: sub if isinstance(sub, list) else fn(sub, f"{where}/{escape_pointer(name)}")
+                for name, sub in value.items()}
+    if (key in SCHEMA_LISTS or key == "items") and isinstance(value, list):
+        return [fn(sub, f"{where}/{i}") for i, sub in enumerate(value)]
+    if key in SCHEMA_VALUES or key == "items":
+        return fn(value, where)
+    return value
+
+
+def child_entries(schema: dict[str, Any], definitions: bool = True) -> Iterator[tuple[str, Any]]:
     """(pointer suffix, subschema) for each direct subschema, in document order; `definitions`
     includes ``$defs``/``definitions`` (schemas that only count where a ``$ref`` uses them)."""
-    for key in _SCHEMA_MAPS:
+    for key in SCHEMA_MAPS:
         if isinstance(schema.get(key), dict) and (definitions or key not in ("$defs", "definitions")):
             for name, sub in schema[key].items():
-                yield f"/{key}/{_escape(name)}", sub
-    for key in _SCHEMA_LISTS:
+                yield f"/{key}/{escape_pointer(name)}", sub
+    for key in SCHEMA_LISTS:
         if isinstance(schema.get(key), list):
             for i, sub in enumerate(schema[key]):
                 yield f"/{key}/{i}", sub
-    for key in _SCHEMA_VALUES:
+    for key in SCHEMA_VALUES:
         if key in schema:
             yield f"/{key}", schema[key]
     items = schema.get("items")
@@ -101,7 +129,7 @@ def iter_subschemas(schema: Any, pointer: str = "") -> Iterator[tuple[str, dict[
         where, node = stack.pop()
         if isinstance(node, dict):
             yield where, node
-            stack.extend(reversed([(where + suffix, sub) for suffix, sub in _child_entries(node)]))
+            stack.extend(reversed([(where + suffix, sub) for suffix, sub in child_entries(node)]))
 
 
 def schema_patterns(schema: Any) -> Iterator[str]:
@@ -127,7 +155,7 @@ def check_refs(schema: Any) -> None:
         if rebased and isinstance(node.get("$ref"), str):
             raise ConstraintError(f"$ref at #{where} is under a nested $id: only $refs that resolve against the "
                                   f"root schema are supported", param="json_schema", code="unsupported_ref")
-        stack.extend((where + suffix, sub, rebased) for suffix, sub in _child_entries(node))
+        stack.extend((where + suffix, sub, rebased) for suffix, sub in child_entries(node))
 
 
 def resolve_pointer(root: Any, ref: str) -> Any:
@@ -162,7 +190,7 @@ def schema_size(schema: Any, max_nodes: int) -> tuple[int, int]:
         ref = node.get("$ref")
         if isinstance(ref, str) and ref not in active:
             stack.append((resolve_pointer(schema, ref), level + 1, active | {ref}))
-        stack.extend((child, level + 1, active) for _, child in _child_entries(node, definitions=False))
+        stack.extend((child, level + 1, active) for _, child in child_entries(node, definitions=False))
     return depth, nodes
 
 
@@ -199,8 +227,6 @@ def check_schema_supported(schema: dict[str, Any], backend: str) -> None:
 def keyword_table_markdown() -> str:
     """The README's supported-keyword table, generated from `SUPPORTED` ("checked": taken out of the
     grammar and checked while generating, whatever the backend; serve_app/constraints/checks.py)."""
-    from serve_app.constraints.checks import CHECKED_KEYWORDS
-
     backends = list(SUPPORTED)
     lines = ["| keyword | " + " | ".join(backends) + " |", "|---|" + "---|" * len(backends)]
     for key in sorted(VALIDATION_KEYWORDS, key=str.lower):

@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve_app.constraints.checking import ENFORCED_FORMATS, REGEX_CHECK_TIMEOUT_S, safe_validator
 from serve_app.constraints.registry import BackendName
+from serve_app.constraints.validation import ENFORCED_FORMATS, REGEX_CHECK_TIMEOUT_S, safe_validator
 from serve_app.errors import ConstraintError, LimitExceededError
 
 # Regex features no token-level automaton can enforce: lookaround and backreferences.
@@ -34,8 +34,10 @@ class _Base(BaseModel):
     )
 
     def cache_key(self) -> str:
+        """What the constraint means and how it asks to be enforced (its backend): equal keys, equal plans."""
         payload = self._dumps(sort_keys=True, separators=(",", ":"))
-        return f"{self.type}:{hashlib.sha256(payload.encode()).hexdigest()[:32]}"  # type: ignore[attr-defined]
+        via = f"@{self.backend}" if self.backend is not None else ""
+        return f"{self.type}{via}:{hashlib.sha256(payload.encode()).hexdigest()[:32]}"  # type: ignore[attr-defined]
 
     def _canonical(self) -> Any:
         raise NotImplementedError

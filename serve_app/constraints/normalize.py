@@ -19,12 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve_app.constraints.keywords import (
-    _SCHEMA_LISTS,
-    _SCHEMA_MAPS,
-    _SCHEMA_VALUES,
+    SCHEMA_LISTS,
     VALIDATION_KEYWORDS,
-    _child_entries,
-    _escape,
+    child_entries,
+    map_subschemas,
     resolve_pointer,
 )
 from serve_app.errors import ConstraintError
@@ -147,19 +145,8 @@ class _Rewriter:
         return pointer
 
     def children(self, node: dict[str, Any], ptr: str, active: frozenset[str]) -> dict[str, Any]:
-        out = dict(node)
-        for key, value in node.items():
-            here = f"{ptr}/{key}"
-            if key in _SCHEMA_MAPS and isinstance(value, dict):
-                out[key] = {n: self.schema(s, f"{here}/{_escape(n)}", active) for n, s in value.items()}
-            elif key == "dependencies" and isinstance(value, dict):
-                out[key] = {n: s if isinstance(s, list) else self.schema(s, f"{here}/{_escape(n)}", active)
-                            for n, s in value.items()}
-            elif (key in _SCHEMA_LISTS or key == "items") and isinstance(value, list):
-                out[key] = [self.schema(s, f"{here}/{i}", active) for i, s in enumerate(value)]
-            elif key in _SCHEMA_VALUES or key == "items":
-                out[key] = self.schema(value, here, active)
-        return out
+        return {key: map_subschemas(key, value, ptr, lambda sub, where: self.schema(sub, where, active))
+                for key, value in node.items()}
 
     def drop_inert(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
         """Without keywords that validate nothing in this draft or next to these siblings."""
@@ -438,7 +425,7 @@ def _draft(schema: dict[str, Any]) -> int | None:
 def _subschemas(node: dict[str, Any]) -> list[Any]:
     deps = node.get("dependencies")
     extra = [d for d in deps.values() if isinstance(d, (dict, bool))] if isinstance(deps, dict) else []
-    return [sub for _, sub in _child_entries(node)] + extra
+    return [sub for _, sub in child_entries(node)] + extra
 
 
 def _walk(schema: Any) -> Iterator[dict[str, Any]]:
@@ -457,7 +444,7 @@ def _pointers_hold(root: dict[str, Any], node: dict[str, Any], draft: int) -> bo
     ident = node.get("$id", node.get("id") if draft == 4 else None)
     if (node is not root and ident is not None) or node.keys() & {"$dynamicRef", "$recursiveRef"}:
         return False
-    if any(not isinstance(node.get(key, []), list) for key in _SCHEMA_LISTS) or (
+    if any(not isinstance(node.get(key, []), list) for key in SCHEMA_LISTS) or (
             draft == 2020 and isinstance(node.get("items"), list)):
         return False
     ref = node.get("$ref", "#")
@@ -490,7 +477,7 @@ def _expanded_size(root: dict[str, Any], ref: str, limit: int) -> int:
         inner = node.get("$ref")
         if isinstance(inner, str) and inner not in active:
             stack.append((resolve_pointer(root, inner), active | {inner}))
-        stack.extend((sub, active) for _, sub in _child_entries(node, definitions=False))
+        stack.extend((sub, active) for _, sub in child_entries(node, definitions=False))
     return count
 
 

@@ -14,35 +14,34 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from serve_app.constraints import ChoiceConstraint, JsonSchemaConstraint, LimitsConfig, Plan
-from serve_app.constraints.checking import ENFORCED_FORMATS
+from serve_app.cache import BoundedCache
+from serve_app.constraints import JsonSchemaConstraint, LimitsConfig, Plan
+from serve_app.constraints.budget import minimum_budget
 from serve_app.constraints.checks import ValueChecks
-from serve_app.constraints.completion import JsonCloser
+from serve_app.constraints.json_completion import JsonCloser
 from serve_app.constraints.keywords import VALIDATION_KEYWORDS, iter_subschemas
 from serve_app.constraints.plan import LENIENT_BACKEND
 from serve_app.engine.backends import Backend, BackendContext, Matcher, backend_class
-from serve_app.engine.closing import ShortestEncoder
+from serve_app.engine.row_closing import ShortestEncoder
 from serve_app.errors import ConstraintError, LimitExceededError, ServeAppError
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 # Threads that run compiles: a few at once, so a burst of new schemas cannot starve the replica.
-_COMPILE_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="compile")
-# Compiles that outlived their caller's timeout, kept (bounded) so a retry waits for the same work.
+COMPILE_THREADS = 4
 MAX_INFLIGHT_COMPILES = 64
 
 
 @dataclass
 class CompiledConstraint:
     key: str
-    kind: str
+    plan: Plan
     backend: str
     new_matcher: Callable[[], Matcher]
     size_bytes: int
@@ -67,8 +66,14 @@ class ConstraintCompiler:
         self.tokenizer = tokenizer
         self._backends: dict[str, Backend] = {}
         self._encoder: ShortestEncoder | None = None
-        self._inflight: OrderedDict[str, concurrent.futures.Future[Any]] = OrderedDict()
+        # Compiles that outlived their caller's timeout, kept (bounded) so a retry waits for the same work.
+        self._inflight: BoundedCache[str, concurrent.futures.Future[Any]] = BoundedCache(MAX_INFLIGHT_COMPILES)
         self._inflight_lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="compile")
+
+    def close(self) -> None:
+        """Stop taking compiles; those running finish in the background (a thread cannot be stopped)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def encode(self, text: str) -> list[int]:
         """The fewest tokens that spell `text` (what closing spends and the minimum budget)."""
@@ -113,7 +118,7 @@ class ConstraintCompiler:
     @staticmethod
     def _compiled(plan: Plan, name: str, done: Any, failures: list[tuple[str, ServeAppError]]) -> CompiledConstraint:
         checks = ValueChecks(plan.check_schema, plan.checks) if plan.check_schema is not None else None
-        return CompiledConstraint(plan.constraint.cache_key(), plan.constraint.type, name, done.new_matcher,
+        return CompiledConstraint(plan.constraint.cache_key(), plan, name, done.new_matcher,
                                   done.size_bytes, 0.0, rewrites=plan.rewrites, attempts=_attempts(failures),
                                   approximated=done.approximated, checks=checks)
 
@@ -132,38 +137,21 @@ class ConstraintCompiler:
         finally:
             if future.done():
                 with self._inflight_lock:
-                    if self._inflight.get(key) is future:
-                        del self._inflight[key]
+                    if self._inflight.peek(key) is future:
+                        self._inflight.pop(key)
 
     def _inflight_future(self, key: str, compile_fn: Callable[[], _T]) -> concurrent.futures.Future[_T]:
         with self._inflight_lock:
-            future = self._inflight.get(key)
+            future = self._inflight.peek(key)
             if future is None:
-                future = self._inflight[key] = _COMPILE_POOL.submit(compile_fn)
-                while len(self._inflight) > MAX_INFLIGHT_COMPILES:
-                    self._inflight.popitem(last=False)
+                future = self._pool.submit(compile_fn)
+                self._inflight.put(key, future)
             return future
 
     def _add_budget(self, compiled: CompiledConstraint, plan: Plan) -> None:
         """The minimum budget (and, for JSON Schema, the closer that keeps output within it)."""
-        constraint = plan.constraint
-        if isinstance(constraint, ChoiceConstraint):
-            compiled.min_tokens = min(len(self.encode(choice)) for choice in constraint.choices)
-        elif isinstance(constraint, JsonSchemaConstraint):
-            # The normalised schema accepts the same instances, in shapes the closer follows (if/then/else
-            # and oneOf as anyOf branches, refs inlined); with checks, the grammar's schema, and a completion
-            # must pass the checked keywords too. Else (no completion known for it) the schema as sent.
-            target = plan.target if isinstance(plan.target, JsonSchemaConstraint) else constraint
-            try:
-                separators = self.backend(compiled.backend).json_separators
-                closer = JsonCloser(target.json_schema, self.encode, ENFORCED_FORMATS, separators,
-                                    whole=plan.check_schema)
-                if closer.min_text is None and target is not constraint:
-                    closer = JsonCloser(constraint.json_schema, self.encode, ENFORCED_FORMATS, separators)
-            except Exception:  # noqa: BLE001 - no closer means honest truncation, never a failed request
-                logger.warning("cannot build a closer for %s", compiled.key, exc_info=True)
-                return
-            compiled.closer, compiled.min_tokens = closer, closer.min_tokens
+        budget = minimum_budget(plan, self.encode, self.backend(compiled.backend).json_separators)
+        compiled.closer, compiled.min_tokens = budget.closer, budget.min_tokens
 
 
 # Keywords that appear in most schemas and in prose: they do not locate an error.

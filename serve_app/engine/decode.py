@@ -93,8 +93,10 @@ class DecodeLoop:
         return stream
 
     def queue_depth(self) -> tuple[int, int]:
-        """(waiting, running) rows."""
-        return self.waiting.qsize() + len(self.preempted), len(self.batch) + self.admitting
+        """(waiting, running) rows; a row that finished this step is not running (it leaves the batch
+        after the step, its caller may already hold its result)."""
+        running = sum(1 for stream in list(self.batch.streams) if not stream.done.is_set())
+        return self.waiting.qsize() + len(self.preempted), running + self.admitting
 
     def stalled_for(self) -> float:
         """Seconds the loop has had rows to run without going round once (0 with nothing to do):

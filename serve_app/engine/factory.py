@@ -19,6 +19,6 @@ def create_engine(config: ModelConfig, gpus: Sequence[GpuInfo] = ()) -> Engine:
         try:
             from serve_app.engine.vllm_engine import VllmEngine
         except ImportError as error:  # pragma: no cover - the message is the point
-            raise RuntimeError(f"engine: vllm needs vLLM (in the lock make installs; or the vllm extra): {error}") from None
+            raise RuntimeError(f"engine: vllm needs vLLM (in the lock; or the vllm extra): {error}") from None
         return VllmEngine.from_config(config, gpus)
     raise ValueError(f"unknown engine {config.engine!r}")  # the config's Literal keeps this unreachable

@@ -52,7 +52,7 @@ class Cancellation(RowPolicy):
 
 class Closing(RowPolicy):
     """Keeps the sampled token while the output can still be closed within the budget; else
-    forces the shortest valid completion (serve_app/engine/closing.py)."""
+    forces the shortest valid completion (serve_app/engine/row_closing.py)."""
 
     def __init__(self, eos_ids: set[int], decode: Callable[[list[int]], str]) -> None:
         self.eos_ids, self.decode = eos_ids, decode
@@ -108,7 +108,9 @@ class Checks(RowPolicy):
         return None
 
 
-class Constraint(RowPolicy):
+class MatcherPolicy(RowPolicy):
+    """The constraint's matcher must accept the token (the mask allowed it; this advances the matcher)."""
+
     def __init__(self, eos_ids: set[int]) -> None:
         self.eos_ids = eos_ids
 
@@ -150,7 +152,7 @@ class Budget(RowPolicy):
 
 def row_policies(eos_ids: set[int], decode: Callable[[list[int]], str]) -> list[RowPolicy]:
     closing = Closing(eos_ids, decode)
-    return [Cancellation(), closing, Checks(eos_ids, decode), Constraint(eos_ids), EndOfSequence(eos_ids),
+    return [Cancellation(), closing, Checks(eos_ids, decode), MatcherPolicy(eos_ids), EndOfSequence(eos_ids),
             StopStrings(), Budget()]
 
 

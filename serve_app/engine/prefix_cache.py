@@ -9,14 +9,17 @@ lands in (every row carries its own position ids).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from serve_app.cache import BoundedCache
+
 # Reusing fewer tokens than this saves less than the bookkeeping costs.
 MIN_PREFIX_TOKENS = 16
+# Prompts kept at most (each lookup compares against all of them); bytes bound them first.
+MAX_PREFIXES = 256
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -34,57 +37,54 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return low
 
 
+def layers_bytes(layers: Layers) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+
+
 class PrefixCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[tuple[int, ...], Layers] = OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
+        self.entries: BoundedCache[tuple[int, ...], Layers] = BoundedCache(MAX_PREFIXES, max_bytes, layers_bytes)
         self.tokens_reused = 0
 
     def find(self, contexts: Sequence[list[int]]) -> tuple[tuple[int, ...], int] | None:
         """The entry sharing the longest prefix with every context, and that length; each
         context keeps at least one token to prefill (its logits are needed)."""
-        if not self.entries or not contexts:
+        if not len(self.entries) or not contexts:
             return None
         shortest = min(len(c) for c in contexts) - 1
         tokens = [tuple(c) for c in contexts]
         best: tuple[tuple[int, ...], int] | None = None
-        for key in reversed(self.entries):  # most recent first
+        for key in reversed(list(self.entries)):  # most recent first
             length = min(shortest, *(common_prefix(key, c) for c in tokens))
             if length >= MIN_PREFIX_TOKENS and (best is None or length > best[1]):
                 best = (key, length)
+        stats = self.entries.stats
         if best is None:
-            self.misses += 1
+            stats.misses += 1
             return None
-        self.entries.move_to_end(best[0])
-        self.hits += 1
+        self.entries.touch(best[0])
+        stats.hits += 1
         self.tokens_reused += best[1] * len(contexts)
         return best
 
     def layers(self, key: tuple[int, ...], length: int, rows: int) -> Layers:
         """The entry's first `length` tokens, for `rows` rows."""
+        found = self.entries.peek(key)
+        assert found is not None, "a prefix found is used before anything else is added"
         return [(k[:, :, :length].expand(rows, -1, -1, -1).contiguous(),
-                 v[:, :, :length].expand(rows, -1, -1, -1).contiguous()) for k, v in self.entries[key]]
+                 v[:, :, :length].expand(rows, -1, -1, -1).contiguous()) for k, v in found]
 
     def add(self, tokens: list[int], layers: Layers) -> None:
         key = tuple(tokens)
-        if key in self.entries or len(key) < MIN_PREFIX_TOKENS:
+        if key in self.entries or len(key) < MIN_PREFIX_TOKENS or layers_bytes(layers) > self.max_bytes:
             return
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
-        if size > self.max_bytes:
-            return
-        self.entries[key] = layers
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in old)
+        self.entries.put(key, layers)
 
     def clear(self) -> None:
         self.entries.clear()
-        self.bytes = 0
 
     def stats(self) -> dict[str, Any]:
-        return {"entries": len(self.entries), "bytes": self.bytes, "max_bytes": self.max_bytes,
-                "hits": self.hits, "misses": self.misses, "tokens_reused": self.tokens_reused}
+        stats = self.entries.stats
+        return {"entries": stats.entries, "bytes": stats.bytes, "max_bytes": self.max_bytes, "hits": stats.hits,
+                "misses": stats.misses, "tokens_reused": self.tokens_reused}

@@ -18,7 +18,7 @@ from typing import Any
 
 from serve_app.constraints.checks import RowChecker
 from serve_app.engine.backends import Matcher
-from serve_app.engine.closing import RowCloser
+from serve_app.engine.row_closing import RowCloser
 
 # Decoded text that ends in U+FFFD is an incomplete UTF-8 sequence: hold it back from streams.
 _PARTIAL = "\ufffd"

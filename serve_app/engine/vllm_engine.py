@@ -24,71 +24,53 @@ import os
 import queue
 import threading
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
+from serve_app.cache import BoundedCache
 from serve_app.config import ModelConfig
 from serve_app.constraints import (
     AnyConstraint,
     ChoiceConstraint,
     GrammarConstraint,
     JsonSchemaConstraint,
-    Plan,
     RegexConstraint,
-    check_max_new_tokens,
-    plan_constraint,
 )
-from serve_app.constraints.checking import ENFORCED_FORMATS
-from serve_app.constraints.completion import JsonCloser
-from serve_app.engine.chat import render_chat
+from serve_app.constraints.budget import COMPACT
 from serve_app.engine.loading import load_tokenizer, resolve_source
+from serve_app.engine.memory import gpu_memory
 from serve_app.engine.placement import GpuInfo
-from serve_app.engine.stream import Row, RowOutput, Stream
-from serve_app.errors import InvalidRequestError, LimitExceededError, OverloadedError
-from serve_app.generation import GenerationRequest, GenerationResult, TokenLogprob, TokenLogprobs, Usage
+from serve_app.engine.requests import MAX_PLANS, MIN_LOGPROB, Enforcement, EngineFront, Notify, PreparedRow
+from serve_app.engine.row_closing import ShortestEncoder
+from serve_app.engine.stream import Stream
+from serve_app.errors import InvalidRequestError, OverloadedError
+from serve_app.status import CacheStatus, GpuMemory, QueueStatus, ReplicaStatus
 
 logger = logging.getLogger(__name__)
 # What vLLM's structured outputs compile here: the same library as the cascade's first backend.
 VLLM_BACKEND: Final = "guidance"
-# Plans kept per replica (planning a large schema is not free; the router made the same plan).
-MAX_PLANS = 512
 IDLE_WAKE_S = 1.0
-MIN_LOGPROB = -9999.0
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
-@dataclass
-class VllmPrepared:
-    row: Row
-    plan: Plan | None
-
-
-@dataclass
-class VllmSubmission:
-    request: GenerationRequest
-    stream: Stream
-    backend: str | None
-    approximated: tuple[str, ...] = ()
-    rewrites: tuple[str, ...] = ()
-
-
-class VllmEngine:
+class VllmEngine(EngineFront):
     """The Engine protocol (protocol.py) over vLLM's LLMEngine."""
 
     def __init__(self, config: ModelConfig, llm: Any, tokenizer: Any, context_length: int | None,
-                 load_seconds: float, tensor_parallel: int) -> None:
+                 load_seconds: float, tensor_parallel: int, device: str = "cpu") -> None:
+        super().__init__()
         self.config = config
+        self.installed = ("llguidance",)  # vLLM's guidance backend is the one that compiles
         self.llm = llm
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.load_seconds = load_seconds
         self.tensor_parallel = tensor_parallel
-        self.plans: OrderedDict[str, Plan] = OrderedDict()
-        self.min_tokens: dict[str, int | None] = {}
-        self._plans_lock = threading.Lock()  # requests are prepared in several threads at once
-        self.waiting: queue.SimpleQueue[tuple[str, Stream, Any, Any]] = queue.SimpleQueue()
+        self.device = device
+        self.enforcements: BoundedCache[str, Enforcement] = BoundedCache(MAX_PLANS)
+        self._encoder: ShortestEncoder | None = None
+        self.waiting: queue.SimpleQueue[tuple[str, Stream, PreparedRow]] = queue.SimpleQueue()
         self.running: dict[str, Stream] = {}
         self.finished: Counter[str] = Counter()
         self.steps = 0
@@ -129,7 +111,8 @@ class VllmEngine:
         llm = LLMEngine.from_engine_args(args)
         tokenizer = load_tokenizer(source, config.loading.chat_template)
         context = int(llm.model_config.max_model_len)
-        engine = cls(config, llm, tokenizer, context, time.perf_counter() - started, tensor_parallel)
+        engine = cls(config, llm, tokenizer, context, time.perf_counter() - started, tensor_parallel,
+                     "cuda" if gpus else "cpu")
         engine.precompile(config.constraints.values())
         logger.info("vLLM engine for %s loaded in %.1f s (tensor parallel %d, %s)", config.name,
                     engine.load_seconds, tensor_parallel, "GPU" if gpus else "CPU")
@@ -169,114 +152,45 @@ class VllmEngine:
             raise ValueError("a different model, source or engine needs new replicas, not a reconfigure")
         self.config = config
         self.plans.clear()
+        self.enforcements.clear()
 
     # -- constraints -----------------------------------------------------------------------------
 
-    def compile(self, constraint: AnyConstraint) -> Plan:
-        """The plan (limits, normalisation, keyword checks: the router's), cached; vLLM compiles
-        the grammar itself, per request, with its own cache."""
-        key = constraint.cache_key()
-        with self._plans_lock:
-            plan = self.plans.get(key)
-            if plan is not None:
-                self.plans.move_to_end(key)
-                return plan
-        plan = plan_constraint(constraint, self.config.limits, self.config.backends, ("llguidance",))
-        with self._plans_lock:
-            self.plans[key] = plan
-            while len(self.plans) > MAX_PLANS:
-                self.plans.popitem(last=False)
-        return plan
+    def enforce(self, constraint: AnyConstraint) -> Enforcement:
+        """The plan (limits, normalisation, keyword checks: the router's) and its minimum budget,
+        cached; vLLM compiles the grammar itself, per request, with its own cache."""
+        return self.enforcements.get_or_build(constraint.cache_key(), lambda: self._enforcement(constraint))
+
+    def _enforcement(self, constraint: AnyConstraint) -> Enforcement:
+        plan = self.plan(constraint)
+        budget = self.budget(plan, self.encode, COMPACT)
+        approximated = tuple(f"{site}: checked after generation only (engine vllm)" for site in plan.checks)
+        return Enforcement(plan, VLLM_BACKEND, approximated, min_tokens=budget.min_tokens)
+
+    def compile(self, constraint: AnyConstraint) -> Enforcement:
+        return self.enforce(constraint)
 
     def precompile(self, constraints: Iterable[AnyConstraint]) -> None:
         for constraint in constraints:
-            self.compile(constraint)
+            self.enforce(constraint)
 
-    def _min_tokens(self, plan: Plan) -> int | None:
-        """The fewest tokens of a valid output (a 400 below it, as the transformers engine says)."""
-        key = plan.constraint.cache_key()
-        with self._plans_lock:
-            known = key in self.min_tokens
-        if not known:
-            found: int | None = None
-            encode = self._encode
-            if isinstance(plan.constraint, ChoiceConstraint):
-                found = min(len(encode(c)) for c in plan.constraint.choices)
-            elif isinstance(plan.target, JsonSchemaConstraint):
-                try:
-                    found = JsonCloser(plan.target.json_schema, encode, ENFORCED_FORMATS).min_tokens
-                except Exception:  # noqa: BLE001 - no minimum known: vLLM's own length limit decides
-                    found = None
-            with self._plans_lock:
-                self.min_tokens[key] = found
-                if len(self.min_tokens) > MAX_PLANS:
-                    self.min_tokens.pop(next(iter(self.min_tokens)))
-            return found
-        with self._plans_lock:
-            return self.min_tokens.get(key)
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+    def encode(self, text: str) -> list[int]:
+        """The fewest tokens that spell `text` (the minimum budget, as the transformers engine counts it)."""
+        if self._encoder is None:
+            self._encoder = ShortestEncoder(self.tokenizer, len(self.tokenizer))
+        return self._encoder(text)
 
     # -- requests --------------------------------------------------------------------------------
 
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        if request.messages is not None:
-            text = render_chat(self.tokenizer, request.messages, request.tools, request.chat_template_kwargs)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(request.prompt)["input_ids"])
-
-    def prepare(self, request: GenerationRequest) -> VllmPrepared:
-        max_new = request.sampling.max_new_tokens or self.config.sampling.max_new_tokens
-        check_max_new_tokens(max_new, self.config.limits, self.config.name)
-        ids = self.prompt_ids(request)
-        if not ids:
-            raise InvalidRequestError("prompt is empty (it has no tokens)", param="prompt", code="empty_prompt")
-        if len(ids) > self.config.limits.max_prompt_tokens:
-            raise LimitExceededError(f"prompt has {len(ids)} tokens; the limit is "
-                                     f"{self.config.limits.max_prompt_tokens}", param="messages",
-                                     code="max_prompt_tokens")
-        if self.context_length and len(ids) + max_new > self.context_length:
-            raise InvalidRequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceeds the model's context length of "
-                f"{self.context_length}", param="max_tokens", code="context_length")
-        plan = self.compile(request.constraint) if request.constraint is not None else None
-        if plan is not None:
-            least = self._min_tokens(plan)
-            if least is not None and max_new < least:
-                raise InvalidRequestError(
-                    f"max_tokens {max_new} is too small for this {plan.constraint.type} constraint: its shortest "
-                    f"valid output takes {least} tokens", param="max_tokens", code="max_tokens_too_small")
-        pick = self.config.sampling.merged(request.sampling)
-        row = Row(ids, max_new, pick["temperature"], pick["top_p"], request.sampling.seed, list(request.sampling.stop),
-                  repetition_penalty=pick["repetition_penalty"], frequency_penalty=pick["frequency_penalty"],
-                  presence_penalty=pick["presence_penalty"], top_k=max(0, pick["top_k"]), min_p=pick["min_p"],
-                  logprobs=request.sampling.logprobs)
-        return VllmPrepared(row, plan)
-
-    def submit_prepared(self, request: GenerationRequest, prepared: VllmPrepared,
-                        notify: Callable[[tuple[str, Any]], None] | None = None, deltas: bool = True) -> VllmSubmission:
+    def run(self, prepared: PreparedRow, notify: Notify | None, deltas: bool) -> Stream:
         stream = Stream(prepared.row, notify, deltas)
-        plan = prepared.plan
         if self._closed.is_set():
             stream.emit("error", OverloadedError("the engine is shutting down; retry on another replica",
                                                  code="engine_closed"))
         else:
-            self.waiting.put((f"r{next(self._ids)}", stream, _sampling(prepared.row, plan), plan))
+            self.waiting.put((f"r{next(self._ids)}", stream, prepared))
             self._wake.set()
-        approximated = tuple(f"{site}: checked after generation only (engine vllm)" for site in plan.checks) \
-            if plan is not None else ()
-        return VllmSubmission(request, stream, VLLM_BACKEND if plan is not None else None, approximated,
-                              plan.rewrites if plan is not None else ())
-
-    def submit(self, request: GenerationRequest, notify: Callable[[tuple[str, Any]], None] | None = None,
-               ) -> VllmSubmission:
-        return self.submit_prepared(request, self.prepare(request), notify)
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        prepared = [self.prepare(r) for r in requests]
-        submissions = [self.submit_prepared(r, p, deltas=False) for r, p in zip(requests, prepared, strict=True)]
-        return [self.result(s, s.stream.result()) for s in submissions]
+        return stream
 
     def queue_depth(self) -> tuple[int, int]:
         """(waiting, running): rows not yet handed to vLLM plus those its scheduler holds waiting, and
@@ -300,43 +214,19 @@ class VllmEngine:
                 out[name] = out.get(name, 0) + float(metric.value)
         return out
 
-    def result(self, submission: VllmSubmission, out: RowOutput) -> GenerationResult:
-        request, row = submission.request, submission.stream.row
-        valid = None if request.constraint is None else request.constraint.is_satisfied_by(out.text)
-        if valid is None and request.constraint is not None:
-            valid = False  # the check could not finish: never presented as valid
-        if valid and out.finish_reason != "stop":
-            valid = False
-        prompt_tokens, completion_tokens = len(row.prompt_ids), len(out.token_ids)
-        return GenerationResult(
-            text=out.text, finish_reason=out.finish_reason,
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                        total_tokens=prompt_tokens + completion_tokens),
-            valid=valid, backend=submission.backend, approximated=list(submission.approximated),
-            rewrites=list(submission.rewrites), token_ids=out.token_ids,
-            logprobs=self.logprobs(out.logprobs) if row.logprobs is not None else None,
-            timings={"total_s": out.total_s, "first_token_s": out.first_token_s or 0.0,
-                     **({"queue_s": out.queue_s} if out.queue_s is not None else {})})
-
-    def logprobs(self, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> list[TokenLogprobs]:
-        return [TokenLogprobs(**self._token(token, logprob),
-                              top_logprobs=[TokenLogprob(**self._token(t, lp)) for t, lp in top])
-                for token, logprob, top in entries]
-
-    def _token(self, token: int, logprob: float) -> dict[str, Any]:
-        text = str(self.tokenizer.decode([token]))
-        return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(text.encode("utf-8"))}
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "model": self.config.name, "engine": "vllm", "tensor_parallel": self.tensor_parallel,
-            "plan": {"reason": f"vLLM, tensor parallel {self.tensor_parallel}"},
-            "dtype": str(self.llm.model_config.dtype).removeprefix("torch."),
-            "max_model_len": self.context_length, "load_seconds": round(self.load_seconds, 3),
-            "queue": dict(zip(("waiting", "running"), self.queue_depth(), strict=True)),
-            "finished": dict(self.finished), "decode_steps": self.steps, "vllm": self.vllm_stats(),
-            "compile_cache": {"entries": len(self.plans)},
-        }
+    def status(self) -> ReplicaStatus:
+        waiting, running = self.queue_depth()
+        stats = self.enforcements.stats
+        return ReplicaStatus(
+            model=self.config.name, engine="vllm", tensor_parallel=self.tensor_parallel,
+            plan={"device": self.device,
+                  "reason": f"vLLM, tensor parallel {self.tensor_parallel}"},
+            dtype=str(self.llm.model_config.dtype).removeprefix("torch."), max_model_len=self.context_length,
+            load_seconds=round(self.load_seconds, 3), queue=QueueStatus(waiting=waiting, running=running),
+            finished=dict(self.finished), decode_steps=self.steps, vllm=self.vllm_stats(),
+            compile_cache=CacheStatus(hits=stats.hits, misses=stats.misses, evictions=stats.evictions,
+                                      entries=stats.entries, compile_seconds=stats.build_seconds),
+            gpu_memory=GpuMemory.model_validate(gpu_memory()))
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -367,18 +257,19 @@ class VllmEngine:
 
     def _admit(self) -> None:
         while not self.waiting.empty():
-            request_id, stream, params, plan = self.waiting.get()
+            request_id, stream, prepared = self.waiting.get()
             if stream.cancelled.is_set():
                 stream.output.finish_reason = "cancelled"
                 stream.emit("done", stream.output)
                 continue
             try:
-                self.llm.add_request(request_id, {"prompt_token_ids": stream.row.prompt_ids}, params)
+                self.llm.add_request(request_id, {"prompt_token_ids": stream.row.prompt_ids}, _sampling(prepared))
             except Exception as error:  # noqa: BLE001 - e.g. a grammar vLLM's backend refuses: that row alone
                 logger.warning("vLLM refused a request: %s", error)
                 stream.emit("error", InvalidRequestError(
                     f"vLLM refused this request: {str(error).splitlines()[0][:300]}",
-                    param=plan.constraint.type if plan is not None else None, code="engine_refused"))
+                    param=prepared.enforcement.kind if prepared.enforcement is not None else None,
+                    code="engine_refused"))
                 continue
             stream.output.queue_s = time.perf_counter() - stream.submitted_at
             self.running[request_id] = stream
@@ -412,14 +303,14 @@ class VllmEngine:
         stream.emit("done", stream.output)
 
 
-def _sampling(row: Row, plan: Plan | None) -> Any:
+def _sampling(prepared: PreparedRow) -> Any:
     """Our row as vLLM's SamplingParams, the plan's target as its structured outputs."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    structured = None
-    if plan is not None:
-        target = plan.target
+    structured, row = None, prepared.row
+    if prepared.enforcement is not None:
+        target = prepared.enforcement.plan.target
         if isinstance(target, JsonSchemaConstraint):
             structured = StructuredOutputsParams(json=target.json_schema, disable_any_whitespace=True)
         elif isinstance(target, RegexConstraint):

@@ -75,7 +75,7 @@ def test_common_prefix_and_the_prefix_cache_bounds():
     assert reused[0][0].shape == (3, 2, 25, 4)
     cache.add(second, [layer])
     cache.add(third, [layer])  # over the byte bound: the least recently used goes
-    assert list(cache.entries) == [tuple(second), tuple(third)] and cache.bytes == 2 * size
+    assert list(cache.entries) == [tuple(second), tuple(third)] and cache.stats()["bytes"] == 2 * size
     assert cache.stats()["hits"] == 2 and cache.stats()["tokens_reused"] == 2 * 25 + 39
 
 
@@ -102,7 +102,7 @@ def test_prompts_that_share_a_prefix_generate_what_they_generate_without_the_pre
             first = engine.generate(requests[:1])  # fills the prefix cache
             rest = engine.generate(requests[1:])  # prefilled from the shared prefix, together
             outputs[size] = [r.text for r in first + rest]
-            stats = engine.status()["prefix_cache"]
+            stats = engine.status().model_dump()["prefix_cache"]
         if size:
             assert stats["hits"] >= 1 and stats["tokens_reused"] >= 4 * 32, stats
         else:
@@ -129,4 +129,4 @@ def test_where_a_cache_cannot_be_built_from_tensors_the_prefix_cache_turns_off_a
         monkeypatch.setattr(transformers, "DynamicCache", old_api)
         [result] = engine.generate(requests[1:])
         assert result.usage.completion_tokens == 8
-        assert engine.loop.prefixes is None and engine.status()["prefix_cache"] is None
+        assert engine.loop.prefixes is None and engine.status().model_dump()["prefix_cache"] is None

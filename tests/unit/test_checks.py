@@ -158,7 +158,7 @@ def test_what_no_output_can_pass_ends_honestly_within_the_budget(tiny_engine):
         [result] = generate(tiny_engine, schema)
         assert result.finish_reason == "length" and result.valid is False
         assert result.checks["exhausted"] is True and result.checks["violations"] <= CHECK_BUDGET
-    status = tiny_engine.status()["checks"]
+    status = tiny_engine.status().model_dump()["checks"]
     assert status["exhausted"] >= 2 and status["violations"] > 0 and status["rollbacks"] > 0
 
 

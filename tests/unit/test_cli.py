@@ -15,7 +15,9 @@ import yaml
 from ray.serve._private.deploy_utils import get_app_code_version
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from serve_app.cli import UPLOAD_EXCLUDES, CliError, main
+from serve_app.cli import main
+from serve_app.ops import CliError
+from serve_app.ops.jobs import UPLOAD_EXCLUDES
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -211,7 +213,7 @@ def test_version_and_the_dashboard_address_from_the_environment(capsys, monkeypa
 
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_configs_manifest_schedules_every_replica_at_its_maximum(capsys, monkeypatch, config):
-    from serve_app.cli import unschedulable
+    from serve_app.ops.kuberay import unschedulable
 
     monkeypatch.chdir(ROOT)
     service = manifest(capsys, config)
@@ -261,7 +263,8 @@ def test_shipped_configs_are_listed_and_usable_by_name_from_anywhere(capsys, mon
 
 
 def test_submitting_a_shipped_config_from_outside_a_checkout_uploads_it_alone(monkeypatch, tmp_path):
-    from serve_app.cli import job_request, resolve_config
+    from serve_app.ops.jobs import job_request
+    from serve_app.ops.serve_config import resolve_config
 
     monkeypatch.chdir(tmp_path)
     entrypoint, runtime_env = job_request(resolve_config("local"), ".")

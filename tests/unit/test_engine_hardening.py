@@ -47,7 +47,7 @@ def test_oom_splits_the_batch_and_every_request_still_completes(fresh_engine, ti
     assert fresh_engine.loop.oom_events["split"] >= 2
     assert sizes[:2] == [8, 4]  # the first prefill and the half retried next both ran out of memory
     assert max(sizes[2:]) <= 2  # after that the loop holds batches to what fitted
-    assert fresh_engine.status()["fell_back_to_cpu"] is False
+    assert fresh_engine.status().model_dump()["fell_back_to_cpu"] is False
 
 
 def test_oom_that_persists_for_one_row_moves_the_model_to_cpu(fresh_engine):
@@ -59,7 +59,7 @@ def test_oom_that_persists_for_one_row_moves_the_model_to_cpu(fresh_engine):
     assert all(r.valid for r in results if r.finish_reason == "stop")
     assert fresh_engine.loop.oom_events["split"] >= 1
     assert fresh_engine.loop.oom_events["cpu_fallback"] == 1
-    status = fresh_engine.status()
+    status = fresh_engine.status().model_dump()
     assert status["fell_back_to_cpu"] is True
     assert status["fallback_reason"] == "out of memory during generation"
     assert status["gpu_plan"]["device"] == "cuda" and status["plan"]["device"] == "cpu"
@@ -92,7 +92,7 @@ def test_compile_cache_stays_within_its_byte_bound_over_10000_distinct_schemas(t
     assert stats.misses == 10_000
     assert peak <= 2 * 1024 * 1024
     assert stats.evictions >= 10_000 - stats.entries
-    print(f"10,000 schemas: {stats.entries} cached, peak {peak} bytes, {stats.compile_seconds:.1f} s compiling")
+    print(f"10,000 schemas: {stats.entries} cached, peak {peak} bytes, {stats.build_seconds:.1f} s compiling")
 
 
 def test_schema_size_counts_refs_once_per_recursion_and_caps_bombs():

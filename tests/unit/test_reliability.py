@@ -156,7 +156,7 @@ def test_a_backtracking_key_pattern_is_decided_within_its_time_limit(schema, exp
 
 
 def test_a_key_pattern_not_decided_in_time_never_makes_output_valid(monkeypatch):
-    import serve_app.constraints.checking as checking
+    import serve_app.constraints.validation as checking
 
     constraint = parse_constraint({"type": "json_schema", "schema": {"patternProperties": {"^k": {}}}})
     monkeypatch.setattr(checking, "regex_search", lambda *args: None)  # every match times out
@@ -235,8 +235,8 @@ class _SlowPrepareEngine:
         assert self.release.wait(30)
         return ("row", None)
 
-    def submit_prepared(self, request, row, notify):
-        self.submitted.append(request)
+    def submit_prepared(self, prepared, notify, deltas=True):
+        self.submitted.append(prepared)
         raise AssertionError("nothing may be submitted for a caller that is gone")
 
     def close(self) -> None:
@@ -324,7 +324,7 @@ class _KeyedReplicas(http.server.BaseHTTPRequestHandler):
 
 
 def test_status_sends_the_api_key_and_says_when_one_is_needed(monkeypatch):
-    from serve_app.cli import app_replicas
+    from serve_app.ops.dashboard import app_replicas
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeyedReplicas)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -340,7 +340,7 @@ def test_status_sends_the_api_key_and_says_when_one_is_needed(monkeypatch):
 def test_submit_never_uploads_secrets_even_without_a_gitignore(tmp_path):
     from ray._private.runtime_env.packaging import _zip_files
 
-    from serve_app.cli import UPLOAD_EXCLUDES
+    from serve_app.ops.jobs import UPLOAD_EXCLUDES
 
     files = ["app.yaml", "cluster/job_entrypoint.py", ".env", ".env.production", "conf/.env", "tls/server.pem",
              "id_rsa", "deploy.key", "gcp-credentials.json", ".aws/credentials", "notes.txt"]

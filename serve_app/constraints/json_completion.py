@@ -26,8 +26,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from serve_app.constraints.checking import regex_search, safe_validator
+from serve_app.cache import BoundedCache
 from serve_app.constraints.keywords import FORMATS, resolve_pointer
+from serve_app.constraints.validation import regex_search, safe_validator
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ class JsonCloser:
         self._validator = safe_validator(schema, PATTERN_TIMEOUT_S, format_checker)
         self.whole_validator = self._validator if whole is None else \
             safe_validator(whole, PATTERN_TIMEOUT_S, format_checker)
-        self._minimal: dict[int, str | None] = {}
-        self._keep: list[Any] = []  # subschemas keyed by id() in _minimal stay alive
+        # Keyed by id(): each entry holds its subschema, which keeps the id from being reused.
+        self._minimal: BoundedCache[int, tuple[Any, str | None]] = BoundedCache(_MEMO_LIMIT)
         self.start: Stack = (("root", schema, False),)
         self.min_text = self.completion(self.start)
         self.min_ids = encode(self.min_text) if self.min_text is not None else None
@@ -140,15 +141,13 @@ class JsonCloser:
             return "0"
         if schema is False or depth > _MAX_DEPTH:
             return None
-        key = id(schema)
-        if key not in self._minimal:
-            if len(self._minimal) >= _MEMO_LIMIT:  # rows build merged subschemas as they go: stay bounded
-                self._minimal.clear()
-                self._keep.clear()
-            self._minimal[key] = None  # recursion guard
-            self._keep.append(schema)
-            self._minimal[key] = self._build_minimal(schema, depth)
-        return self._minimal[key]
+        known = self._minimal.get(id(schema))
+        if known is not None and known[0] is schema:
+            return known[1]
+        self._minimal.put(id(schema), (schema, None))  # recursion guard
+        text = self._build_minimal(schema, depth)
+        self._minimal.put(id(schema), (schema, text))
+        return text
 
     def _build_minimal(self, schema: Any, depth: int) -> str | None:
         candidates: list[str] = []

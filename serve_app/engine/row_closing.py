@@ -1,5 +1,5 @@
 """Closing a row's JSON before its token budget runs out: the per-row state over a shared
-`JsonCloser` (serve_app/constraints/completion.py), and the shortest spelling of a completion in
+`JsonCloser` (serve_app/constraints/json_completion.py), and the shortest spelling of a completion in
 tokens. Pure Python over text and a tokenizer: no torch."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from serve_app.constraints.completion import JsonCloser, Stack
+from serve_app.constraints.json_completion import JsonCloser, Stack
 
 logger = logging.getLogger(__name__)
 
