@@ -88,6 +88,16 @@ class QueueFullError(ServeAppError):
         self.retry_after_s = retry_after_s
 
 
+class RouteError(ServeAppError):
+    """Starlette's own HTTP errors (no such route: 404; a method the route lacks: 405), in our shape."""
+
+    def __init__(self, message: str, status_code: int, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, param, code)
+        self.args = (message, status_code, param, code)
+        self.status_code = status_code
+        self.error_type = "not_found" if status_code == 404 else "invalid_request_error"
+
+
 class ModelLoadError(ServeAppError):
     """The model could not be loaded where the placement plan put it."""
 

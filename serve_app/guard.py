@@ -102,17 +102,17 @@ def replay(body: bytes, receive: Receive) -> Receive:
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, respond: Callable[[ServeAppError], Any]) -> None:
+    def __init__(self, app: ASGIApp, guard: Guard, respond: Callable[[ServeAppError], Any]) -> None:
         self.app = app
+        self.guard = guard
         self.respond = respond  # error -> an ASGI response (the router's one error builder)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        guard: Guard | None = getattr(getattr(scope.get("app"), "state", None), "guard", None)
-        if scope["type"] != "http" or guard is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         try:
-            guard.check_headers(route_path(scope), dict(scope.get("headers", [])))
-            body = await guard.read_body(receive)
+            self.guard.check_headers(route_path(scope), dict(scope.get("headers", [])))
+            body = await self.guard.read_body(receive)
         except ServeAppError as error:
             return await self.respond(error)(scope, receive, send)
         if body is not None:
@@ -155,17 +155,9 @@ class ProxyBodyLimit:
             self.limit.check_length(dict(scope.get("headers", [])))
             body = await self.limit.read_body(receive)
         except ServeAppError as error:
-            return await _send_error(error, send)
+            from serve_app.api.errors import error_response  # the router's one error builder
+
+            return await error_response(error, close=True)(scope, receive, send)
         if body is not None:
             await self.app(scope, replay(body, receive), send)
         return None
-
-
-async def _send_error(error: ServeAppError, send: Send) -> None:
-    import json
-
-    payload = json.dumps(error.to_dict(), ensure_ascii=True).encode()
-    await send({"type": "http.response.start", "status": error.status_code,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": payload})

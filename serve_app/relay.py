@@ -1,5 +1,5 @@
 """Relaying a replica's event stream to the client as server-sent events, in either format
-(OpenAI chunks or native events, api/schemas.py): the same lifecycle for both. Errors after the
+(OpenAI chunks or native events, api/streaming.py): the same lifecycle for both. Errors after the
 200 has been sent are reported in the stream itself, in the error shape; whatever ends the
 stream (done, an error, the client gone) cancels the generation."""
 

@@ -6,9 +6,8 @@ It never imports torch, a backend or the decode loop (a test checks this), so it
 and stays small.
 """
 
-# No `from __future__ import annotations` here: Serve re-creates the route handlers in the
-# replica from a pickle that keeps only the globals their code uses, so a string annotation such
-# as "Request" could not be resolved there and FastAPI would take it for a query parameter.
+# No `from __future__ import annotations` here: FastAPI reads the route handlers' annotations
+# (a handler's `request: Request` must be the class, not a string, or it becomes a query parameter).
 import asyncio
 import time
 from typing import Any
@@ -20,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.api import schemas
+from serve_app.api import request_models, responses, streaming
 from serve_app.api.errors import error_response
 from serve_app.api.intake import Intake, RequestChecker
 from serve_app.config import AppConfig, ModelConfig
@@ -34,37 +33,40 @@ from serve_app.registry import get_registry
 from serve_app.relay import StreamFormat, relay
 from serve_app.status import read_statuses
 
-app = FastAPI(title="serve_app", version="0.1.0")
+# Each route: method, path, the Router method that answers it.
+ROUTES = (
+    ("POST", "/v1/chat/completions", "chat_completions"), ("POST", "/v1/completions", "completions"),
+    ("POST", "/v1/generate", "generate"), ("GET", "/v1/models", "models"), ("GET", "/v1/models/{model_id}", "model"),
+    ("GET", "/healthz", "healthz"), ("GET", "/health", "health"), ("GET", "/readyz", "readyz"),
+    ("GET", "/metrics", "prometheus"), ("GET", "/v1/replicas", "replicas"),
+)
 
 
-@app.exception_handler(RequestValidationError)
-@app.exception_handler(ServeAppError)
-@app.exception_handler(Exception)
-async def _error_handler(_: Request, error: Exception) -> JSONResponse:
-    return error_response(error)
+def build_api(router: "Router") -> FastAPI:
+    """The router replica's own FastAPI app: its guard and metrics, its routes, one error builder.
+    Built per replica (Serve calls `__serve_build_asgi_app__`), so nothing module-level changes."""
+    api = FastAPI(title="serve_app", version="0.1.0")
 
+    async def on_error(_: Request, error: Exception) -> JSONResponse:
+        return error_response(error)
 
-@app.exception_handler(StarletteHTTPException)
-async def _http_error_handler(_: Request, error: StarletteHTTPException) -> JSONResponse:
-    body = {"error": {"message": str(error.detail), "type": "not_found" if error.status_code == 404
-                      else "invalid_request_error", "param": None, "code": str(error.status_code)}}
-    return JSONResponse(body, status_code=error.status_code)
+    for kind in (RequestValidationError, ServeAppError, StarletteHTTPException, Exception):
+        api.add_exception_handler(kind, on_error)
 
-
-# Keys and the body limit come before anything reads the request; counting wraps them (a 401 counts).
-app.add_middleware(GuardMiddleware, respond=error_response)
-
-
-@app.middleware("http")
-async def _count_requests(request: Request, call_next: Any) -> Any:
-    response = await call_next(request)
-    metrics: RouterMetrics | None = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
+    @api.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
         # The route's template, never the raw path: a client must not be able to add series.
         route = getattr(request.scope.get("route"), "path", None) or UNKNOWN_ROUTE
         model = getattr(request.state, "model", UNKNOWN_ROUTE)
-        metrics.requests.labels(model, route, str(response.status_code)).inc()
-    return response
+        router.metrics.requests.labels(model, route, str(response.status_code)).inc()
+        return response
+
+    # Keys and the body limit come before anything reads the request; counting wraps them (a 401 counts).
+    api.add_middleware(GuardMiddleware, guard=router.guard, respond=error_response)
+    for method, path, name in ROUTES:
+        api.add_api_route(path, getattr(router, name), methods=[method], response_model=None)
+    return api
 
 
 def _model_card(model: ModelConfig) -> dict[str, Any]:
@@ -72,7 +74,7 @@ def _model_card(model: ModelConfig) -> dict[str, Any]:
 
 
 @serve.deployment(name="router")
-@serve.ingress(app)
+@serve.ingress()
 class Router:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
         under_serve_logger()
@@ -80,11 +82,14 @@ class Router:
         self.handles = handles
         self.app_name = serve.get_replica_context().app_name
         self.registry = get_registry()
-        self.metrics = app.state.metrics = RouterMetrics()
+        self.metrics = RouterMetrics()
         self.cluster_metrics = ClusterMetrics()
-        app.state.guard = Guard(self.config.server)
+        self.guard = Guard(self.config.server)
         self.checker = RequestChecker(self.config)
         self.queues = {m.name: ModelQueue(m.limits.max_pending_requests) for m in self.config.models}
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
 
     async def intake(self, request: Request, body_type: type[Any]) -> Intake:
         """Parse and validate in a worker thread: a large or hostile body never holds the event
@@ -156,36 +161,31 @@ class Router:
         model, rows = intake.model, intake.rows
         route = "/v1/chat/completions" if chat else "/v1/completions"
         if intake.body.stream:
-            return await self.stream(model, rows, schemas.ChunkFormatter(model.name, chat, len(rows), intake.body),
+            return await self.stream(model, rows, streaming.ChunkFormatter(model.name, chat, len(rows), intake.body),
                                      route)
         results = await self.dispatch(model, rows, route)
-        shape = schemas.chat_completion_response if chat else schemas.completion_response
+        shape = responses.chat_completion_response if chat else responses.completion_response
         return shape(model.name, results, intake.body)
 
-    @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
-        return await self.openai(request, schemas.ChatCompletionRequest, chat=True)
+        return await self.openai(request, request_models.ChatCompletionRequest, chat=True)
 
-    @app.post("/v1/completions", response_model=None)
     async def completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
-        return await self.openai(request, schemas.CompletionRequest, chat=False)
+        return await self.openai(request, request_models.CompletionRequest, chat=False)
 
-    @app.post("/v1/generate", response_model=None)
     async def generate(self, request: Request) -> dict[str, Any] | StreamingResponse:
         started = time.perf_counter()
-        intake = await self.intake(request, schemas.NativeGenerateRequest)
+        intake = await self.intake(request, request_models.NativeGenerateRequest)
         model, [row] = intake.model, intake.rows
         if intake.body.stream:
-            return await self.stream(model, [row], schemas.NativeEvents(model.name, row.constraint, started),
+            return await self.stream(model, [row], streaming.NativeEvents(model.name, row.constraint, started),
                                      "/v1/generate")
         [result] = await self.dispatch(model, [row], "/v1/generate")
-        return schemas.native_response(model.name, result, row.constraint, time.perf_counter() - started)
+        return responses.native_response(model.name, result, row.constraint, time.perf_counter() - started)
 
-    @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(m) for m in self.config.models]}
 
-    @app.get("/v1/models/{model_id}")
     async def model(self, model_id: str) -> dict[str, Any]:
         try:
             found = self.config.model(model_id)
@@ -195,28 +195,23 @@ class Router:
                                      code="model_not_found") from None
         return _model_card(found)
 
-    @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/health")
     async def health(self) -> dict[str, str]:
         """The same liveness answer under the name vLLM and most load balancers probe."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
         live = read_statuses(await self.registry.live.remote(self.app_name))
         counts = {m.name: sum(1 for r in live if r.model == m.name) for m in self.config.models}
         ready = all(counts.values())
         return JSONResponse({"ready": ready, "replicas": counts}, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
     async def prometheus(self) -> Response:
         live = read_statuses(await self.registry.live.remote(self.app_name))
         return Response(self.metrics.render(live), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/replicas")
     async def replicas(self) -> dict[str, Any]:
         live = read_statuses(await self.registry.live.remote(self.app_name))
         return {"replicas": [r.model_dump(mode="json") for r in sorted(live, key=lambda r: (r.model, r.replica_id))]}

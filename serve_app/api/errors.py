@@ -9,8 +9,9 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.errors import InvalidRequestError, OverloadedError, ServeAppError
+from serve_app.errors import InvalidRequestError, OverloadedError, RouteError, ServeAppError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def as_serve_app_error(error: BaseException) -> ServeAppError:
     """Map anything raised while handling a request to one of our errors."""
     if isinstance(error, ServeAppError):
         return error
+    if isinstance(error, StarletteHTTPException):
+        return RouteError(str(error.detail), error.status_code, code=str(error.status_code))
     if isinstance(error, RequestValidationError | ValidationError):
         return from_validation_error(error)
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -60,8 +63,12 @@ class AsciiJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def error_response(error: BaseException) -> JSONResponse:
+def error_response(error: BaseException, close: bool = False) -> JSONResponse:
+    """The response for any error: its status, the one body shape (`ServeAppError.to_dict`), a
+    Retry-After where it says when to retry; `close`: the connection too (a body left unread)."""
     mapped = as_serve_app_error(error)
     retry_after = getattr(mapped, "retry_after_s", None)
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return AsciiJSONResponse(mapped.to_dict(), status_code=mapped.status_code, headers=headers)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    if close:
+        headers["Connection"] = "close"
+    return AsciiJSONResponse(mapped.to_dict(), status_code=mapped.status_code, headers=headers or None)

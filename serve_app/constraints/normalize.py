@@ -14,20 +14,29 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from serve_app.constraints.drafts import expanded_size, needs_draft06_bounds, pointers_hold, schema_draft, walk_schema
 from serve_app.constraints.keywords import (
-    SCHEMA_LISTS,
     VALIDATION_KEYWORDS,
-    child_entries,
     map_subschemas,
     resolve_pointer,
 )
-from serve_app.errors import ConstraintError
+from serve_app.constraints.schema_facts import (
+    ALL_TYPES,
+    TYPE_NAMES,
+    admitted_types,
+    disjoint_schemas,
+    excluded_values,
+    finite_domain,
+    is_name_list,
+    is_never,
+    json_equal,
+    type_list,
+    union_of,
+)
 
-_DRAFT_URI = re.compile(r"https?://json-schema\.org/(?:draft-0([467])|draft/(2019)-09|draft/(2020)-12)/schema#?")
 _DRAFT_NAMES = {4: "draft-04", 6: "draft-06", 7: "draft-07", 2019: "2019-09", 2020: "2020-12"}
 _DRAFT_07_URI = "http://json-schema.org/draft-07/schema#"
 # A keyword validates only in drafts [since, until]; elsewhere it is an annotation.
@@ -43,9 +52,6 @@ _UNEVALUATED = frozenset({"unevaluatedProperties", "unevaluatedItems"})
 _GROUPS = (frozenset({"properties", "patternProperties", "additionalProperties", "unevaluatedProperties"}),
            _ITEM_KEYWORDS | {"unevaluatedItems", "minContains", "maxContains"}, frozenset({"if", "then", "else"}),
            frozenset({"minimum", "exclusiveMinimum"}), frozenset({"maximum", "exclusiveMaximum"}))
-_ALL_TYPES = frozenset({"null", "boolean", "object", "array", "string", "integer", "fraction"})
-_TYPE_NAMES = {"null": {"null"}, "boolean": {"boolean"}, "object": {"object"}, "array": {"array"},
-               "string": {"string"}, "integer": {"integer"}, "number": {"integer", "fraction"}}
 _ROOT_KEYS = ("$schema", "$id", "id", "x-guidance")
 # A oneOf of overlapping branches is rewritten with each branch's complement (n x n subschemas) up to this many.
 MAX_EXCLUSIVE_BRANCHES = 8
@@ -61,8 +67,8 @@ def normalize_schema(schema: dict[str, Any], known_formats: frozenset[str], max_
     """`schema` rewritten to accept exactly the same instances; unchanged where its $refs cannot be followed
     safely (remote, anchors, nested $id, dynamic refs) or its $schema is not draft-04/06/07/2019-09/2020-12."""
     root = copy.deepcopy(schema)
-    draft = _draft(root)
-    if draft is None or not all(_pointers_hold(root, node, draft) for node in _walk(root)):
+    draft = schema_draft(root)
+    if draft is None or not all(pointers_hold(root, node, draft) for node in walk_schema(root)):
         return Normalized(root, ())
     rewriter = _Rewriter(root, draft, known_formats, max_nodes)
     body = rewriter.schema(root, "", frozenset())
@@ -79,10 +85,10 @@ def normalize_schema(schema: dict[str, Any], known_formats: frozenset[str], max_
 class _Rewriter:
     def __init__(self, root: dict[str, Any], draft: int, known_formats: frozenset[str], max_nodes: int) -> None:
         self.root, self.draft, self.formats, self.max_nodes = root, draft, known_formats, max_nodes
-        self.upgrade = draft == 4 and _needs_draft06_bounds(root)
+        self.upgrade = draft == 4 and needs_draft06_bounds(root)
         self.never: Any = False if draft >= 6 or self.upgrade else {"not": {}}
         self.defs_key = "$defs" if draft >= 2019 else "definitions"
-        self.uneval_anywhere = draft >= 2019 and any("unevaluatedProperties" in node for node in _walk(root))
+        self.uneval_anywhere = draft >= 2019 and any("unevaluatedProperties" in node for node in walk_schema(root))
         self.rewrites: list[str] = []
         self.nodes = 0
         self.kept: dict[str, str] = {}  # $ref -> name of its rewritten target in the output's defs
@@ -124,7 +130,7 @@ class _Rewriter:
 
     def fits(self, ref: str) -> bool:
         if ref not in self.sizes:  # the budget left only shrinks, so a size counted up to it stays valid
-            self.sizes[ref] = _expanded_size(self.root, ref, self.max_nodes - self.nodes)
+            self.sizes[ref] = expanded_size(self.root, ref, self.max_nodes - self.nodes)
         return self.nodes + self.sizes[ref] <= self.max_nodes
 
     def keep(self, ref: str) -> str:
@@ -138,7 +144,7 @@ class _Rewriter:
         candidates = [base] + [f"{base}_{n}" for n in range(2, len(self.defs) + 3)]  # one is always free
         name = next(candidate for candidate in candidates if candidate not in self.defs)
         pointer = self.kept[ref] = "#" if ref == "#" else f"#/{self.defs_key}/{name}"
-        self.ref_types[pointer] = _types({"type": target["type"]}, {}) if declared else _ALL_TYPES
+        self.ref_types[pointer] = admitted_types({"type": target["type"]}, {}) if declared else ALL_TYPES
         if ref != "#":
             self.defs[name] = {}  # reserved before rewriting, as the target may refer to itself
             self.defs[name] = self.schema(target, pointer[1:], frozenset({ref}))
@@ -167,7 +173,7 @@ class _Rewriter:
             if node != self.never:
                 self.note("not: {}", ptr, f"-> {json.dumps(self.never)} (rejects everything)")
             return self.never
-        if "not" in node and _is_never(node["not"]):
+        if "not" in node and is_never(node["not"]):
             self.note("not", ptr, "dropped (its subschema rejects everything)")
             node = {k: v for k, v in node.items() if k != "not"}
         if not self.uneval_anywhere:  # these add in-place applicators, which would change what is "evaluated"
@@ -189,12 +195,12 @@ class _Rewriter:
         if not isinstance(sub, dict):
             return node
         rest = {k: v for k, v in node.items() if k != "not"}
-        excluded = _excluded_values(sub)
+        excluded = excluded_values(sub)
         if excluded is not None:
-            domain = _finite_domain(rest)
+            domain = finite_domain(rest)
             if domain is None:
                 return node
-            kept = [v for v in domain if not any(_json_equal(v, x) for x in excluded)]
+            kept = [v for v in domain if not any(json_equal(v, x) for x in excluded)]
             self.note("not const/enum", ptr, f"-> enum of the {len(kept)} other allowed values")
             if not kept:
                 return self.never
@@ -209,7 +215,7 @@ class _Rewriter:
     def complement(self, sub: Any, beside: dict[str, Any] | None = None) -> Any:
         """A schema accepting exactly what `sub` rejects, or None. `beside`: the schema `sub` is applied
         next to (its property enums bound a discriminator's other values)."""
-        if _is_never(sub):
+        if is_never(sub):
             return {}
         if not isinstance(sub, dict):
             return self.never if sub is True else None
@@ -219,7 +225,7 @@ class _Rewriter:
             return self.never
         if keys == {"not"}:
             return sub["not"]
-        if keys == {"required"} and _names(sub["required"]) and sub["required"]:
+        if keys == {"required"} and is_name_list(sub["required"]) and sub["required"]:
             absent = [{"properties": {name: self.never}} for name in dict.fromkeys(sub["required"])]
             return {"type": "object", **(absent[0] if len(absent) == 1 else {"anyOf": absent})}
         if keys == {"type"}:
@@ -233,13 +239,13 @@ class _Rewriter:
         return self.discriminator_complement(sub, keys, beside or {})
 
     def other_types(self, declared: Any) -> Any:
-        names = _type_list(declared)
-        if not names or not all(isinstance(n, str) and n in _TYPE_NAMES for n in names):
+        names = type_list(declared)
+        if not names or not all(isinstance(n, str) and n in TYPE_NAMES for n in names):
             return None
-        covered = _union([frozenset(_TYPE_NAMES[n]) for n in names])
+        covered = union_of([frozenset(TYPE_NAMES[n]) for n in names])
         if "integer" in covered and "fraction" not in covered:
             return None  # "a number that is not an integer" has no type name
-        others = [t for t in ("null", "boolean", "object", "array", "string", "number") if not _TYPE_NAMES[t] & covered]
+        others = [t for t in ("null", "boolean", "object", "array", "string", "number") if not TYPE_NAMES[t] & covered]
         return self.never if not others else {"type": others[0] if len(others) == 1 else others}
 
     def discriminator_complement(self, sub: dict[str, Any], keys: set[str], beside: dict[str, Any]) -> Any:
@@ -251,13 +257,13 @@ class _Rewriter:
         [(name, value)] = props.items()
         if sub.get("required") != [name] or sub.get("type", "object") != "object":
             return None
-        excluded = _excluded_values(value) if isinstance(value, dict) and VALIDATION_KEYWORDS & value.keys() <= {
+        excluded = excluded_values(value) if isinstance(value, dict) and VALIDATION_KEYWORDS & value.keys() <= {
             "const", "enum"} else None
         around = beside.get("properties", {}).get(name) if isinstance(beside.get("properties"), dict) else None
-        domain = _finite_domain(around) if isinstance(around, dict) else None
+        domain = finite_domain(around) if isinstance(around, dict) else None
         if excluded is None or domain is None:
             return None
-        others = [v for v in domain if not any(_json_equal(v, x) for x in excluded)]
+        others = [v for v in domain if not any(json_equal(v, x) for x in excluded)]
         branches: list[Any] = [{"properties": {name: self.never}}]
         if others:
             branches.append({"required": [name], "properties": {name: {"enum": others}}})
@@ -318,7 +324,7 @@ class _Rewriter:
         if len(branches) == 1:
             self.note("oneOf with one branch", ptr, "-> allOf")
             return {**rest, "allOf": [*rest.get("allOf", []), branches[0]]}
-        reason = self.disjoint_branches(branches, _types(rest, self.ref_types))
+        reason = self.disjoint_branches(branches, admitted_types(rest, self.ref_types))
         if reason is None:
             return self.exclusive_one_of(node, rest, branches, ptr)
         self.note("oneOf", ptr, f"-> anyOf (branches disjoint: {reason})")
@@ -343,12 +349,12 @@ class _Rewriter:
         return {**rest, "anyOf": exclusive}
 
     def disjoint_branches(self, branches: list[Any], within: frozenset[str]) -> str | None:
-        """`_disjoint_branches`, remembered across inlined copies; unproven past max_nodes pairs (bounded work)."""
+        """`disjoint_schemas`, remembered across inlined copies; unproven past max_nodes pairs (bounded work)."""
         if len(branches) * (len(branches) - 1) // 2 > self.max_nodes:
             return None
         key = json.dumps([sorted(within), branches], sort_keys=True, default=repr)
         if key not in self.proofs:
-            self.proofs[key] = _disjoint_branches(branches, within, self.ref_types)
+            self.proofs[key] = disjoint_schemas(branches, within, self.ref_types)
         return self.proofs[key]
 
     def all_of(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
@@ -359,7 +365,7 @@ class _Rewriter:
         rest = {k: v for k, v in node.items() if k != "allOf"}
         kept = [member for member in members if member != {}]
         if len(kept) == 1 and set(kept[0]) == {"$ref"} and VALIDATION_KEYWORDS & rest.keys() == {"type"} \
-                and kept[0]["$ref"] in self.ref_types and self.ref_types[kept[0]["$ref"]] <= _types(rest, {}):
+                and kept[0]["$ref"] in self.ref_types and self.ref_types[kept[0]["$ref"]] <= admitted_types(rest, {}):
             # {"type": "object", "allOf": [{"$ref": <an object schema>}]}: the type adds nothing, and
             # llguidance refuses a recursive $ref with sibling keywords.
             self.note("type next to $ref", ptr, "dropped (the $ref's target already implies it)")
@@ -390,8 +396,8 @@ class _Rewriter:
         """dependentRequired (and draft-07 dependencies) as allOf of anyOf [property absent, dependency holds]."""
         key = "dependencies" if self.draft <= 7 else "dependentRequired"
         deps = node.get(key)
-        if not isinstance(deps, dict) or not all(_names(d) or key == "dependencies" and isinstance(d, (dict, bool))
-                                                 for d in deps.values()):
+        if not isinstance(deps, dict) or not all(
+                is_name_list(d) or key == "dependencies" and isinstance(d, (dict, bool)) for d in deps.values()):
             return node
         clauses = [{"anyOf": [{"properties": {name: self.never}},
                               {"required": list(dict.fromkeys([name, *dep]))} if isinstance(dep, list) else dep]}
@@ -403,8 +409,8 @@ class _Rewriter:
     def declare_required(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
         """Required names missing from properties, declared with the schema they get anyway."""
         required, props, extra = node.get("required", []), node.get("properties", {}), node.get("additionalProperties")
-        if (not _names(required) or not isinstance(props, dict) or node.get("patternProperties")
-                or self.uneval_anywhere or _is_never(extra)):
+        if (not is_name_list(required) or not isinstance(props, dict) or node.get("patternProperties")
+                or self.uneval_anywhere or is_never(extra)):
             return node
         missing = [name for name in required if name not in props]
         if not missing:
@@ -412,73 +418,6 @@ class _Rewriter:
         value = {} if extra is None or extra is True else extra
         self.note(f"required {', '.join(map(repr, missing))}", ptr, "declared in properties")
         return {**node, "properties": {**props, **{name: copy.deepcopy(value) for name in missing}}}
-
-
-def _draft(schema: dict[str, Any]) -> int | None:
-    uri = schema.get("$schema")
-    if uri is None:
-        return 2020
-    match = _DRAFT_URI.fullmatch(uri) if isinstance(uri, str) else None
-    return int(next(group for group in match.groups() if group)) if match else None
-
-
-def _subschemas(node: dict[str, Any]) -> list[Any]:
-    deps = node.get("dependencies")
-    extra = [d for d in deps.values() if isinstance(d, (dict, bool))] if isinstance(deps, dict) else []
-    return [sub for _, sub in child_entries(node)] + extra
-
-
-def _walk(schema: Any) -> Iterator[dict[str, Any]]:
-    """Every subschema, definitions included, without following $ref."""
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            yield node
-            stack.extend(_subschemas(node))
-
-
-def _pointers_hold(root: dict[str, Any], node: dict[str, Any], draft: int) -> bool:
-    """Whether `node` keeps inlining exact: its $ref is a local JSON pointer to a schema, and it neither moves
-    the base URI nor refers dynamically."""
-    ident = node.get("$id", node.get("id") if draft == 4 else None)
-    if (node is not root and ident is not None) or node.keys() & {"$dynamicRef", "$recursiveRef"}:
-        return False
-    if any(not isinstance(node.get(key, []), list) for key in SCHEMA_LISTS) or (
-            draft == 2020 and isinstance(node.get("items"), list)):
-        return False
-    ref = node.get("$ref", "#")
-    if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/") and "" not in ref[2:].split("/")) or (
-            "%" in ref):
-        return False
-    try:
-        return isinstance(resolve_pointer(root, ref), (dict, bool))
-    except ConstraintError:
-        return False
-
-
-def _needs_draft06_bounds(root: dict[str, Any]) -> bool:
-    """Whether a draft-04 schema has boolean exclusive bounds and means the same under draft-07: no `integer`
-    type anywhere (draft-04 says 1.0 is not an integer, later drafts say it is)."""
-    nodes = list(_walk(root))
-    bounds = any((n.get("exclusiveMinimum") is True and "minimum" in n)
-                 or (n.get("exclusiveMaximum") is True and "maximum" in n) for n in nodes)
-    return bounds and not any("integer" in _type_list(n.get("type")) for n in nodes)
-
-
-def _expanded_size(root: dict[str, Any], ref: str, limit: int) -> int:
-    """Subschemas in the target of `ref` with local $refs inlined (a recursive one counts once), up to `limit`."""
-    count, stack = 0, [(resolve_pointer(root, ref), frozenset({ref}))]
-    while stack and count <= limit:
-        node, active = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        count += 1
-        inner = node.get("$ref")
-        if isinstance(inner, str) and inner not in active:
-            stack.append((resolve_pointer(root, inner), active | {inner}))
-        stack.extend((sub, active) for _, sub in child_entries(node, definitions=False))
-    return count
 
 
 def _merge(parent: dict[str, Any], branch: Any) -> dict[str, Any] | None:
@@ -497,150 +436,8 @@ def _without_declared_anything(sub: dict[str, Any]) -> dict[str, Any]:
     them; they validate nothing)."""
     props = sub.get("properties")
     if isinstance(props, dict) and props and all(v in ({}, True) for v in props.values()) \
-            and _names(sub.get("required")) and set(props) <= set(sub["required"]):
+            and is_name_list(sub.get("required")) and set(props) <= set(sub["required"]):
         return {k: v for k, v in sub.items() if k != "properties"}
     return sub
 
 
-def _excluded_values(sub: Any) -> list[Any] | None:
-    """The values a `{const}` / `{enum}` / `{const, enum}` subschema accepts, or None for other shapes."""
-    if not isinstance(sub, dict) or not (VALIDATION_KEYWORDS & sub.keys()) or not VALIDATION_KEYWORDS & sub.keys() \
-            <= {"const", "enum"}:
-        return None
-    if "enum" in sub and not isinstance(sub["enum"], list):
-        return None
-    values = list(sub.get("enum", [])) + ([sub["const"]] if "const" in sub else [])
-    if "const" in sub and "enum" in sub:  # both must hold: the const, if the enum lists it
-        values = [sub["const"]] if any(_json_equal(sub["const"], v) for v in sub["enum"]) else []
-    return values
-
-
-def _finite_domain(schema: Any) -> list[Any] | None:
-    """Every value `schema` can accept, when its own const/enum/boolean or null type makes that a finite
-    list (the values other keywords beside them reject are not removed: they stay rejected there)."""
-    if not isinstance(schema, dict):
-        return None
-    if "const" in schema:  # with an enum too, both must hold
-        listed = schema.get("enum")
-        if isinstance(listed, list) and not any(_json_equal(schema["const"], v) for v in listed):
-            return []
-        return [schema["const"]]
-    if isinstance(schema.get("enum"), list):
-        return list(schema["enum"])
-    names = _type_list(schema.get("type"))
-    if names and all(n in ("boolean", "null") for n in names):
-        return [v for n in names for v in ([False, True] if n == "boolean" else [None])]
-    return None
-
-
-def _is_never(schema: Any) -> bool:
-    return schema is False or schema == {"not": {}}
-
-
-def _names(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(name, str) for name in value)
-
-
-def _type_list(declared: Any) -> list[Any]:
-    return [declared] if isinstance(declared, str) else declared if isinstance(declared, list) else []
-
-
-def _value_types(value: Any) -> frozenset[str]:
-    if isinstance(value, bool):
-        return frozenset({"boolean"})
-    if isinstance(value, (int, float)):  # 1 == 1.0 in const/enum: a number may be of either kind
-        return frozenset({"integer", "fraction"})
-    kinds = {type(None): "null", str: "string", list: "array", dict: "object"}
-    return frozenset({kinds[type(value)]}) if type(value) in kinds else _ALL_TYPES
-
-
-def _union(sets: list[frozenset[str]]) -> frozenset[str]:
-    return frozenset().union(*sets)
-
-
-def _types(schema: Any, refs: Mapping[str, frozenset[str]]) -> frozenset[str]:
-    """A superset of the JSON types `schema` accepts, from type, const, enum, kept $refs (`refs`) and the
-    in-place applicators."""
-    if schema is False:
-        return frozenset()
-    if not isinstance(schema, dict):
-        return _ALL_TYPES
-    allowed = refs.get(schema.get("$ref", ""), _ALL_TYPES)
-    if isinstance(schema.get("type"), (str, list)):
-        allowed &= _union([frozenset(_TYPE_NAMES.get(name, _ALL_TYPES)) if isinstance(name, str) else _ALL_TYPES
-                           for name in _type_list(schema["type"])])
-    if "const" in schema:
-        allowed &= _value_types(schema["const"])
-    if isinstance(schema.get("enum"), list):
-        allowed &= _union([_value_types(value) for value in schema["enum"]])
-    for member in schema.get("allOf", []):
-        allowed &= _types(member, refs)
-    for key in ("anyOf", "oneOf"):
-        if key in schema:
-            allowed &= _union([_types(branch, refs) for branch in schema[key]])
-    return allowed
-
-
-def _facets(schema: Any) -> list[dict[str, Any]]:
-    """`schema` and its allOf members, recursively: all of them hold for a valid instance."""
-    if not isinstance(schema, dict):
-        return []
-    return [schema] + [facet for member in schema.get("allOf", []) for facet in _facets(member)]
-
-
-def _values(schema: Any) -> list[list[Any]]:
-    """Finite supersets of the values `schema` accepts, one per const or enum among its facets."""
-    found = []
-    for facet in _facets(schema):
-        if "const" in facet:
-            found.append([facet["const"]])
-        if isinstance(facet.get("enum"), list):
-            found.append(facet["enum"])
-    return found
-
-
-def _json_equal(a: Any, b: Any) -> bool:
-    """Equality as JSON Schema's const and enum see it: 1 == 1.0, but true != 1."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(map(_json_equal, a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_json_equal(a[key], b[key]) for key in a)
-    return type(a) is type(b) and a == b
-
-
-def _property_schemas(schema: Any, name: str) -> list[Any]:
-    return [props[name] for facet in _facets(schema) if isinstance(props := facet.get("properties"), dict)
-            and name in props]
-
-
-def _disjoint(a: Any, b: Any, refs: Mapping[str, frozenset[str]], within: frozenset[str] = _ALL_TYPES) -> str | None:
-    """Why no instance of a type in `within` is valid against both `a` and `b`, or None if unproven."""
-    common = _types(a, refs) & _types(b, refs) & within
-    if not common:
-        return "types"
-    if any(not any(_json_equal(x, y) for x in xs for y in ys) for xs in _values(a) for ys in _values(b)):
-        return "values"
-    if common != {"object"}:
-        return None
-    facets = _facets(a) + _facets(b)
-    required = {name for facet in facets if _names(names := facet.get("required", [])) for name in names}
-    for name in sorted(required):  # present in every object valid against both, so both its schemas hold
-        if any(_disjoint(x, y, refs) for x in _property_schemas(a, name) for y in _property_schemas(b, name)):
-            return f"discriminator {name!r}"
-    return None
-
-
-def _disjoint_branches(branches: list[Any], within: frozenset[str], refs: Mapping[str, frozenset[str]]) -> str | None:
-    """Why no two branches accept the same instance (of a type in `within`), or None if unproven."""
-    reasons = []
-    for i, a in enumerate(branches):
-        for b in branches[i + 1:]:
-            reason = _disjoint(a, b, refs, within)
-            if reason is None:
-                return None
-            reasons.append(reason)
-    return ", ".join(dict.fromkeys(reasons))

@@ -43,7 +43,7 @@ def test_smollm2_returns_json_valid_for_a_four_field_schema(smollm2):
 def test_smollm2_loads_on_cpu_in_the_auto_dtype_from_the_prepared_directory(smollm2):
     from serve_app.engine.placement import choose_dtype
 
-    status = smollm2.status()
+    status = smollm2.status().model_dump()
     assert status["dtype"] == choose_dtype("auto", [])  # bfloat16 where the CPU computes it natively
     assert status["plan"]["device"] == "cpu"
     assert len(smollm2.tokenizer) == 49152

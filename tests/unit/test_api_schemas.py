@@ -2,7 +2,7 @@
 
 import json
 
-from serve_app.api.schemas import native_response
+from serve_app.api.responses import native_response
 from serve_app.constraints import parse_constraint
 from serve_app.generation import GenerationResult, Usage
 

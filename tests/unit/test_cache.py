@@ -3,6 +3,8 @@
 import threading
 import time
 
+import pytest
+
 from serve_app.cache import BoundedCache
 
 
@@ -60,8 +62,6 @@ def test_a_failed_build_caches_nothing():
         raise ValueError("no")
 
     for _ in range(2):
-        try:
+        with pytest.raises(ValueError):
             cache.get_or_build("k", fail)
-        except ValueError:
-            pass
     assert "k" not in cache and cache.stats.misses == 2

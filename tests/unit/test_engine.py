@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from serve_app.constraints import parse_constraint
 from serve_app.cache import BoundedCache
+from serve_app.constraints import parse_constraint
 from serve_app.engine.factory import create_engine
 from serve_app.engine.transformers_engine import TransformersEngine
 from serve_app.errors import ConstraintError, InvalidRequestError, LimitExceededError

@@ -9,7 +9,9 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from serve_app.api import tools as tooling
-from serve_app.api.schemas import ChatCompletionRequest, ChunkFormatter, CompletionRequest, chat_completion_response
+from serve_app.api.request_models import ChatCompletionRequest, CompletionRequest
+from serve_app.api.responses import chat_completion_response
+from serve_app.api.streaming import ChunkFormatter
 from serve_app.constraints import LimitsConfig, installed_backends, plan_constraint
 from serve_app.constraints.registry import BackendDefaults
 from serve_app.engine.chat import render_chat

@@ -1,4 +1,5 @@
-"""HTTP request/response schemas: OpenAI-compatible and native. No torch here.
+"""The HTTP request bodies, OpenAI-compatible (chat, completions) and native (/v1/generate), and
+how each becomes generation rows and a constraint. No torch here.
 
 Requests use ``extra="forbid"``: a parameter we do not implement is a 400 naming it, never
 silently ignored.
@@ -6,9 +7,6 @@ silently ignored.
 
 from __future__ import annotations
 
-import math
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -37,9 +35,7 @@ from serve_app.generation import (
     ChatMessage,
     ChatTemplateKwargs,
     GenerationRequest,
-    GenerationResult,
     SamplingParams,
-    TokenLogprobs,
 )
 
 MAX_N = 8
@@ -342,197 +338,3 @@ class NativeGenerateRequest(_Penalties):
             sampling=SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
                                     top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
                                     stop=self.stop, **self.penalties()))
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage_of(results: list[GenerationResult]) -> dict[str, int]:
-    prompt = results[0].usage.prompt_tokens if results else 0
-    completion = sum(r.usage.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def chat_completion_response(model: str, results: list[GenerationResult],
-                             body: ChatCompletionRequest | None = None) -> dict[str, Any]:
-    choices = []
-    for i, r in enumerate(results):
-        message, finish_reason, valid = chat_message(r, body)
-        choices.append({"index": i, "message": message, "finish_reason": finish_reason,
-                        "logprobs": chat_logprobs(r.logprobs), "valid": valid, "closed_early": r.closed_early})
-    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage_of(results)}
-
-
-def chat_message(result: GenerationResult,
-                 body: ChatCompletionRequest | None) -> tuple[dict[str, Any], str, bool | None]:
-    """The assistant message, finish_reason and `valid` of one answer: a tool call where the
-    request forced one (and the answer finished valid) or allowed one (and the text is a call of
-    an offered tool whose arguments validate); otherwise the text as content."""
-    text, finish_reason, valid = result.text, result.finish_reason, result.valid
-    call = None
-    if body is not None and body.forced_tools() and finish_reason == "stop" and valid:
-        call = tooling.forced_call(text)
-    elif body is not None and body.auto_tools() and not body.constrained():
-        call, valid = tooling.detect_call(text, body.auto_tools() or [])
-        if call is not None and not valid:
-            call = None  # a malformed call stays text, flagged invalid
-    if call is not None:
-        return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls", valid
-    return {"role": "assistant", "content": text}, finish_reason, valid
-
-
-def chat_logprobs(entries: list[TokenLogprobs] | None) -> dict[str, Any] | None:
-    if entries is None:
-        return None
-    return {"content": [e.model_dump() for e in entries], "refusal": None}
-
-
-def completion_logprobs(entries: list[TokenLogprobs] | None, offset: int = 0) -> dict[str, Any] | None:
-    """The legacy completions shape; text_offset counts from the start of the output."""
-    if entries is None:
-        return None
-    offsets = []
-    for e in entries:
-        offsets.append(offset)
-        offset += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries], "text_offset": offsets}
-
-
-def completion_response(model: str, results: list[GenerationResult], body: Any = None) -> dict[str, Any]:
-    return {
-        "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
-                     "logprobs": completion_logprobs(r.logprobs), "valid": r.valid, "closed_early": r.closed_early}
-                    for i, r in enumerate(results)],
-        "usage": usage_of(results),
-    }
-
-
-def native_response(model: str, result: GenerationResult, constraint: Constraint | None,
-                    router_s: float) -> dict[str, Any]:
-    parsed = None
-    if isinstance(constraint, JsonSchemaConstraint) and result.valid:
-        parsed = result.parsed()
-        if not _finite(parsed):  # e.g. 1e999: valid JSON, but no float holds it (`text` has it exactly)
-            parsed = None
-    return {
-        "id": new_id("gen"), "model": model, "text": result.text, "parsed": parsed,
-        "finish_reason": result.finish_reason, "valid": result.valid,
-        # Honest truncation: output cut by max_tokens is never presented as valid or parsed.
-        "truncated": result.finish_reason == "length", "closed_early": result.closed_early,
-        "constraint_type": constraint.type if constraint else None, "backend": result.backend,
-        "approximated": result.approximated, "rewrites": result.rewrites, "checks": result.checks,
-        "usage": result.usage.model_dump(), "timings": {**result.timings, "router_total_s": router_s},
-        "served_by": result.served_by,
-    }
-
-
-
-def _finite(value: Any) -> bool:
-    """Whether a parsed JSON value can be written back as JSON (no number overflowed to inf)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    return True
-
-
-class ChunkFormatter:
-    """OpenAI streaming chunks for chat (``chat.completion.chunk``) or completions.
-
-    Text is sent as it comes, except where it may be a tool call: under a forced tool_choice the
-    call is sent whole as ``delta.tool_calls`` when the answer ends (it is validated first); under
-    "auto", text that starts like a call is held back until the answer ends and sent as a call
-    or as content."""
-
-    def __init__(self, model: str, chat: bool, n: int, body: Any = None) -> None:
-        self.model, self.chat, self.n, self.body = model, chat, n, body
-        self.id = new_id("chatcmpl" if chat else "cmpl")
-        self.created = int(time.time())
-        self.include_usage = bool(body is not None and body.include_usage)
-        forced = bool(chat and body is not None and body.forced_tools())
-        self.auto = bool(chat and body is not None and body.auto_tools() and not body.constrained())
-        self.holding = {i: forced or self.auto for i in range(n)}  # choice -> text held back for now
-        self.held: dict[int, str] = {}
-        self.held_logprobs: dict[int, list[TokenLogprobs]] = {}
-        self.sent_logprobs: dict[int, int] = {}  # entries already sent per choice
-        self.offsets: dict[int, int] = {}  # completions: characters already sent per choice
-
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": choices, **extra}
-
-    def _choice(self, index: int, text: str | None, finish_reason: str | None,
-                logprobs: list[TokenLogprobs] | None = None) -> dict[str, Any]:
-        if self.chat:
-            delta = {} if text is None else {"content": text}
-            return {"index": index, "delta": delta, "finish_reason": finish_reason,
-                    "logprobs": chat_logprobs(logprobs) if logprobs else None}
-        offset = self.offsets.get(index, 0)
-        self.offsets[index] = offset + len(text or "")
-        return {"index": index, "text": text or "", "finish_reason": finish_reason,
-                "logprobs": completion_logprobs(logprobs, offset) if logprobs else None}
-
-    def start(self) -> list[dict[str, Any]]:
-        if not self.chat:
-            return []
-        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                              "logprobs": None} for i in range(self.n)])]
-
-    def delta(self, index: int, text: str, logprobs: list[TokenLogprobs] | None = None) -> list[dict[str, Any]]:
-        if self.holding[index]:
-            self.held[index] = self.held.get(index, "") + text
-            if logprobs:
-                self.held_logprobs.setdefault(index, []).extend(logprobs)
-            if not self.auto or tooling.could_become_call(self.held[index]):
-                return []
-            self.holding[index] = False  # plain text after all: send what was held
-            text = self.held.pop(index)
-            logprobs = self.held_logprobs.pop(index, []) if logprobs is not None else None
-        if logprobs is not None:
-            self.sent_logprobs[index] = self.sent_logprobs.get(index, 0) + len(logprobs)
-        return [self._chunk([self._choice(index, text, None, logprobs)])]
-
-    def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> list[dict[str, Any]]:
-        """A choice's last chunks; after the last choice, the usage chunk when it was asked for."""
-        chunks = []
-        finish_reason: str = result.finish_reason
-        valid = result.valid
-        rest = (result.logprobs or [])[self.sent_logprobs.get(index, 0):] if result.logprobs is not None else None
-        if self.holding[index]:  # nothing of this answer was sent yet
-            message, finish_reason, valid = chat_message(result, self.body)
-            if message.get("tool_calls"):
-                calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
-                chunks.append(self._chunk([{"index": index, "delta": {"tool_calls": calls}, "finish_reason": None,
-                                            "logprobs": chat_logprobs(rest) if rest else None}]))
-            elif result.text:
-                chunks.append(self._chunk([self._choice(index, result.text, None, rest)]))
-            rest = None
-        choice = {**self._choice(index, None, finish_reason, rest), "valid": valid,
-                  "closed_early": result.closed_early}
-        chunks.append(self._chunk([choice]))
-        if self.include_usage and len(done) == self.n:
-            chunks.append(self._chunk([], usage=usage_of(done)))
-        return chunks
-
-
-class NativeEvents:
-    """The native stream: ``{"delta": text}`` events, then ``{"done": <native response>}``."""
-
-    def __init__(self, model: str, constraint: Constraint | None, started: float) -> None:
-        self.model, self.constraint, self.started = model, constraint, started
-
-    def start(self) -> list[dict[str, Any]]:
-        return []
-
-    def delta(self, index: int, text: str, logprobs: list[TokenLogprobs] | None = None) -> list[dict[str, Any]]:
-        return [{"delta": text}]
-
-    def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> list[dict[str, Any]]:
-        return [{"done": native_response(self.model, result, self.constraint, time.perf_counter() - self.started)}]
