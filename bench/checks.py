@@ -22,7 +22,7 @@ import jsonschema
 
 from serve_app.config import ModelConfig
 from serve_app.constraints import JsonSchemaConstraint
-from serve_app.constraints.checks import RowChecker
+from serve_app.constraints.row_checks import RowChecker
 from serve_app.engine.factory import create_engine
 from serve_app.errors import ServeAppError
 from serve_app.generation import GenerationRequest, SamplingParams

@@ -21,21 +21,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import re
 from collections.abc import Callable
 from typing import Any
 
 from serve_app.cache import BoundedCache
+from serve_app.constraints.examples import (
+    bounded_numbers,
+    candidate_types,
+    complete_number,
+    regex_example,
+)
+from serve_app.constraints.json_scan import LITERALS, Frame, JsonScanner, NotJson, Scalar, ScanState
 from serve_app.constraints.keywords import FORMATS, resolve_pointer
-from serve_app.constraints.validation import regex_search, safe_validator
+from serve_app.constraints.validation import PATTERN_TIMEOUT_S, regex_search, safe_validator
 
 logger = logging.getLogger(__name__)
 
-_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-_WHITESPACE = " \t\n\r"
-_NUMBER_CHARS = "0123456789+-.eE"
-_LITERALS = {"t": "true", "f": "false", "n": "null"}
 # Subschema nesting the closer builds minimal values through; deeper, it knows no completion and
 # the row ends honestly (the router's max_schema_depth is 32 by default).
 _MAX_DEPTH = 24
@@ -43,18 +44,11 @@ _MAX_DEPTH = 24
 _MEMO_LIMIT = 4096
 # $ref-to-$ref hops followed when resolving one subschema (the router's max_schema_depth is 32).
 _MAX_REF_HOPS = 32
-# Closing runs in the decode loop on every token: a pattern gets 10 ms here, against the 0.5 s
-# of the output check after generation.
-PATTERN_TIMEOUT_S = 0.01
 
-# A parser state is a tuple of frames, innermost last; frames are tuples, so copies are free.
-#   ("root", schema, done)
-#   ("obj", branches, seen_keys, phase, key)   phase: open | key | colon | value | after
-#   ("arr", branches, count, phase)            phase: open | value | after
-#   ("str", branches, chars, escape, is_key)
-#   ("num", branches, text)
-#   ("lit", branches, text)
-Stack = tuple[tuple[Any, ...], ...]
+# A closer's state is the scanner's (json_scan.py); each open value's data is the tuple of
+# subschema branches it may follow.
+Stack = ScanState
+_JSON_TYPES = {"obj": "object", "arr": "array", "str": "string", "num": "number"}
 
 
 def _json_type(first: str) -> str:
@@ -66,7 +60,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-class JsonCloser:
+class JsonCloser(JsonScanner):
     """Shortest completions for one JSON Schema, shared by every row that uses it."""
 
     def __init__(self, schema: dict[str, Any], encode: Callable[[str], list[int]],
@@ -83,7 +77,7 @@ class JsonCloser:
             safe_validator(whole, PATTERN_TIMEOUT_S, format_checker)
         # Keyed by id(): each entry holds its subschema, which keeps the id from being reused.
         self._minimal: BoundedCache[int, tuple[Any, str | None]] = BoundedCache(_MEMO_LIMIT)
-        self.start: Stack = (("root", schema, False),)
+        self.start: Stack = ScanState()
         self.min_text = self.completion(self.start)
         self.min_ids = encode(self.min_text) if self.min_text is not None else None
         self.min_tokens = len(self.min_ids) if self.min_ids is not None else None
@@ -164,13 +158,13 @@ class JsonCloser:
         if "enum" in s and isinstance(s["enum"], list):
             return [self.dumps(v) for v in s["enum"]]
         out: list[str] = []
-        types = _types(s)
+        types = candidate_types(s)
         if "null" in types:
             out.append("null")
         if "boolean" in types:
             out += ["true", "false"]
         if "integer" in types or "number" in types:
-            out += _numbers(s, integer="number" not in types)
+            out += bounded_numbers(s, integer="number" not in types)
         if "string" in types:
             out += self._strings(s)
         if "array" in types:
@@ -239,124 +233,43 @@ class JsonCloser:
             return prefix[index]
         return {} if items is True else items
 
-    # -- parsing ---------------------------------------------------------------------------------
+    # -- following the text (the scanner's hooks) --------------------------------------------------
 
     def feed(self, stack: Stack | None, text: str) -> Stack | None:
-        for ch in text:
-            if stack is None:
-                return None
-            stack = self._feed_char(stack, ch)
-        return stack
-
-    def _feed_char(self, stack: Stack, ch: str) -> Stack | None:
-        top = stack[-1]
-        kind = top[0]
-        if kind == "str":
-            return self._feed_string(stack, top, ch)
-        if kind in ("num", "lit"):
-            return self._feed_scalar(stack, top, ch)
-        if ch in _WHITESPACE:
-            return stack
-        if kind == "root":
-            return None if top[2] else self._start_value(stack, top[1], ch)
-        if kind == "obj":
-            return self._feed_object(stack, top, ch)
-        if kind == "arr":
-            return self._feed_array(stack, top, ch)
-        return None
-
-    def _feed_scalar(self, stack: Stack, top: tuple[Any, ...], ch: str) -> Stack | None:
-        if top[0] == "num":
-            if ch in _NUMBER_CHARS:
-                return stack[:-1] + (("num", top[1], top[2] + ch),)
-            done = self._value_done(stack[:-1], None)
-            return self._feed_char(done, ch) if done is not None else None
-        text = top[2] + ch
-        word = _LITERALS[text[0]]
-        if not word.startswith(text):
+        """The state after `text`; None when the text cannot continue as JSON."""
+        if stack is None:
             return None
-        return self._value_done(stack[:-1], None) if text == word else stack[:-1] + (("lit", top[1], text),)
-
-    def _feed_object(self, stack: Stack, top: tuple[Any, ...], ch: str) -> Stack | None:
-        _, branches, seen, phase, key = top
-        if phase in ("open", "after") and ch == "}":
-            return self._value_done(stack[:-1], None)
-        if phase in ("open", "key") and ch == '"':
-            return stack + (("str", branches, "", "", True),)
-        if phase == "after" and ch == ",":
-            return stack[:-1] + (("obj", branches, seen, "key", None),)
-        if phase == "colon" and ch == ":":
-            return stack[:-1] + (("obj", branches, seen, "value", key),)
-        if phase == "value":
-            schemas = [self.property_schema(b, key) for b in branches]
-            return self._start_value(stack, {"anyOf": schemas} if len(schemas) > 1 else schemas[0], ch)
-        return None
-
-    def _feed_array(self, stack: Stack, top: tuple[Any, ...], ch: str) -> Stack | None:
-        _, branches, count, phase = top
-        if phase in ("open", "after") and ch == "]":
-            return self._value_done(stack[:-1], None)
-        if phase == "after":
-            return stack[:-1] + (("arr", branches, count, "value"),) if ch == "," else None
-        schemas = [self.item_schema(b, count) for b in branches]
-        return self._start_value(stack, {"anyOf": schemas} if len(schemas) > 1 else schemas[0], ch)
-
-    def _feed_string(self, stack: Stack, top: tuple[Any, ...], ch: str) -> Stack | None:
-        _, branches, chars, escape, is_key = top
-        if escape == "\\":
-            if ch == "u":
-                return stack[:-1] + (("str", branches, chars, "u", is_key),)
-            if ch not in _ESCAPES:
-                return None
-            return stack[:-1] + (("str", branches, chars + _ESCAPES[ch], "", is_key),)
-        if escape:
-            if ch not in "0123456789abcdefABCDEF":
-                return None
-            escape += ch
-            if len(escape) == 5:
-                return stack[:-1] + (("str", branches, chars + chr(int(escape[1:], 16)), "", is_key),)
-            return stack[:-1] + (("str", branches, chars, escape, is_key),)
-        if ch == "\\":
-            return stack[:-1] + (("str", branches, chars, "\\", is_key),)
-        if ch == '"':
-            if is_key:
-                return self._value_done(stack[:-1], chars)
-            return self._value_done(stack[:-1], None, chars)
-        return stack[:-1] + (("str", branches, chars + ch, "", is_key),)
-
-    def _start_value(self, stack: Stack, schema: Any, ch: str) -> Stack | None:
-        json_type = _json_type(ch)
-        if json_type == "number" and ch not in "-0123456789":
+        try:
+            return self.scan(stack, text)
+        except NotJson:
             return None
-        branches = tuple(self.branches(schema, json_type)) or ({},)
-        if ch == "{":
-            return stack + (("obj", branches, (), "open", None),)
-        if ch == "[":
-            return stack + (("arr", branches, 0, "open"),)
-        if ch == '"':
-            return stack + (("str", branches, "", "", False),)
-        if ch in _LITERALS:
-            return stack + (("lit", branches, ch),)
-        return stack + (("num", branches, ch),)
 
-    def _value_done(self, stack: Stack, key: str | None, string: str | None = None) -> Stack | None:
-        """The innermost value just ended (`key`: it was an object key; `string`: it was a
-        string value). A string member value drops the object's alternatives it rules out, so
-        that in ``anyOf: [{kind: const a, ...}, {kind: const b, ...}]`` the completion follows
-        the branch the output chose (tool calls: the function's name picks its arguments)."""
-        top = stack[-1]
-        if top[0] == "root":
-            return stack[:-1] + (("root", top[1], True),)
-        if top[0] == "arr":
-            return stack[:-1] + (("arr", top[1], top[2] + 1, "after"),)
-        _, branches, seen, phase, current = top
-        if key is not None:
-            allowed = tuple(b for b in branches if self.property_schema(b, key) is not False)
-            return stack[:-1] + (("obj", allowed or branches, seen, "colon", key),)
-        if string is not None and len(branches) > 1:
-            kept = tuple(b for b in branches if not self._rules_out(self.property_schema(b, current), string))
-            branches = kept or branches
-        return stack[:-1] + (("obj", branches, seen + (current,), "after", None),)
+    def begin(self, parent: Frame | None, kind: str, ch: str, at: int) -> tuple[dict[str, Any], ...]:
+        schema = self.root if parent is None else self._child_schema(parent)
+        json_type = _JSON_TYPES.get(kind) or _json_type(ch)
+        return tuple(self.branches(schema, json_type)) or ({},)
+
+    def _child_schema(self, parent: Frame) -> Any:
+        if parent.kind == "obj":
+            schemas = [self.property_schema(b, parent.key or "") for b in parent.data]
+        else:
+            schemas = [self.item_schema(b, parent.items - 1) for b in parent.data]
+        return {"anyOf": schemas} if len(schemas) > 1 else schemas[0]
+
+    def key_closed(self, frame: Frame, key: str, at: int) -> Frame:
+        allowed = tuple(b for b in frame.data if self.property_schema(b, key) is not False)
+        return frame._replace(data=allowed or frame.data)
+
+    def value_closed(self, parent: Frame | None, value: Frame | Scalar, end: int, at: int) -> Frame | None:
+        """A string member value drops the object's alternatives it rules out, so that in
+        ``anyOf: [{kind: const a, ...}, {kind: const b, ...}]`` the completion follows the branch
+        the output chose (tool calls: the function's name picks its arguments)."""
+        if parent is None or parent.kind != "obj" or not isinstance(value, Scalar) or value.kind != "str" \
+                or len(parent.data) < 2:
+            return parent
+        kept = tuple(b for b in parent.data if not self._rules_out(self.property_schema(b, parent.key or ""),
+                                                                   value.text))
+        return parent._replace(data=kept or parent.data)
 
     def _rules_out(self, schema: Any, value: str) -> bool:
         """Whether `schema` certainly rejects `value` (a check that cannot finish rules nothing out)."""
@@ -373,15 +286,15 @@ class JsonCloser:
         for _ in range(4096):
             if stack is None:
                 return None
-            top = stack[-1]
-            if top[0] == "root" and top[2]:
+            if stack.done:
                 return suffix
-            if top[0] == "num":
-                rest = self._close_number(top)
+            if stack.scalar is not None and stack.scalar.kind == "num":
+                rest = self._close_number(stack.scalar)
                 if rest is None:
                     return None
                 suffix += rest
-                stack = self._value_done(stack[:-1], None)
+                stack = self.feed(stack, rest)
+                stack = self.close_number(stack) if stack is not None else None
                 continue
             piece = self._next_piece(stack)
             if piece is None:
@@ -391,28 +304,24 @@ class JsonCloser:
         return None
 
     def _next_piece(self, stack: Stack) -> str | None:
-        top = stack[-1]
-        kind = top[0]
-        if kind == "root":
-            return self.minimal(top[1])
-        if kind == "lit":
-            return _LITERALS[top[2][0]][len(top[2]):]
-        if kind == "str":
-            return self._close_string(stack, top)
-        if kind == "arr":
-            _, branches, count, phase = top
-            need = max(int(b.get("minItems", 0)) for b in branches)
-            if phase == "value" or count < need:
-                item = self._cheapest([self.item_schema(b, count) for b in branches])
-                return None if item is None else (self.item_sep if phase == "after" else "") + item
+        scalar = stack.scalar
+        if scalar is not None:
+            if scalar.kind == "lit":
+                return LITERALS[scalar.text[0]][len(scalar.text):]
+            return self._close_string(stack, scalar)
+        if not stack.frames:
+            return self.minimal(self.root)
+        top = stack.frames[-1]
+        if top.kind == "arr":
+            need = max(int(b.get("minItems", 0)) for b in top.data)
+            if top.phase == "value" or top.items < need:
+                item = self._cheapest([self.item_schema(b, top.items) for b in top.data])
+                return None if item is None else (self.item_sep if top.phase == "after" else "") + item
             return "]"
-        _, branches, seen, phase, key = top
-        if phase == "colon":
-            value = self._cheapest([self.property_schema(b, key) for b in branches])
-            return None if value is None else self.key_sep + value
-        if phase == "value":
-            return self._cheapest([self.property_schema(b, key) for b in branches])
-        return self._next_member(branches, seen, phase)
+        if top.phase in ("colon", "value"):
+            value = self._cheapest([self.property_schema(b, top.key or "") for b in top.data])
+            return None if value is None else (self.key_sep if top.phase == "colon" else "") + value
+        return self._next_member(top.data, top.keys, top.phase)
 
     def _next_member(self, branches: tuple[dict[str, Any], ...], seen: tuple[str, ...], phase: str) -> str | None:
         best: str | None = None
@@ -445,16 +354,16 @@ class JsonCloser:
         texts = [t for t in (self.minimal(s) for s in schemas) if t is not None]
         return min(texts, key=len, default=None)
 
-    def _close_number(self, top: tuple[Any, ...]) -> str | None:
+    def _close_number(self, scalar: Scalar) -> str | None:
         """Digits that finish a started number within the schema's bounds ("-", "1.", "1e" need one)."""
         for rest in ("", "0", "00", "000", "0000"):
-            text = top[2] + rest
-            if _complete_number(text) and any(self.is_valid(b, json.loads(text)) for b in top[1]):
+            text = scalar.text + rest
+            if complete_number(text) and any(self.is_valid(b, json.loads(text)) for b in scalar.data):
                 return rest
         return None
 
-    def _close_string(self, stack: Stack, top: tuple[Any, ...]) -> str | None:
-        _, branches, chars, escape, is_key = top
+    def _close_string(self, stack: Stack, scalar: Scalar) -> str | None:
+        chars, escape = scalar.text, scalar.escape
         fix = ""
         if escape == "\\":
             fix = "n"  # a newline: the shortest way to finish a started escape
@@ -462,26 +371,30 @@ class JsonCloser:
         elif escape:
             fix = "0" * (5 - len(escape))
             chars += chr(int((escape[1:] + fix)[:4], 16))
-        if is_key:
-            obj = stack[-2]
-            names = [k for b in obj[1] for k in self.declared_after(b, obj[2]) if k.startswith(chars)]
-            options = [k[len(chars):] for k in names]  # declared names first: backends keep their order
-            for rest in ("", "0", "1"):  # else an additional property, under a name not used yet
-                if not options and chars + rest not in obj[2] and chars + rest not in _declared(obj[1]) and any(
-                        self.property_schema(b, chars + rest) is not False for b in obj[1]):
-                    options.append(rest)
-            if not options:  # a key that must match a patternProperties pattern: follow its example
-                options = [rest for rest in self._pattern_key_rests(obj[1], chars) if chars + rest not in obj[2]]
-            if not options or fix and "" not in options:
-                return None
-            return fix + min(options, key=len) + '"'
+        if scalar.kind == "key":
+            return self._close_key(stack.frames[-1], chars, fix)
         best: str | None = None
-        for branch in branches:
+        for branch in scalar.data:
             for rest in self._string_rests(branch, chars):
                 text = chars + rest
                 if self.is_valid(branch, text) and (best is None or len(rest) < len(best)):
                     best = rest
         return None if best is None else fix + _dumps(best)[1:]
+
+    def _close_key(self, obj: Frame, chars: str, fix: str) -> str | None:
+        """The rest of a key being written: a declared name it begins (backends keep their order),
+        else an additional property under a name not used yet, else a patternProperties example."""
+        names = [k for b in obj.data for k in self.declared_after(b, obj.keys) if k.startswith(chars)]
+        options = [k[len(chars):] for k in names]
+        for rest in ("", "0", "1"):
+            if not options and chars + rest not in obj.keys and chars + rest not in _declared(obj.data) and any(
+                    self.property_schema(b, chars + rest) is not False for b in obj.data):
+                options.append(rest)
+        if not options:
+            options = [rest for rest in self._pattern_key_rests(obj.data, chars) if chars + rest not in obj.keys]
+        if not options or fix and "" not in options:
+            return None
+        return fix + min(options, key=len) + '"'
 
     def _pattern_key_rests(self, branches: tuple[dict[str, Any], ...], chars: str) -> list[str]:
         rests = []
@@ -510,55 +423,6 @@ class JsonCloser:
         return rests
 
 
-def regex_example(pattern: str) -> str | None:
-    """A short string that `pattern` matches (re.search, as JSON Schema applies it), built from
-    the parsed pattern: fewest repetitions, first alternative, first character of each class."""
-    import re._parser as parser
-
-    def build(items: Any) -> str:
-        out = ""
-        for op, arg in items:
-            name = str(op)
-            if name == "LITERAL":
-                out += chr(arg)
-            elif name == "ANY":
-                out += "a"
-            elif name == "IN":
-                out += _class_char(arg)
-            elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
-                low, _, body = arg
-                out += build(body) * low
-            elif name == "SUBPATTERN":
-                out += build(arg[-1])
-            elif name == "BRANCH":
-                out += min((build(b) for b in arg[1]), key=len)
-            elif name == "NOT_LITERAL":
-                out += "a" if arg != ord("a") else "b"
-            elif name != "AT":
-                raise ValueError(name)
-        return out
-
-    try:
-        example = build(parser.parse(pattern))
-    except (ValueError, TypeError, re.error, RecursionError, OverflowError):
-        return None
-    return example if regex_search(pattern, example, PATTERN_TIMEOUT_S) else None
-
-
-def _class_char(items: Any) -> str:
-    for op, arg in items:
-        name = str(op)
-        if name == "LITERAL":
-            return chr(arg)
-        if name == "RANGE":
-            return chr(arg[0])
-        if name == "CATEGORY":
-            return {"CATEGORY_DIGIT": "0", "CATEGORY_SPACE": " ", "CATEGORY_WORD": "a"}.get(str(arg), "a")
-        if name == "NEGATE":
-            return "a"  # checked against the pattern afterwards
-    return "a"
-
-
 def _declared(branches: tuple[dict[str, Any], ...]) -> set[str]:
     return {k for b in branches for k in b.get("properties", {})}
 
@@ -578,22 +442,6 @@ def _merge(base: dict[str, Any], extra: Any) -> dict[str, Any]:
     return merged
 
 
-_ALL_TYPES = ("null", "boolean", "integer", "number", "string", "array", "object")
-_IMPLIED = {"properties": "object", "required": "object", "additionalProperties": "object", "items": "array",
-            "prefixItems": "array", "minItems": "array", "minLength": "string", "pattern": "string",
-            "format": "string", "minimum": "number", "maximum": "number"}
-
-
-def _types(s: dict[str, Any]) -> tuple[str, ...]:
-    declared = s.get("type")
-    if isinstance(declared, str):
-        return (declared,)
-    if isinstance(declared, list):
-        return tuple(declared)
-    implied = {t for k, t in _IMPLIED.items() if k in s}
-    return tuple(sorted(implied)) if implied else _ALL_TYPES
-
-
 def _allows_type(s: dict[str, Any], json_type: str) -> bool:
     if "const" in s or "enum" in s:
         values = [s["const"]] if "const" in s else s["enum"]
@@ -605,30 +453,3 @@ def _allows_type(s: dict[str, Any], json_type: str) -> bool:
     return json_type in types or (json_type == "number" and "integer" in types)
 
 
-def _numbers(s: dict[str, Any], integer: bool) -> list[str]:
-    low = -math.inf
-    if isinstance(s.get("minimum"), int | float):
-        low = s["minimum"]
-    if isinstance(s.get("exclusiveMinimum"), int | float) and not isinstance(s["exclusiveMinimum"], bool):
-        low = max(low, s["exclusiveMinimum"] + (1 if integer else 0.5))
-    high = math.inf
-    if isinstance(s.get("maximum"), int | float):
-        high = s["maximum"]
-    if isinstance(s.get("exclusiveMaximum"), int | float) and not isinstance(s["exclusiveMaximum"], bool):
-        high = min(high, s["exclusiveMaximum"] - (1 if integer else 0.5))
-    start = 0 if low <= 0 <= high else (low if low != -math.inf else high)
-    step = s.get("multipleOf")
-    values = [start, math.ceil(start), math.floor(start), 1, -1]
-    if isinstance(step, int | float) and step > 0 and not isinstance(step, bool):
-        values = [math.ceil(start / step) * step, math.floor(start / step) * step] + values
-    out = []
-    for value in values:
-        if value in (math.inf, -math.inf):
-            continue
-        as_int = int(value) if float(value).is_integer() else None
-        out.append(str(as_int) if as_int is not None else repr(float(value)))
-    return out
-
-
-def _complete_number(text: str) -> bool:
-    return bool(re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", text))

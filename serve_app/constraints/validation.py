@@ -22,6 +22,10 @@ REGEX_CHECK_TIMEOUT_S = 0.5
 ENFORCED_FORMATS = jsonschema.FormatChecker(formats=[
     name for name in FORMATS if name in jsonschema.FormatChecker.checkers])
 
+# Every regex run while a row generates (closing, the checks) gets this limit: it runs in the decode
+# loop on every token; the output check after generation has its own, longer one. Undecided = refused.
+PATTERN_TIMEOUT_S = 0.01
+
 
 def regex_search(pattern: str, text: str, timeout_s: float) -> bool | None:
     """`re.search` semantics (as JSON Schema's `pattern`) with a time limit: None when a

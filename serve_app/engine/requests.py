@@ -21,8 +21,9 @@ from serve_app.cache import BoundedCache
 from serve_app.config import ModelConfig
 from serve_app.constraints import AnyConstraint, Plan, check_max_new_tokens, plan_constraint
 from serve_app.constraints.budget import Budget, minimum_budget
-from serve_app.constraints.checks import RowChecker, ValueChecks
+from serve_app.constraints.checks import ValueChecks
 from serve_app.constraints.json_completion import JsonCloser
+from serve_app.constraints.row_checks import RowChecker
 from serve_app.engine.backends import Matcher
 from serve_app.engine.chat import render_chat
 from serve_app.engine.row_closing import RowCloser

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from serve_app.constraints.checks import RowChecker
+from serve_app.constraints.row_checks import RowChecker
 from serve_app.engine.backends import Matcher
 from serve_app.engine.row_closing import RowCloser
 

@@ -11,9 +11,10 @@ import jsonschema
 import pytest
 
 from serve_app.constraints import parse_constraint
-from serve_app.constraints.checks import CHECK_BUDGET, RowChecker, ValueChecks, split_checks
+from serve_app.constraints.checks import ValueChecks, split_checks
 from serve_app.constraints.keywords import iter_subschemas
 from serve_app.constraints.plan import plan_schema
+from serve_app.constraints.row_checks import CHECK_BUDGET, RowChecker
 from serve_app.generation import GenerationRequest, SamplingParams
 
 ORDER = ("llguidance", "xgrammar", "outlines_core")

@@ -7,7 +7,8 @@ import jsonschema
 import pytest
 
 from serve_app.constraints import installed_backends, parse_constraint
-from serve_app.constraints.json_completion import JsonCloser, regex_example
+from serve_app.constraints.examples import regex_example
+from serve_app.constraints.json_completion import JsonCloser
 from serve_app.constraints.validation import ENFORCED_FORMATS
 from serve_app.errors import InvalidRequestError
 from serve_app.generation import GenerationRequest, SamplingParams

@@ -20,8 +20,9 @@ from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
 import serve_app.constraints
-from serve_app.constraints.checks import RowChecker, ValueChecks, split_checks
+from serve_app.constraints.checks import ValueChecks, split_checks
 from serve_app.constraints.normalize import normalize_schema
+from serve_app.constraints.row_checks import RowChecker
 
 KNOWN = frozenset({"date-time", "date", "uuid", "email"})
 D4 = "http://json-schema.org/draft-04/schema#"
