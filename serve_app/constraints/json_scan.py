@@ -103,14 +103,19 @@ class JsonScanner:
     def scan(self, state: ScanState, chunk: str) -> ScanState:
         """`state` after `chunk`, which continues the text at `state.pos`. Raises NotJson or Stop
         (the state reached is then `self.stopped`)."""
-        frames, scalar, done = list(state.frames), state.scalar, state.done
+        scalar = state.scalar
+        if scalar is not None and scalar.kind in ("str", "key") and not scalar.escape and _PLAIN_RUN.fullmatch(chunk):
+            # Inside a string, nothing to decide (most tokens of most outputs): no structure changes.
+            return ScanState(state.frames, Scalar(scalar.kind, scalar.start, scalar.text + chunk, "", scalar.data),
+                             state.done, state.pos + len(chunk))
+        frames, done = list(state.frames), state.done
         i, n, base = 0, len(chunk), state.pos
         try:
             while i < n:
                 if scalar is not None and scalar.kind in ("str", "key") and not scalar.escape:
                     run = _PLAIN_RUN.match(chunk, i)
                     if run is not None:
-                        scalar = scalar._replace(text=scalar.text + run.group())
+                        scalar = Scalar(scalar.kind, scalar.start, scalar.text + run.group(), "", scalar.data)
                         i = run.end()
                         continue
                 ch = chunk[i]
@@ -136,7 +141,7 @@ class JsonScanner:
             if scalar.kind == "lit":
                 return self._literal_char(frames, scalar, ch, at), 1
             if ch in _NUMBER_CHARS:
-                return scalar._replace(text=scalar.text + ch), 1
+                return Scalar("num", scalar.start, scalar.text + ch, "", scalar.data), 1
             self._close(frames, scalar, at, at)
             return None, 0
         if not frames:
@@ -162,14 +167,14 @@ class JsonScanner:
             frames.pop()
             self._close(frames, top, at + 1, at)
         elif ch == '"' and phase in ("open", "key"):
-            frames[-1] = self.key_begun(top._replace(items=top.items + 1), at)
+            frames[-1] = self.key_begun(Frame("obj", phase, None, top.keys, top.items + 1, top.start, top.data), at)
             return Scalar("key", at, "", "", None)
         elif ch == "," and phase == "after":
-            frames[-1] = top._replace(phase="key", key=None)
+            frames[-1] = Frame("obj", "key", None, top.keys, top.items, top.start, top.data)
         elif ch == ":" and phase == "colon":
-            frames[-1] = top._replace(phase="value")
+            frames[-1] = Frame("obj", "value", top.key, top.keys, top.items, top.start, top.data)
         elif phase == "value":
-            frames[-1] = top._replace(phase="after")
+            frames[-1] = Frame("obj", "after", top.key, top.keys, top.items, top.start, top.data)
             return self._begin(frames, frames[-1], ch, at)
         else:
             raise NotJson(f"{ch!r} in an object ({phase})")
@@ -181,9 +186,9 @@ class JsonScanner:
             frames.pop()
             self._close(frames, top, at + 1, at)
         elif ch == "," and phase == "after":
-            frames[-1] = top._replace(phase="value")
+            frames[-1] = Frame("arr", "value", None, (), top.items, top.start, top.data)
         elif phase in ("open", "value"):
-            frames[-1] = self.item_begun(top._replace(phase="after", items=top.items + 1), ch, at)
+            frames[-1] = self.item_begun(Frame("arr", "after", None, (), top.items + 1, top.start, top.data), ch, at)
             return self._begin(frames, frames[-1], ch, at)
         else:
             raise NotJson(f"{ch!r} in an array ({phase})")
@@ -207,9 +212,11 @@ class JsonScanner:
         if ch == "\\":
             return scalar._replace(escape="\\")
         if ch != '"':
-            return scalar._replace(text=scalar.text + ch)
+            return Scalar(scalar.kind, scalar.start, scalar.text + ch, "", scalar.data)
         if scalar.kind == "key":
-            frames[-1] = self.key_closed(frames[-1]._replace(phase="colon", key=scalar.text), scalar.text, at)
+            top = frames[-1]
+            frames[-1] = self.key_closed(Frame("obj", "colon", scalar.text, top.keys, top.items, top.start, top.data),
+                                         scalar.text, at)
         else:
             self._close(frames, scalar, at + 1, at)
         return None
@@ -227,7 +234,8 @@ class JsonScanner:
         """`value` closed; `frames` holds its ancestors, the parent last."""
         parent = frames[-1] if frames else None
         if parent is not None and parent.kind == "obj" and parent.key is not None:
-            parent = parent._replace(keys=parent.keys + (parent.key,))
+            parent = Frame("obj", parent.phase, parent.key, parent.keys + (parent.key,), parent.items, parent.start,
+                           parent.data)
         updated = self.value_closed(parent, value, end, at)
         if frames and updated is not None:
             frames[-1] = updated

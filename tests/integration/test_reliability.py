@@ -330,7 +330,7 @@ def test_serve_replaces_a_replica_whose_decode_loop_is_stuck(serve_cluster):
                 status = handle.status.remote().result(timeout_s=120)
             except Exception:  # noqa: BLE001 - a call that reached the replica as Serve stopped it
                 continue
-            if status["replica_id"] != frozen:
+            if status.replica_id != frozen:
                 replaced = status
                 break
             time.sleep(0.5)
