@@ -14,21 +14,24 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
 from serve_app.cache import BoundedCache
-from serve_app.constraints import JsonSchemaConstraint, LimitsConfig, Plan
+from serve_app.config import ModelConfig
+from serve_app.constraints import AnyConstraint, JsonSchemaConstraint, LimitsConfig, Plan
 from serve_app.constraints.budget import minimum_budget
 from serve_app.constraints.checks import ValueChecks
 from serve_app.constraints.json_completion import JsonCloser
 from serve_app.constraints.keywords import VALIDATION_KEYWORDS, iter_subschemas
-from serve_app.constraints.plan import LENIENT_BACKEND
+from serve_app.constraints.plan import LENIENT_BACKEND, backend_order
 from serve_app.engine.backends import Backend, BackendContext, Matcher, backend_class
+from serve_app.engine.requests import TRANSIENT_FAILURES, Enforcement, EngineFront
 from serve_app.engine.row_closing import ShortestEncoder
 from serve_app.errors import ConstraintError, LimitExceededError, ServeAppError
+from serve_app.status import CacheStatus
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -36,6 +39,8 @@ _T = TypeVar("_T")
 # Threads that run compiles: a few at once, so a burst of new schemas cannot starve the replica.
 COMPILE_THREADS = 4
 MAX_INFLIGHT_COMPILES = 64
+# Constraints that did not compile, remembered per replica.
+MAX_CACHED_FAILURES = 1024
 
 
 @dataclass
@@ -181,3 +186,53 @@ def _no_exact_backend(failures: list[tuple[str, ServeAppError]], schema: dict[st
         f"no backend enforces this JSON Schema exactly: {where}" + "; ".join(_attempts(failures))
         + "; set strict: false to accept an approximation checked after generation",
         param="json_schema", code=first.code if first.code != "compile_timeout_s" else "unsupported")
+
+
+class CompilingFront(EngineFront):
+    """An engine front half whose constraints are compiled here (our matcher masks the tokens):
+    a bounded cache of compiled constraints, and of the constraints that failed to compile (a
+    repeated bad schema is refused without compiling again). Subclasses set `compiler`."""
+
+    compiler: ConstraintCompiler
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.cache: BoundedCache[str, CompiledConstraint] = BoundedCache(
+            config.compile_cache.max_entries, config.compile_cache.max_bytes, lambda c: c.size_bytes)
+        self.failures: BoundedCache[str, ServeAppError] = BoundedCache(MAX_CACHED_FAILURES)
+        self.failed_hits = 0
+
+    def compile(self, constraint: AnyConstraint) -> CompiledConstraint:
+        """Cached, failures included. The key is the plan's, known before planning (planning a
+        large schema is not free)."""
+        key = f"{'|'.join(backend_order(constraint, self.config.backends, self.installed))}|{constraint.cache_key()}"
+        failed = self.failures.get(key)
+        if failed is not None:
+            self.failed_hits += 1
+            raise failed
+        try:
+            return self.cache.get_or_build(key, lambda: self.compiler.compile(self.plan(constraint)))
+        except (ConstraintError, LimitExceededError) as error:
+            if error.code not in TRANSIENT_FAILURES:
+                self.failures.put(key, error)
+            raise
+
+    def enforce(self, constraint: AnyConstraint) -> Enforcement:
+        compiled = self.compile(constraint)
+        return Enforcement(compiled.plan, compiled.backend, compiled.approximated, compiled.new_matcher,
+                           compiled.closer, compiled.checks, compiled.min_tokens)
+
+    def precompile(self, constraints: Iterable[AnyConstraint]) -> None:
+        for constraint in constraints:
+            self.enforce(constraint)
+
+    def forget_refusals(self) -> None:
+        """After a reconfigure: a refusal may have come from a limit that just changed."""
+        self.failures.clear()
+        self.plans.clear()
+
+    def cache_status(self) -> CacheStatus:
+        stats = self.cache.stats
+        return CacheStatus(hits=stats.hits, misses=stats.misses, evictions=stats.evictions, entries=stats.entries,
+                           bytes=stats.bytes, compile_seconds=stats.build_seconds,
+                           failures_cached=len(self.failures), failure_hits=self.failed_hits)

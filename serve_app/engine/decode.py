@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from serve_app.engine.batch import Batch, accepts_keyword, cache_keyword, joinable_cache, preallocate
-from serve_app.engine.policies import CLOSED, RETRY, TokenStep, advance_row, constraint_bitmask, row_policies
+from serve_app.engine.checked_steps import TAKEN_BACK, advance_checked, roll_back_row
+from serve_app.engine.policies import CLOSED, TokenStep, constraint_bitmask, row_policies
 from serve_app.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache
-from serve_app.engine.sampling import next_tokens, sample_tokens, token_logprobs
+from serve_app.engine.sampling import next_tokens, token_logprobs
 from serve_app.engine.stream import Row, RowOutput, Stream
 
 logger = logging.getLogger(__name__)
@@ -309,29 +310,16 @@ class DecodeLoop:
     def _advance(self, stream: Stream, token: int | None, logprobs: torch.Tensor | None = None,
                  logits: torch.Tensor | None = None, index: int = -1) -> None:
         try:
-            while True:
-                step = TokenStep(stream, token, logprobs=logprobs)
-                verdict = advance_row(step, self.policies, self.decode_text)
-                checker = stream.row.checker
-                if checker is None or logits is None:
-                    break
-                if verdict == RETRY:
-                    refused = step.token
-                elif token is None and checker.banned(len(stream.output.token_ids)):
-                    refused = None  # checks banned everything the constraint allowed here
-                else:
-                    break
-                token = self._retry(stream, refused, logits, index)
-                if token is _TAKEN_BACK:
-                    return  # the row feeds its previous token again at the next step
-                if token is None:
-                    verdict = "length"  # the checks' budget is spent, or nothing passes: ends honestly
-                    break
+            verdict = advance_checked(TokenStep(stream, token, logprobs=logprobs), self.policies, self.decode_text,
+                                      logits, self.batch.generators[index] if index >= 0 else None,
+                                      lambda s, n: self._take_back(s, index, n))
         except Exception as error:  # one row's failure (a bug, a backend error) is that row's alone
             logger.exception("a row failed in the decode loop; the batch goes on")
             self.finished["error"] += 1
             stream.emit("error", error)
             return
+        if verdict is TAKEN_BACK:
+            return  # the row feeds its previous token again at the next step
         if verdict == CLOSED:
             stream.output.accepted = stream.output.closed_early = True
             self.closed_early += 1
@@ -339,56 +327,13 @@ class DecodeLoop:
         if verdict is not None:
             self._finish(stream, verdict)
 
-    def _retry(self, stream: Stream, refused: int | None, logits: torch.Tensor, index: int) -> Any:
-        """A check refused `refused` at the row's next position (None: every token left there is
-        refused). Ban it and sample again from the same logits, or (RowChecker.escalation) write
-        the failing value again from an earlier token, banned there; with nothing left at a
-        position, take the last token back. Never before the failing value's parent. The token,
-        _TAKEN_BACK, or None when the checks' budget is spent or nothing is left to try."""
-        row, out = stream.row, stream.output
-        checker = row.checker
-        assert checker is not None
-        position, floor = len(out.token_ids), checker.rollback_floor
-        if refused is not None:
-            if not checker.refuse(position, refused):
-                return None
-            target = checker.escalation(position)
-            if target is not None:
-                if checker.refuse(target, *checker.rewrite_bans(target, out.token_ids)) and \
-                        self._take_back(stream, index, position - target):
-                    return _TAKEN_BACK
-                checker.stats.exhausted = True
-                return None
-            logits[refused] = -torch.inf
-            if row.closer is not None:
-                row.closer.rewind(out.text)
-            if bool(torch.isfinite(logits).any()):
-                return sample_tokens(logits[None], [row], [self.batch.generators[index]])[0]
-        if position == 0 or position - 1 < floor or not checker.refuse(position - 1, out.token_ids[-1]) \
-                or not self._take_back(stream, index, 1):
-            checker.stats.exhausted = True  # no output that passes is left to search for
-            return None
-        return _TAKEN_BACK
-
     def _take_back(self, stream: Stream, index: int, tokens: int) -> bool:
-        """Undo the row's last `tokens` tokens: its matcher, scan, closer and output go back; in the
-        KV cache their columns and the one before are masked out, and the token before them is fed
-        again (at its old position) so that the next step samples the first of them anew. False
-        (nothing changed) when the matcher cannot roll back that far."""
-        row, out = stream.row, stream.output
-        if row.matcher is not None:
-            try:
-                row.matcher.rollback(tokens)
-            except Exception:  # noqa: BLE001 - a backend's bounded history: the row ends honestly instead
-                logger.warning("the matcher cannot roll back %d tokens", tokens, exc_info=True)
-                return False
-        del out.token_ids[len(out.token_ids) - tokens:]
-        del out.logprobs[len(out.token_ids):]
-        out.text = self.decode_text(out.token_ids)
-        assert row.checker is not None
-        row.checker.rewind(len(out.token_ids), out.text)
-        if row.closer is not None:
-            row.closer.rewind(out.text)
+        """Undo the row's last `tokens` tokens (checked_steps.roll_back_row); in the KV cache their
+        columns and the one before are masked out, and the token before them is fed again (at its
+        old position) so that the next step samples the first of them anew."""
+        if not roll_back_row(stream, tokens, self.decode_text):
+            logger.warning("the matcher cannot roll back %d tokens", tokens)
+            return False
         mask = self.batch.mask
         assert mask is not None
         real = mask[index].nonzero(as_tuple=True)[0]
@@ -429,10 +374,6 @@ def prefill_groups(streams: list[Stream]) -> list[list[Stream]]:
             groups.append([stream])
             tokens = length
     return groups
-
-
-# _retry's answer when it took tokens back.
-_TAKEN_BACK = object()
 
 
 def _closed_error() -> Exception:

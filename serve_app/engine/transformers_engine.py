@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from serve_app.cache import BoundedCache
 from serve_app.config import ModelConfig
-from serve_app.constraints import AnyConstraint, ChoiceConstraint, installed_backends
-from serve_app.constraints.plan import backend_order
-from serve_app.engine.compiler import CompiledConstraint, ConstraintCompiler
+from serve_app.constraints import ChoiceConstraint, installed_backends
+from serve_app.engine.compiler import CompilingFront, ConstraintCompiler
 from serve_app.engine.decode import DecodeLoop
 from serve_app.engine.loading import (
     LoadedModel,
@@ -31,29 +29,23 @@ from serve_app.engine.loading import (
 )
 from serve_app.engine.memory import gpu_memory
 from serve_app.engine.placement import GpuInfo, available_cpu_memory, plan_placement
-from serve_app.engine.requests import TRANSIENT_FAILURES, Enforcement, EngineFront, Notify, PreparedRow
+from serve_app.engine.requests import Notify, PreparedRow
 from serve_app.engine.stream import Stream
-from serve_app.errors import ConstraintError, LimitExceededError, ServeAppError
 from serve_app.generation import GenerationRequest, SamplingParams
-from serve_app.status import CacheStatus, CheckTotals, GpuMemory, QueueStatus, ReplicaStatus
+from serve_app.status import CheckTotals, GpuMemory, QueueStatus, ReplicaStatus
 
 logger = logging.getLogger(__name__)
-MAX_CACHED_FAILURES = 1024
 
 
-class TransformersEngine(EngineFront):
+class TransformersEngine(CompilingFront):
     def __init__(self, config: ModelConfig, loaded: LoadedModel) -> None:
-        super().__init__()
+        super().__init__(config)
         self.config = config
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.installed = installed_backends()
         self.compiler = ConstraintCompiler(self.model, self.tokenizer, config.limits)
-        self.cache: BoundedCache[str, CompiledConstraint] = BoundedCache(
-            config.compile_cache.max_entries, config.compile_cache.max_bytes, lambda c: c.size_bytes)
-        self.failures: BoundedCache[str, ServeAppError] = BoundedCache(MAX_CACHED_FAILURES)  # did not compile
-        self.failed_hits = 0
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.loop = DecodeLoop(self.model, self._decode, self.tokenizer.pad_token_id, self.eos_ids,
@@ -102,34 +94,9 @@ class TransformersEngine(EngineFront):
             raise ValueError("a different model or source needs new replicas, not a reconfigure")
         self.config = config
         self.compiler.limits = config.limits
-        self.failures.clear()  # a rejection may have come from a limit that just changed
-        self.plans.clear()
+        self.forget_refusals()
 
     # -- constraints ---------------------------------------------------------------------------
-
-    def compile(self, constraint: AnyConstraint) -> CompiledConstraint:
-        """Cached, failures included: a repeated bad schema is rejected without compiling again.
-        The key is the plan's, known before planning (planning a large schema is not free)."""
-        key = f"{'|'.join(backend_order(constraint, self.config.backends, self.installed))}|{constraint.cache_key()}"
-        failed = self.failures.get(key)
-        if failed is not None:
-            self.failed_hits += 1
-            raise failed
-        try:
-            return self.cache.get_or_build(key, lambda: self.compiler.compile(self.plan(constraint)))
-        except (ConstraintError, LimitExceededError) as error:
-            if error.code not in TRANSIENT_FAILURES:
-                self.failures.put(key, error)
-            raise
-
-    def enforce(self, constraint: AnyConstraint) -> Enforcement:
-        compiled = self.compile(constraint)
-        return Enforcement(compiled.plan, compiled.backend, compiled.approximated, compiled.new_matcher,
-                           compiled.closer, compiled.checks, compiled.min_tokens)
-
-    def precompile(self, constraints: Iterable[AnyConstraint]) -> None:
-        for constraint in constraints:
-            self.compile(constraint)
 
     def warmup(self) -> None:
         """Pay one-off costs (tokenizer conversion for the backend, first forward) at load."""
@@ -169,12 +136,6 @@ class TransformersEngine(EngineFront):
             mean_batch_size=round(loop.rows_stepped / loop.steps, 2) if loop.steps else None,
             prefix_cache=loop.prefixes.stats() if loop.prefixes is not None else None,
             out_of_memory=dict(loop.oom_events), gpu_memory=GpuMemory.model_validate(gpu_memory()))
-
-    def cache_status(self) -> CacheStatus:
-        stats = self.cache.stats
-        return CacheStatus(hits=stats.hits, misses=stats.misses, evictions=stats.evictions, entries=stats.entries,
-                           bytes=stats.bytes, compile_seconds=stats.build_seconds,
-                           failures_cached=len(self.failures), failure_hits=self.failed_hits)
 
 
 def torch_threads() -> int:
