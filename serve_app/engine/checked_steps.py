@@ -10,6 +10,7 @@ resubmits the prompt with the tokens kept (engine/vllm_steering.py).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -95,3 +96,12 @@ def roll_back_row(stream: Stream, tokens: int, decode: Callable[[list[int]], str
     if row.closer is not None:
         row.closer.rewind(out.text)
     return True
+
+
+def count_checks(totals: Counter[str], stream: Stream) -> None:
+    """Add a finished row's checks to an engine's totals (ReplicaStatus.checks)."""
+    checker = stream.row.checker
+    if checker is not None:
+        stats = checker.stats
+        totals.update(evaluated=stats.evaluated, violations=stats.violations, rollbacks=stats.rollbacks,
+                      exhausted=int(stats.exhausted))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from serve_app.engine.batch import Batch, accepts_keyword, cache_keyword, joinable_cache, preallocate
-from serve_app.engine.checked_steps import TAKEN_BACK, advance_checked, roll_back_row
+from serve_app.engine.checked_steps import TAKEN_BACK, advance_checked, count_checks, roll_back_row
 from serve_app.engine.policies import CLOSED, TokenStep, constraint_bitmask, row_policies
 from serve_app.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache
 from serve_app.engine.sampling import next_tokens, token_logprobs
@@ -342,11 +342,7 @@ class DecodeLoop:
         return True
 
     def _finish(self, stream: Stream, reason: str) -> None:
-        checker = stream.row.checker
-        if checker is not None:
-            stats = checker.stats
-            self.checks.update(evaluated=stats.evaluated, violations=stats.violations, rollbacks=stats.rollbacks,
-                               exhausted=int(stats.exhausted))
+        count_checks(self.checks, stream)
         self.finished[reason] += 1
         stream.output.finish_reason = reason
         stream.output.total_s = time.perf_counter() - stream.submitted_at

@@ -91,14 +91,18 @@ def choose_dtype(requested: str, gpus: Sequence[GpuInfo],
 
 def count_parameters(hf_config: PretrainedConfig) -> int:
     """Parameters of the model a config describes, counted on the meta device (no memory)."""
+    return sum(p.numel() for p in meta_model(hf_config).parameters())
+
+
+def meta_model(hf_config: PretrainedConfig) -> Any:
+    """The model a config describes on the meta device: its shapes and config, no weights."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     # A config with an auto_map came from the checkpoint's own code, which loading trusted already.
     remote = {"trust_remote_code": True} if getattr(hf_config, "auto_map", None) else {}
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(hf_config, **remote)
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(hf_config, **remote)
 
 
 def quantized_bits(hf_config: PretrainedConfig) -> float | None:

