@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -53,49 +53,93 @@ class Steering:
         self.resubmit = False  # it ends because tokens were taken back: the engine resubmits the row
 
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """The V1 runner's per-request hook (AdapterLogitsProcessor)."""
+        """The V1 runner's per-request hook (AdapterLogitsProcessor; its apply is ours, batched)."""
         return self.steer(logits, len(output_ids))
 
     def steer(self, logits: torch.Tensor, kept: int) -> torch.Tensor:
         """`logits` (one row, whose request has `kept` output tokens) left with the one token the
-        row takes next. A sample vLLM discards (a partial prefill's) sees fewer tokens kept than
-        were sent: the row does not advance on it."""
-        if self.ending or self.stream.done.is_set():
-            return _only(logits, self.eos)
-        if kept < self.sent:
-            return logits if self.pending is None else _only(logits, self.pending)
-        try:
-            if kept > self.sent:
-                raise RuntimeError(f"vLLM's request has {kept} tokens; the row gave it {self.sent}")
-            token = self._next(logits)
-        except Exception as error:  # noqa: BLE001 - this row fails alone; the batch goes on
-            self.error, self.ending, token = error, True, None
-        self.sent, self.pending = self.sent + 1, self.eos if token is None else token
-        return _only(logits, self.pending)
+        row takes next (steer_rows for one row)."""
+        steer_rows([self], [kept], logits[None])
+        return logits
 
-    def _next(self, logits: torch.Tensor) -> int | None:
-        """The token the policies settle on (None: the request ends here, on EOS)."""
+    def held(self, kept: int) -> int | None | bool:
+        """Before sampling: the token to leave without advancing the row (EOS once it ends; the
+        same token again for a sample vLLM discards, a partial prefill's, which sees fewer tokens
+        kept than were sent), False to leave the logits alone, or None: the row advances."""
+        if self.ending or self.stream.done.is_set():
+            return self.eos
+        if kept < self.sent:
+            return False if self.pending is None else self.pending
+        if kept > self.sent:
+            self._fail(RuntimeError(f"vLLM's request has {kept} tokens; the row gave it {self.sent}"))
+            return self.eos
+        return None
+
+    def settle(self, token: int | None, working: torch.Tensor, logprobs: torch.Tensor | None) -> int:
+        """The sampled token through the row's policies (working: its masked logits, for a check's
+        retry): the token vLLM takes (EOS where the request ends here)."""
         stream = self.stream
-        working = logits[: self.vocab_size].float().clone()[None]
-        bitmask = constraint_bitmask([stream], self.vocab_size)
-        [token] = next_tokens(working, [stream], bitmask, [self.generator], self.vocab_size)
-        [row_logprobs] = token_logprobs(working, [stream])
         before = len(stream.output.token_ids)
-        verdict = advance_checked(TokenStep(stream, token, logprobs=row_logprobs), self.policies, self.decode,
-                                  working[0], self.generator, self._take_back)
+        try:
+            verdict = advance_checked(TokenStep(stream, token, logprobs=logprobs), self.policies, self.decode,
+                                      working, self.generator, self._take_back)
+        except Exception as error:  # noqa: BLE001 - this row fails alone; the batch goes on
+            return self._fail(error)
         if verdict is TAKEN_BACK:
             self.ending = self.resubmit = True
-            return None
+            return self._sent(self.eos)
         if verdict == CLOSED:
             stream.output.accepted = stream.output.closed_early = True
             verdict = "stop"
         appended = stream.output.token_ids[before:]
         if verdict is not None:
             self.verdict, self.ending = verdict, True
-        return appended[-1] if appended else None
+        return self._sent(appended[-1] if appended else self.eos)
+
+    def _sent(self, token: int) -> int:
+        self.sent, self.pending = self.sent + 1, token
+        return token
+
+    def _fail(self, error: Exception) -> int:
+        self.error, self.ending = error, True
+        return self._sent(self.eos)
 
     def _take_back(self, stream: Stream, tokens: int) -> bool:
         return roll_back_row(stream, tokens, self.decode)
+
+
+def steer_rows(steerings: list[Steering], kept: list[int], logits: torch.Tensor,
+               rows: list[int] | None = None) -> None:
+    """Leave in each of `rows` of `logits` (default: all, in order) the one token its row takes
+    next, in place: the rows that advance are masked, penalised and sampled together, as our
+    decode loop does a batch, then each goes through its policies."""
+    rows = list(range(len(steerings))) if rows is None else rows
+    forced: list[tuple[int, int]] = []
+    live: list[tuple[int, Steering]] = []
+    for steering, count, row in zip(steerings, kept, rows, strict=True):
+        held = steering.held(count)
+        if held is None:
+            live.append((row, steering))
+        elif held is not False:
+            forced.append((row, int(held)))
+    if live:
+        forced += _advance(live, logits)
+    for row, token in forced:
+        _only(logits[row], token)
+
+
+def _advance(live: list[tuple[int, Steering]], logits: torch.Tensor) -> list[tuple[int, int]]:
+    vocab = live[0][1].vocab_size
+    streams = [steering.stream for _, steering in live]
+    working = logits[torch.tensor([row for row, _ in live]), :vocab].float()  # a copy
+    try:
+        tokens = next_tokens(working, streams, constraint_bitmask(streams, vocab),
+                             [steering.generator for _, steering in live], vocab)
+        logprobs = token_logprobs(working, streams)
+    except Exception as error:  # noqa: BLE001 - the batch's rows fail, vLLM's batch goes on
+        return [(row, steering._fail(error)) for row, steering in live]
+    return [(row, steering.settle(token, working[i], logprobs[i]))
+            for i, ((row, steering), token) in enumerate(zip(live, tokens, strict=True))]
 
 
 def _only(logits: torch.Tensor, token: int) -> torch.Tensor:
@@ -145,11 +189,21 @@ def _v1_processor(rows: SteeredRows) -> type[Any]:
     from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
     class ServeAppSteering(AdapterLogitsProcessor):
+        """vLLM keeps, per batch index, our Steering with a live reference to the request's output
+        ids (AdapterLogitsProcessor's bookkeeping); apply steers them all at once."""
+
         def is_argmax_invariant(self) -> bool:
             return False  # it decides the token
 
         def new_req_logits_processor(self, params: Any) -> Steering | None:
             return _steering_for(rows, params)
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            if self.req_info:
+                indices = list(self.req_info)
+                hooks = [self.req_info[i] for i in indices]  # partial(steering, output_ids)
+                steer_rows([cast(Steering, h.func) for h in hooks], [len(h.args[0]) for h in hooks], logits, indices)
+            return logits
 
     return ServeAppSteering
 
@@ -175,12 +229,16 @@ def _v2_processor(rows: SteeredRows) -> type[Any]:
         def apply(self, logits: torch.Tensor, ctx: Any) -> torch.Tensor:
             if not self.slots:
                 return logits
-            slots, positions = ctx.expanded_idx_mapping.tolist(), ctx.pos.tolist()
-            for row, slot in enumerate(slots):
+            picked, steerings, kept = [], [], []
+            for row, (slot, position) in enumerate(zip(ctx.expanded_idx_mapping.tolist(), ctx.pos.tolist(),
+                                                       strict=True)):
                 entry = self.slots.get(slot)
                 if entry is not None:
-                    steering, prompt = entry
-                    steering.steer(logits[row], positions[row] + 1 - prompt)
+                    picked.append(row)
+                    steerings.append(entry[0])
+                    kept.append(position + 1 - entry[1])
+            if picked:
+                steer_rows(steerings, kept, logits, picked)
             return logits
 
     return ServeAppSteeringV2

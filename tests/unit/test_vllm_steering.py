@@ -117,3 +117,33 @@ def test_the_v2_processor_steers_its_slots_by_position_and_leaves_other_rows(tin
     assert processor.add_request(3, SimpleNamespace(extra_args={})) is False  # the slot recycled
     processor.apply(logits, ctx)
     assert len(stream.output.token_ids) == 1
+
+
+def test_the_v1_processor_steers_its_rows_together_as_each_would_be_alone(tiny_engine):
+    pytest.importorskip("vllm")
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    schemas = [UNIQUE, STORY, UNIQUE]
+    rows, batch, alone = SteeredRows(), [], []
+    for i, schema in enumerate(schemas):
+        stream, steering, eos = steered(tiny_engine, schema, seed=i)
+        rows.add(f"r{i}", steering)
+        batch.append((stream, steering))
+        alone.append(steered(tiny_engine, schema, seed=i))
+    processor = steering_processor(rows)(None, torch.device("cpu"), False)
+    outputs = [[] for _ in schemas]
+    added = [(i + 1, SimpleNamespace(extra_args={ROW_KEY: f"r{i}"}), None, outputs[i]) for i in range(3)]
+    added.append((0, SimpleNamespace(extra_args=None), None, []))  # an unsteered row at index 0
+    processor.update_state(BatchUpdate(batch_size=4, removed=[], added=added, moved=[]))
+    for _ in range(6):
+        logits = torch.stack([logits_after(tiny_engine, s.context_ids()) for s, _ in [batch[0]] + batch])
+        plain = logits[0].clone()
+        processor.apply(logits)
+        assert torch.equal(logits[0], plain)
+        for i in range(len(batch)):
+            [token] = torch.isfinite(logits[i + 1]).nonzero().flatten().tolist()
+            outputs[i].append(token)
+            solo_stream, solo, _ = alone[i]
+            solo.steer(logits_after(tiny_engine, solo_stream.context_ids()), len(solo_stream.output.token_ids))
+    for (stream, _), (solo_stream, _, _) in zip(batch, alone, strict=True):
+        assert stream.output.token_ids == solo_stream.output.token_ids and stream.output.token_ids
