@@ -335,7 +335,9 @@ class VllmEngine(CompilingFront):
             self._drop(request_id)
             self.finished["error"] += 1
             stream.emit("error", steering.error)
-        elif steering.resubmit and not stream.cancelled.is_set():
+        elif stream.cancelled.is_set() and steering.verdict is None:
+            self._finish(request_id, stream, "cancelled")
+        elif steering.resubmit:
             self._resubmit(request_id, stream, steering)
         else:
             vllm_reason = _FINISH.get(output.outputs[0].finish_reason or "", "stop") if output.finished else "stop"
