@@ -413,3 +413,53 @@ def test_ray_metrics_count_every_request_once_whatever_router_served_it(serve_cl
         assert queried <= set(seen), sorted(queried - set(seen))
     finally:
         serve.delete("metered")
+
+
+# -- the replica registry --------------------------------------------------------------------------
+
+
+def test_a_registry_call_cancelled_before_it_was_sent_leaves_later_calls_answering(serve_cluster):
+    """A /readyz whose client goes away cancels its registry call; if that call was still waiting
+    to be sent, an actor that keeps its callers' order waited for it and every later /readyz hung
+    (seen: `make serve` never became ready). Here the wait is an argument not yet computed."""
+    import ray
+
+    from serve_app.registry import get_registry
+
+    @ray.remote(num_cpus=0)
+    class Gate:
+        def __init__(self) -> None:
+            import asyncio
+            self.opened = asyncio.Event()
+
+        async def wait(self) -> dict:
+            await self.opened.wait()
+            return {"app": "registry-test"}
+
+        async def open(self) -> None:
+            self.opened.set()
+
+    registry, gate = get_registry(), Gate.remote()
+    ray.get(registry.live.remote("registry-test"))
+    cancelled = registry.report.remote("never-sent", gate.wait.remote())
+    ray.cancel(cancelled)
+    try:
+        for _ in range(3):  # unordered: milliseconds; ordered, each waited for the cancelled call
+            assert ray.get(registry.live.remote("registry-test"), timeout=20) == []
+    finally:
+        ray.get(gate.open.remote())
+
+
+def test_a_heartbeat_that_overtakes_its_replicas_removal_does_not_bring_it_back(serve_cluster):
+    import ray
+
+    from serve_app.registry import get_registry
+
+    registry = get_registry()
+    ray.get(registry.remove.remote("gone-replica"))
+    ray.get(registry.report.remote("gone-replica", {"app": "registry-test"}))
+    ray.get(registry.report.remote("other-replica", {"app": "registry-test"}))
+    live = ray.get(registry.live.remote("registry-test"))
+    assert [entry.get("app") for entry in live] == ["registry-test"]
+    ray.get(registry.remove.remote("other-replica"))
+    assert ray.get(registry.live.remote("registry-test")) == []
