@@ -17,7 +17,9 @@ cascade accepts through the running service (default model, greedy, closing on) 
 outputs that validate with jsonschema.
 
 Reads bench/data/schema_corpus.json (see schema_corpus.md; not in git), or any corpus in that
-format with --corpus; writes bench/out/schema_coverage.json.
+format with --corpus, such as bench/data/keyword_sample.json (in git: 30 hand-written schemas
+using the keywords checked while generating, the sample docs/benchmarks.md compares the engines
+on); writes bench/out/schema_coverage.json.
 """
 
 from __future__ import annotations
