@@ -12,6 +12,7 @@ from typing import Any
 from serve_app.config import ModelConfig
 from serve_app.engine.attention import use_packed_decode_attention
 from serve_app.engine.placement import PlacementPlan, available_cpu_memory, plan_placement
+from serve_app.engine.prepack import prepack_linears
 from serve_app.errors import ModelLoadError
 from serve_app.models import BUILTIN_PREFIX, prepare
 
@@ -148,6 +149,8 @@ def _from_pretrained(source: ModelSource, plan: PlacementPlan, model_cfg: ModelC
         **extra,
     )
     use_packed_decode_attention(model)  # the decode step without repeat_kv (engine/attention.py)
+    if plan.device == "cpu" and (model_cfg is None or model_cfg.loading.prepack_weights):
+        prepack_linears(model)  # oneDNN's layout once, not at every matmul (engine/prepack.py)
     return model.eval()
 
 
