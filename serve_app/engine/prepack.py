@@ -71,8 +71,8 @@ def _probe(linear: torch.nn.Linear) -> bool:
     except (RuntimeError, AttributeError) as error:
         logger.info("linear layers stay unpacked: oneDNN's packed linear is unavailable here (%s)", error)
         return False
-    error = float((got - expected).norm() / expected.norm().clamp(min=1e-6))
-    if error > PROBE_TOLERANCE:
-        logger.warning("linear layers stay unpacked: oneDNN's packed result is off by %.3g", error)
+    relative = float((got - expected).norm() / expected.norm().clamp(min=1e-6))
+    if relative > PROBE_TOLERANCE:
+        logger.warning("linear layers stay unpacked: oneDNN's packed result is off by %.3g", relative)
         return False
     return True
