@@ -203,6 +203,10 @@ class ModelConfig(_Strict):
     prefix_cache_bytes: int = Field(
         128 * 1024 * 1024, ge=0, description="KV cache of recent prompts kept on the model's device, so a prompt "
         "that starts like one of them is prefilled from where they differ (0 = off)")
+    jump_forward: int = Field(
+        8, ge=0, le=64, description="engine: transformers: tokens the grammar forces (keys, punctuation, enum "
+        "tails) are appended without sampling, and up to this many of a row's tokens go through one forward pass "
+        "(0 = off: every token sampled)")
     health: HealthConfig = HealthConfig()
     strict_by_default: bool = Field(
         True, description="a json_schema (or a tool) that leaves `strict` out is enforced exactly; false follows "

@@ -70,6 +70,7 @@ class ReplicaStatus(_Status):
     queue: QueueStatus = QueueStatus()
     finished: dict[str, int] = Field(default_factory=dict)  # rows by finish reason
     closed_early: int = 0
+    forced_tokens: int = 0  # appended by jump-forward (engine: transformers), not sampled
     checks: CheckTotals = CheckTotals()
     decode_steps: int = 0
     mean_batch_size: float | None = None

@@ -25,7 +25,8 @@ import torch
 
 from serve_app.engine.batch import Batch, accepts_keyword, cache_keyword, joinable_cache, preallocate
 from serve_app.engine.checked_steps import TAKEN_BACK, advance_checked, count_checks, roll_back_row
-from serve_app.engine.policies import CLOSED, TokenStep, constraint_bitmask, row_policies
+from serve_app.engine.jump_forward import block, feed_width, forced_tokens, uncached
+from serve_app.engine.policies import CLOSED, TokenStep, advance_row, constraint_bitmask, row_policies
 from serve_app.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache
 from serve_app.engine.sampling import next_tokens, token_logprobs
 from serve_app.engine.stream import Row, RowOutput, Stream
@@ -41,7 +42,8 @@ class DecodeLoop:
     """Runs in one background thread per engine; `submit` is thread-safe."""
 
     def __init__(self, model: Any, decode_text: Callable[[list[int]], str], pad_id: int, eos_ids: set[int],
-                 vocab_size: int, max_batch_size: Callable[[], int], prefix_cache_bytes: int = 0) -> None:
+                 vocab_size: int, max_batch_size: Callable[[], int], prefix_cache_bytes: int = 0,
+                 jump_forward: int = 0) -> None:
         self.model = model
         self.decode_text = decode_text
         self.pad_id = pad_id
@@ -50,6 +52,9 @@ class DecodeLoop:
         self.max_batch_size = max_batch_size
         self.cache_kw = cache_keyword(model)
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        # Grammar-forced tokens: appended without sampling, at most this many fed per row and
+        # forward pass (jump_forward.py); 0 = off.
+        self.jump_forward = jump_forward
         # A prefill needs the logits of the last position only; the rest would cost a full
         # vocabulary projection per prompt token.
         self.last_logits_only = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
@@ -75,6 +80,7 @@ class DecodeLoop:
         self.prefills = 0  # forward passes that prefilled newly admitted rows
         self.finished: Counter[str] = Counter()  # rows by finish reason
         self.closed_early = 0  # rows the closer finished before their budget ran out
+        self.forced_tokens = 0  # tokens appended because the grammar forced them, not sampled
         self.checks: Counter[str] = Counter()  # checked keywords: values evaluated, violations, rollbacks, exhausted
         self.progress_at = time.monotonic()  # the last time the loop went round (health: stalled_for)
         self.admitting = 0  # rows taken from the queue and being prefilled, not yet in the batch
@@ -244,7 +250,7 @@ class DecodeLoop:
         self.batch.merge(group, cache, mask)
         logits = out.logits[:, -1, :].float()
         bitmask = constraint_bitmask(group, self.vocab_size)
-        self._sample_and_advance(logits, bitmask, range(first, first + len(group)))
+        self._sample_and_advance(logits, bitmask, list(range(first, first + len(group))))
 
     def _prefix_cache(self, hit: tuple[tuple[int, ...], int], rows: int) -> Any:
         """A cache holding the prefix for `rows` rows; None (and the prefix cache off) where this
@@ -275,34 +281,39 @@ class DecodeLoop:
     def _step(self) -> None:
         batch = self.batch
         assert batch.mask is not None
-        # The last token of each row's context (a prompt token again where a check took all the output back).
-        tokens = torch.tensor([s.output.token_ids[-1] if s.output.token_ids else s.row.prompt_ids[-1]
-                               for s in batch.streams], dtype=torch.long)
-        # The masks for this step depend only on the tokens already sampled: compute them while
+        # Each row's context not yet in the KV cache: its last token; more after a jump-forward; a
+        # prompt token again where a check took all the output back.
+        tails = [uncached(s, p) for s, p in zip(batch.streams, batch.positions, strict=True)]
+        width = feed_width([len(t) for t in tails], self.jump_forward)
+        ids, columns, positions, fed = block(tails, width, batch.positions, self.pad_id)
+        sampling = [i for i, tail in enumerate(tails) if len(tail) <= width]  # the others have tokens left to feed
+        # The masks for this step depend only on the tokens already appended: compute them while
         # the model runs.
-        pending = self._masker.submit(constraint_bitmask, list(batch.streams), self.vocab_size)
-        batch.mask = torch.cat([batch.mask, torch.ones((len(batch), 1), dtype=batch.mask.dtype,
-                                                        device=batch.mask.device)], dim=1)
-        positions = torch.tensor(batch.positions, dtype=torch.long)[:, None].to(self.device)
-        out = self._forward(input_ids=tokens[:, None].to(self.device), attention_mask=batch.mask,
-                            position_ids=positions, use_cache=True, **{self.cache_kw: batch.cache})
+        pending = self._masker.submit(constraint_bitmask, [batch.streams[i] for i in sampling], self.vocab_size)
+        batch.mask = torch.cat([batch.mask, columns.to(batch.mask.device)], dim=1)
+        out = self._forward(input_ids=ids.to(self.device), attention_mask=batch.mask,
+                            position_ids=positions.to(self.device), use_cache=True, **self.last_logits_only,
+                            **{self.cache_kw: batch.cache})
         batch.cache = out[self.cache_kw]
-        batch.positions = [p + 1 for p in batch.positions]
+        batch.positions = [p + n for p, n in zip(batch.positions, fed, strict=True)]
         self.steps += 1
         self.rows_stepped += len(batch)
-        self._sample_and_advance(out.logits[:, -1, :].float(), pending.result(), range(len(batch)))
+        bitmask = pending.result()
+        if sampling:
+            self._sample_and_advance(out.logits[sampling, -1, :].float(), bitmask, sampling)
 
     def _forward(self, **inputs: Any) -> Any:
         if self.fault_injector is not None:
             self.fault_injector(int(inputs["input_ids"].shape[0]))
         return self.model(**inputs)
 
-    def _sample_and_advance(self, logits: torch.Tensor, bitmask: torch.Tensor | None, rows: range) -> None:
-        streams = self.batch.streams[rows.start:rows.stop]
-        tokens = next_tokens(logits, streams, bitmask, self.batch.generators[rows.start:rows.stop], self.vocab_size)
+    def _sample_and_advance(self, logits: torch.Tensor, bitmask: torch.Tensor | None, rows: list[int]) -> None:
+        """Sample the next token of the batch's `rows` (logits[j] and bitmask[j] are rows[j]'s)."""
+        streams = [self.batch.streams[i] for i in rows]
+        tokens = next_tokens(logits, streams, bitmask, [self.batch.generators[i] for i in rows], self.vocab_size)
         logprobs = token_logprobs(logits, streams)
-        for i, (stream, token, row_logprobs) in enumerate(zip(streams, tokens, logprobs, strict=True)):
-            self._advance(stream, token, row_logprobs, logits[i], rows.start + i)
+        for j, (stream, token, row_logprobs) in enumerate(zip(streams, tokens, logprobs, strict=True)):
+            self._advance(stream, token, row_logprobs, logits[j], rows[j])
         keep = [i for i, s in enumerate(self.batch.streams) if not s.done.is_set()]
         if len(keep) != len(self.batch):
             self.batch.keep(keep)
@@ -313,6 +324,8 @@ class DecodeLoop:
             verdict = advance_checked(TokenStep(stream, token, logprobs=logprobs), self.policies, self.decode_text,
                                       logits, self.batch.generators[index] if index >= 0 else None,
                                       lambda s, n: self._take_back(s, index, n))
+            if verdict is None and self.jump_forward:
+                verdict = self._jump(stream)
         except Exception as error:  # one row's failure (a bug, a backend error) is that row's alone
             logger.exception("a row failed in the decode loop; the batch goes on")
             self.finished["error"] += 1
@@ -326,6 +339,20 @@ class DecodeLoop:
             verdict = "stop"
         if verdict is not None:
             self._finish(stream, verdict)
+
+    def _jump(self, stream: Stream) -> str | None:
+        """Append the tokens the row's grammar forces after its sampled token, each through the
+        row's policies; the chain stops where a policy ends the row or writes another token."""
+        for token in forced_tokens(stream, MAX_FORCED_PER_TOKEN):
+            before = len(stream.output.token_ids)
+            step = TokenStep(stream, token)
+            try:
+                verdict = advance_row(step, self.policies, self.decode_text)
+            finally:
+                self.forced_tokens += len(stream.output.token_ids) - before
+            if verdict is not None or step.token != token:
+                return verdict
+        return None
 
     def _take_back(self, stream: Stream, index: int, tokens: int) -> bool:
         """Undo the row's last `tokens` tokens (checked_steps.roll_back_row); in the KV cache their
@@ -349,6 +376,9 @@ class DecodeLoop:
         stream.emit_text(final=True)
         stream.emit("done", stream.output)
 
+
+# Forced tokens appended after one sampled token, at most (a long `const` is fed over several steps).
+MAX_FORCED_PER_TOKEN = 256
 
 # A prefill left-pads its rows to the longest; padding beyond this share of the real tokens costs
 # more than the extra forward pass that prefilling the rows apart would.

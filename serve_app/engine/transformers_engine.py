@@ -50,7 +50,7 @@ class TransformersEngine(CompilingFront):
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.loop = DecodeLoop(self.model, self._decode, self.tokenizer.pad_token_id, self.eos_ids,
                                self.compiler.vocab_size, lambda: max(1, self.loaded.plan.max_batch_size),
-                               prefix_cache_bytes=config.prefix_cache_bytes)
+                               prefix_cache_bytes=config.prefix_cache_bytes, jump_forward=config.jump_forward)
         self.loop.on_oom = lambda: move_to_cpu(self.loaded, self.config, "out of memory during generation")
 
     @classmethod
@@ -131,7 +131,8 @@ class TransformersEngine(CompilingFront):
             torch_threads=torch_threads(), max_batch_size=loop.capacity(), fell_back_to_cpu=loaded.fell_back,
             fallback_reason=loaded.fallback_reason, load_seconds=round(loaded.load_seconds, 3),
             compile_cache=self.cache_status(), queue=QueueStatus(waiting=waiting, running=running),
-            finished=dict(loop.finished), closed_early=loop.closed_early, checks=CheckTotals(**loop.checks),
+            finished=dict(loop.finished), closed_early=loop.closed_early, forced_tokens=loop.forced_tokens,
+            checks=CheckTotals(**loop.checks),
             decode_steps=loop.steps, prefills=loop.prefills,
             mean_batch_size=round(loop.rows_stepped / loop.steps, 2) if loop.steps else None,
             prefix_cache=loop.prefixes.stats() if loop.prefixes is not None else None,

@@ -39,6 +39,9 @@ class Matcher(Protocol):
     def is_terminated(self) -> bool:
         """Whether the constraint allows nothing more."""
 
+    # Optional: `forced_tokens() -> list[int]`, the tokens every continuation starts with (the
+    # decode loop's jump-forward; engine/jump_forward.py). llguidance has it.
+
     def rollback(self, tokens: int) -> None:
         """Undo the last `tokens` advances."""
 

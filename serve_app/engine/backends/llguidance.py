@@ -43,6 +43,11 @@ class LLGuidanceMatcher:
     def rollback(self, tokens: int) -> None:
         self.matcher.rollback(tokens)
 
+    def forced_tokens(self) -> list[int]:
+        """The tokens every continuation starts with (llguidance trims where the tokenization of
+        what follows could differ)."""
+        return list(self.matcher.compute_ff_tokens())
+
 
 class LLGuidanceBackend(Backend):
     name = "llguidance"
