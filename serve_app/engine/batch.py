@@ -65,6 +65,9 @@ class Batch:
         start = int((self.mask.sum(0) > 0).nonzero()[0])
         self.mask = self.mask[:, start:]
         for layer in getattr(self.cache, "layers", []):
+            if isinstance(layer, GrowableLayer):
+                layer.keep_rows(indices, start)
+                continue
             layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[:, :, start:]
             layer.values = layer.values.index_select(0, index.to(layer.values.device))[:, :, start:]
         self.streams = [self.streams[i] for i in indices]
@@ -99,12 +102,14 @@ def preallocate(cache: Any) -> None:
 
 class GrowableLayer(DynamicLayer):
     """A DynamicLayer whose keys and values are views of buffers with room to grow: a decode
-    step writes its column in place. Assigning `keys`/`values` (as Batch.merge and Batch.keep
-    do) copies into a fresh buffer with spare room."""
+    step writes its column in place, and dropping rows or leading columns (`keep_rows`) moves
+    only the rows after the first one dropped. Assigning `keys`/`values` (as Batch.merge does)
+    copies into a fresh buffer with spare room."""
 
     def __init__(self) -> None:
         self._bufs: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
         self._lengths = {"keys": 0, "values": 0}
+        self._starts = {"keys": 0, "values": 0}  # leading columns dropped, still in the buffer
         super().__init__()
 
     @classmethod
@@ -116,9 +121,10 @@ class GrowableLayer(DynamicLayer):
 
     def _get(self, name: str) -> torch.Tensor | None:
         buf = self._bufs[name]
-        return None if buf is None else buf[:, :, :self._lengths[name]]
+        return None if buf is None else buf[:, :, self._starts[name]:self._lengths[name]]
 
     def _set(self, name: str, tensor: torch.Tensor | None) -> None:
+        self._starts[name] = 0
         if tensor is None or tensor.dim() != 4:  # reset, or lazy initialisation's empty tensor
             self._bufs[name], self._lengths[name] = None, 0
             return
@@ -126,6 +132,20 @@ class GrowableLayer(DynamicLayer):
         buf = tensor.new_empty((*tensor.shape[:2], length + _spare(length), tensor.shape[3]))
         buf[:, :, :length] = tensor
         self._bufs[name], self._lengths[name] = buf, length
+
+    def keep_rows(self, indices: list[int], start: int) -> None:
+        """Keep rows `indices` (ascending) and the columns from `start` on, in place."""
+        moved = next((j for j, i in enumerate(indices) if i != j), len(indices))
+        for name in ("keys", "values"):
+            buf = self._bufs[name]
+            if buf is None:
+                continue
+            first, end = self._starts[name], self._lengths[name]
+            if moved < len(indices):
+                rows = torch.tensor(indices[moved:], device=buf.device)
+                buf[moved:len(indices), :, first:end] = buf[:, :, first:end].index_select(0, rows)
+            self._bufs[name] = buf[:len(indices)]
+            self._starts[name] = first + start
 
     keys = property(lambda self: self._get("keys"), lambda self, t: self._set("keys", t))
     values = property(lambda self: self._get("values"), lambda self, t: self._set("values", t))
@@ -140,10 +160,13 @@ class GrowableLayer(DynamicLayer):
                 self._set(name, new)
                 continue
             end = start + new.shape[2]
-            if end > buf.shape[2]:  # full: move into a larger buffer
+            if end > buf.shape[2]:  # full: move into a larger buffer, without the dropped columns
+                first = self._starts[name]
+                start, end = start - first, end - first
                 grown = buf.new_empty((*buf.shape[:2], end + _spare(end), buf.shape[3]))
-                grown[:, :, :start] = buf[:, :, :start]
+                grown[:, :, :start] = buf[:, :, first:first + start]
                 self._bufs[name] = buf = grown
+                self._starts[name] = 0
             buf[:, :, start:end] = new
             self._lengths[name] = end
         return self.keys, self.values

@@ -29,6 +29,23 @@ def test_a_growable_layer_holds_what_a_dynamic_layer_holds_through_growth_and_re
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+def test_keeping_rows_in_place_holds_what_index_select_holds_through_later_growth():
+    torch.manual_seed(1)
+    plain = DynamicLayer()
+    plain.update(torch.randn(5, 2, 6, 4), torch.randn(5, 2, 6, 4))
+    grown = GrowableLayer.from_layer(plain)
+    for keep, start in (([0, 1, 2, 3, 4], 0), ([0, 2, 3, 4], 2), ([1, 3], 3), ([0, 1], 0), ([1], 1)):
+        plain.keys = plain.keys.index_select(0, torch.tensor(keep))[:, :, start:]
+        plain.values = plain.values.index_select(0, torch.tensor(keep))[:, :, start:]
+        grown.keep_rows(keep, start)
+        assert torch.equal(grown.keys, plain.keys) and torch.equal(grown.values, plain.values)
+        for _ in range(40):  # past the spare room: growth copies from the kept columns on
+            k, v = torch.randn(len(keep), 2, 1, 4), torch.randn(len(keep), 2, 1, 4)
+            expected, got = plain.update(k, v), grown.update(k, v)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+            assert grown.get_seq_length() == plain.get_seq_length()
+
+
 def test_a_cache_of_growable_layers_still_takes_new_rows():
     class Cache:
         layers = [GrowableLayer()]
