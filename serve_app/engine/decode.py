@@ -220,24 +220,18 @@ class DecodeLoop:
             if stream.output.queue_s is None:
                 stream.output.queue_s = now - stream.submitted_at
         contexts = [s.context_ids() for s in group]
-        hit = self.prefixes.find(contexts) if self.prefixes is not None and self.joinable else None
         extra: dict[str, Any] = dict(self.last_logits_only)
-        if hit is not None:  # the shared prefix comes from the cache
-            extra[self.cache_kw] = self._prefix_cache(hit, len(group))
-            if extra[self.cache_kw] is None:
-                hit = None
-                del extra[self.cache_kw]
-        reused = hit[1] if hit is not None else 0
-        tails = [c[reused:] for c in contexts]
+        reused, prefix_mask = self._reuse_prefixes(contexts, extra)
+        tails = [c[r:] for c, r in zip(contexts, reused, strict=True)]
         width = max(len(t) for t in tails)
         ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         for i, tail in enumerate(tails):
             ids[i, width - len(tail):] = torch.tensor(tail, dtype=torch.long)
             mask[i, width - len(tail):] = 1
-        positions = reused + (mask.cumsum(-1) - 1).clamp(min=0)
-        if reused:  # the cached prefix's columns are real tokens
-            mask = torch.cat([torch.ones((len(group), reused), dtype=torch.long), mask], dim=1)
+        positions = torch.tensor(reused, dtype=torch.long)[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
+        if prefix_mask is not None:  # each row's cached prefix, left-padded to the longest
+            mask = torch.cat([prefix_mask, mask], dim=1)
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         self.prefills += 1
@@ -252,14 +246,35 @@ class DecodeLoop:
         bitmask = constraint_bitmask(group, self.vocab_size)
         self._sample_and_advance(logits, bitmask, list(range(first, first + len(group))))
 
-    def _prefix_cache(self, hit: tuple[tuple[int, ...], int], rows: int) -> Any:
-        """A cache holding the prefix for `rows` rows; None (and the prefix cache off) where this
-        transformers cannot build one from tensors."""
+    def _reuse_prefixes(self, contexts: list[list[int]], extra: dict[str, Any]) -> tuple[list[int], Any]:
+        """Each row's longest cached prefix: how many tokens each reuses, and the mask of the
+        prefix columns (None where nothing is reused); their cache goes into `extra`."""
+        none: tuple[list[int], Any] = ([0] * len(contexts), None)
+        if self.prefixes is None or not self.joinable:
+            return none
+        hits = self.prefixes.find_each(contexts)
+        if all(hit is None for hit in hits):
+            return none
+        cache = self._prefix_cache(hits)
+        if cache is None:
+            return none
+        extra[self.cache_kw] = cache
+        reused = [hit[1] if hit is not None else 0 for hit in hits]
+        width = max(reused)
+        mask = torch.zeros((len(contexts), width), dtype=torch.long)
+        for i, length in enumerate(reused):
+            if length:
+                mask[i, width - length:] = 1
+        return reused, mask
+
+    def _prefix_cache(self, hits: list[tuple[tuple[int, ...], int] | None]) -> Any:
+        """A cache holding each row's prefix (left-padded); None (and the prefix cache off) where
+        this transformers cannot build one from tensors."""
         assert self.prefixes is not None
         try:
             from transformers import DynamicCache
 
-            return DynamicCache(self.prefixes.layers(hit[0], hit[1], rows), config=self.model.config)
+            return DynamicCache(self.prefixes.rows(hits), config=self.model.config)
         except Exception:  # noqa: BLE001 - an older cache API: prefill in full from now on
             logger.warning("the prefix cache is off: this transformers cannot build a cache from tensors",
                            exc_info=True)
@@ -267,11 +282,11 @@ class DecodeLoop:
             return None
 
     def _remember_prompts(self, group: list[Stream], contexts: list[list[int]], cache: Any, mask: torch.Tensor,
-                          reused: int) -> None:
+                          reused: list[int]) -> None:
         """Keep the KV cache of prompts seen for the first time (not of resumed rows)."""
         assert self.prefixes is not None
         for i, (stream, context) in enumerate(zip(group, contexts, strict=True)):
-            if stream.output.token_ids or len(context) - reused < MIN_PREFIX_TOKENS:
+            if stream.output.token_ids or len(context) - reused[i] < MIN_PREFIX_TOKENS:
                 continue
             columns = mask[i].nonzero(as_tuple=True)[0]
             self.prefixes.add(context, [(layer.keys[i:i + 1].index_select(2, columns),

@@ -1,6 +1,7 @@
 """Prompt prefixes seen before, with their KV cache: a new row whose prompt starts the same way
 (a chat template's system prompt, a shared instruction, the same conversation one turn later) is
-prefilled from where the shared part ends. Bounded in bytes, least recently used evicted first.
+prefilled from where the shared part ends; each row of a prefill finds its own entry. Bounded in
+bytes, least recently used evicted first.
 
 Keys and values are stored per layer as [1, heads, tokens, head_dim], after rotary embedding at
 positions 0..n-1: a prefix's cache does not depend on what follows it, nor on the column it
@@ -22,6 +23,7 @@ MIN_PREFIX_TOKENS = 16
 MAX_PREFIXES = 256
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
+Hit = tuple[tuple[int, ...], int] | None  # (an entry's key, tokens of it reused)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -47,16 +49,15 @@ class PrefixCache:
         self.entries: BoundedCache[tuple[int, ...], Layers] = BoundedCache(MAX_PREFIXES, max_bytes, layers_bytes)
         self.tokens_reused = 0
 
-    def find(self, contexts: Sequence[list[int]]) -> tuple[tuple[int, ...], int] | None:
-        """The entry sharing the longest prefix with every context, and that length; each
-        context keeps at least one token to prefill (its logits are needed)."""
-        if not len(self.entries) or not contexts:
+    def find(self, context: Sequence[int]) -> Hit:
+        """The entry sharing the longest prefix with the context, and that length; the context
+        keeps at least one token to prefill (its logits are needed)."""
+        if not len(self.entries):
             return None
-        shortest = min(len(c) for c in contexts) - 1
-        tokens = [tuple(c) for c in contexts]
-        best: tuple[tuple[int, ...], int] | None = None
+        tokens, longest = tuple(context), len(context) - 1
+        best: Hit = None
         for key in reversed(list(self.entries)):  # most recent first
-            length = min(shortest, *(common_prefix(key, c) for c in tokens))
+            length = min(longest, common_prefix(key, tokens))
             if length >= MIN_PREFIX_TOKENS and (best is None or length > best[1]):
                 best = (key, length)
         stats = self.entries.stats
@@ -65,15 +66,29 @@ class PrefixCache:
             return None
         self.entries.touch(best[0])
         stats.hits += 1
-        self.tokens_reused += best[1] * len(contexts)
+        self.tokens_reused += best[1]
         return best
 
-    def layers(self, key: tuple[int, ...], length: int, rows: int) -> Layers:
-        """The entry's first `length` tokens, for `rows` rows."""
-        found = self.entries.peek(key)
-        assert found is not None, "a prefix found is used before anything else is added"
-        return [(k[:, :, :length].expand(rows, -1, -1, -1).contiguous(),
-                 v[:, :, :length].expand(rows, -1, -1, -1).contiguous()) for k, v in found]
+    def find_each(self, contexts: Sequence[Sequence[int]]) -> list[Hit]:
+        """`find` for each row of a prefill: rows with different prompts reuse different entries."""
+        return [self.find(context) for context in contexts]
+
+    def rows(self, hits: Sequence[Hit]) -> Layers:
+        """Per layer, each hit's first tokens as one row, left-padded (zeros) to the longest; a
+        row without a hit is all padding."""
+        width = max(hit[1] if hit is not None else 0 for hit in hits)
+        found = [(self.entries.peek(hit[0]), hit[1]) if hit is not None else (None, 0) for hit in hits]
+        sample = next(layers for layers, _ in found if layers is not None)
+        out: Layers = []
+        for index, (k0, v0) in enumerate(sample):
+            keys = k0.new_zeros((len(hits), k0.shape[1], width, k0.shape[3]))
+            values = v0.new_zeros((len(hits), v0.shape[1], width, v0.shape[3]))
+            for row, (layers, length) in enumerate(found):
+                if layers is not None and length:
+                    keys[row, :, width - length:] = layers[index][0][0, :, :length]
+                    values[row, :, width - length:] = layers[index][1][0, :, :length]
+            out.append((keys, values))
+        return out
 
     def add(self, tokens: list[int], layers: Layers) -> None:
         key = tuple(tokens)

@@ -84,16 +84,19 @@ def test_common_prefix_and_the_prefix_cache_bounds():
     cache.add(first, [layer])
     cache.add(list(range(MIN_PREFIX_TOKENS - 1)), [layer])  # too short to be worth it
     assert len(cache.entries) == 1
-    # Every context must share the prefix, and each keeps at least one token to prefill.
-    assert cache.find([first[:30] + [7], first[:25] + [8, 9]]) == (tuple(first), 25)
-    assert cache.find([first]) == (tuple(first), 39)
-    assert cache.find([first[:10] + [1] * 30]) is None  # under MIN_PREFIX_TOKENS shared
-    reused = cache.layers(tuple(first), 25, rows=3)
-    assert reused[0][0].shape == (3, 2, 25, 4)
-    cache.add(second, [layer])
+    # Each context keeps at least one token to prefill.
+    assert cache.find(first[:25] + [8, 9]) == (tuple(first), 25)
+    assert cache.find(first) == (tuple(first), 39)
+    assert cache.find(first[:10] + [1] * 30) is None  # under MIN_PREFIX_TOKENS shared
+    cache.add(second, [(torch.ones(1, 2, 40, 4), torch.ones(1, 2, 40, 4))])
+    hits = cache.find_each([first[:25] + [8], [5] * 30, second[:30] + [1]])  # each row its own entry
+    assert hits == [(tuple(first), 25), None, (tuple(second), 30)]
+    [(keys, values)] = cache.rows(hits)  # left-padded to the longest; a row without a hit is padding
+    assert keys.shape == (3, 2, 30, 4) and values.shape == (3, 2, 30, 4)
+    assert keys[2].eq(1).all() and keys[1].eq(0).all() and keys[0, :, :5].eq(0).all()
     cache.add(third, [layer])  # over the byte bound: the least recently used goes
     assert list(cache.entries) == [tuple(second), tuple(third)] and cache.stats()["bytes"] == 2 * size
-    assert cache.stats()["hits"] == 2 and cache.stats()["tokens_reused"] == 2 * 25 + 39
+    assert cache.stats()["hits"] == 4 and cache.stats()["tokens_reused"] == 2 * 25 + 39 + 30
 
 
 def test_prompts_that_share_a_prefix_generate_what_they_generate_without_the_prefix_cache(tiny_config):
@@ -124,6 +127,30 @@ def test_prompts_that_share_a_prefix_generate_what_they_generate_without_the_pre
             assert stats["hits"] >= 1 and stats["tokens_reused"] >= 4 * 32, stats
         else:
             assert stats is None
+    assert outputs[0] == outputs[64 * 1024 * 1024]
+
+
+def test_rows_prefilled_together_each_reuse_their_own_earlier_prompt(tiny_config):
+    from serve_app.engine.factory import create_engine
+    from serve_app.generation import GenerationRequest, SamplingParams
+
+    prompts = ["A first long prompt that talks about rivers, bridges, boats and the towns along them. " * 2,
+               "Quite another prompt: mountains, valleys and the weather on the high passes in winter. " * 2]
+    requests = [GenerationRequest(prompt=p + tail, sampling=SamplingParams(max_new_tokens=12, temperature=0))
+                for p in prompts for tail in ("Go on.", "Now go on, please.")]
+    outputs = {}
+    for size in (0, 64 * 1024 * 1024):
+        config = tiny_config.model_copy(update={"prefix_cache_bytes": size, "dtype": "float32"})
+        with create_engine(config) as engine:
+            first = [engine.generate([requests[0]])[0], engine.generate([requests[2]])[0]]  # one entry each
+            prefills = engine.loop.prefills
+            together = engine.generate([requests[1], requests[3]])  # one prefill: two different entries
+            assert engine.loop.prefills == prefills + 1
+            outputs[size] = [r.text for r in first + together]
+            stats = engine.status().model_dump()["prefix_cache"]
+        if size:
+            shared = [len(engine.tokenizer(p)["input_ids"]) - 2 for p in prompts]
+            assert stats["hits"] == 2 and stats["tokens_reused"] >= sum(shared), stats
     assert outputs[0] == outputs[64 * 1024 * 1024]
 
 
