@@ -112,8 +112,9 @@ class LoadingConfig(_Strict):
                                       "replaces the tokenizer's. Without any, chat requests are a 400 (prompt works)")
     attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ... (default: "
                                             "transformers' choice)")
-    prepack_weights: bool = Field(True, description="on CPU, reorder linear weights for oneDNN once at load "
-                                  "(faster decode steps, same memory); false keeps transformers' own layers")
+    prepack_weights: bool = Field(
+        True, description="on CPU, reorder linear weights for oneDNN once at load (faster decode steps; the packed "
+        "copies are anonymous memory the size of the weights); false keeps transformers' own layers")
     from_pretrained_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="passed to the model's from_pretrained as they are (e.g. low_cpu_mem_usage, "
         "quantization_config); the keys above and those the placement plan sets are refused")

@@ -158,9 +158,11 @@ def _batch_cap(model: ModelConfig, free_bytes: int | None, kv_per_token: int | N
     if free_bytes is None or kv_per_token is None:
         return limit
     tokens = model.limits.max_prompt_tokens + model.limits.max_new_tokens
-    # Per row: its KV cache at full length plus float32 logits for the last position.
+    # Per row: its KV cache at full length plus float32 logits for the last position. The prefix
+    # cache of recent prompts (our decode loop's) lives beside the rows, on the same device.
     per_row = kv_per_token * tokens + vocab * 4
-    return max(0, min(limit, free_bytes // per_row))
+    prefixes = model.prefix_cache_bytes if model.engine == "transformers" else 0
+    return max(0, min(limit, (free_bytes - prefixes) // per_row))
 
 
 def available_cpu_memory() -> int | None:

@@ -126,7 +126,8 @@ def test_a_block_gives_the_logits_of_feeding_its_tokens_one_per_pass(tiny_model_
         cache, mask, positions = prefill()
         ids, columns, where, fed = block(tails, 3, positions, pad_id=0)
         mask = torch.cat([mask, columns], 1)
-        wide = model(input_ids=ids, attention_mask=mask, position_ids=where, use_cache=True, **{kw: cache}).logits[:, -1]
+        wide = model(input_ids=ids, attention_mask=mask, position_ids=where, use_cache=True,
+                     **{kw: cache}).logits[:, -1]
         cache, mask, positions = prefill()
         for j in range(3):
             rows = [[tails[0][j]], [tails[1][0]] if j == 2 else [0]]

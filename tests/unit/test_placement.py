@@ -60,6 +60,16 @@ def test_cpu_batch_cap_comes_from_memory_and_respects_max_batch_size():
     assert unplanned.max_batch_size == 64 and unplanned.budget_bytes == 0
 
 
+def test_the_prefix_cache_is_counted_in_the_memory_a_batch_is_planned_against():
+    def cap(prefix_gib: float, gpus: list) -> int:
+        config = model(1 if gpus else 0, max_batch_size=64).model_copy(
+            update={"prefix_cache_bytes": int(prefix_gib * GIB)})
+        return plan_placement(config, gpus, LLAMA_7B, cpu_memory=128 * GIB, cpu_features=frozenset()).max_batch_size
+
+    for gpus in ([], [gpu(0, 24)]):
+        assert 1 < cap(4, gpus) < cap(0, gpus) < 64
+
+
 def test_no_visible_gpu_plans_cpu_even_when_gpus_were_asked_for():
     plan = plan_placement(model(1), [], LLAMA_7B)
     assert plan.device == "cpu"
