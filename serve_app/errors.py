@@ -65,6 +65,11 @@ class PayloadTooLargeError(ServeAppError):
     error_type = "payload_too_large"
 
 
+class UnsupportedMediaTypeError(ServeAppError):
+    status_code = 415
+    error_type = "invalid_request_error"
+
+
 class ModelNotFoundError(ServeAppError):
     status_code = 404
     error_type = "model_not_found"

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from serve_app.config import ConfigError, ServerConfig
-from serve_app.errors import PayloadTooLargeError, ServeAppError, UnauthorizedError
+from serve_app.errors import PayloadTooLargeError, ServeAppError, UnauthorizedError, UnsupportedMediaTypeError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -70,14 +70,32 @@ class Guard(BodyLimit):
         super().__init__(server.max_body_bytes)
         self.keys = api_keys(server)
 
-    def check_headers(self, path: str, headers: dict[bytes, bytes]) -> None:
+    def check_headers(self, path: str, headers: dict[bytes, bytes], method: str = "GET") -> None:
         if self.keys and path not in OPEN_PATHS:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             token = token.strip()
             if scheme.lower() != b"bearer" or not any(hmac.compare_digest(token, k) for k in self.keys):
                 raise UnauthorizedError("missing or invalid API key: send 'Authorization: Bearer <key>'",
                                         code="invalid_api_key")
+        if method in BODY_METHODS:
+            check_json_content_type(headers)
         self.check_length(headers)
+
+
+# A browser sends a POST whose Content-Type is text/plain, a form or none without asking the server
+# first (no CORS preflight), so any web page could spend a keyless local server's compute: a body
+# is read only when it says it is JSON.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def check_json_content_type(headers: dict[bytes, bytes]) -> None:
+    """415 unless the body is declared `application/json` (parameters such as charset allowed)."""
+    declared = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    if declared != b"application/json":
+        shown = declared.decode("latin-1")[:80] or "none"
+        raise UnsupportedMediaTypeError(
+            f"request bodies must be JSON: send 'Content-Type: application/json' (got {shown})",
+            param="content-type", code="unsupported_media_type")
 
 
 def route_path(scope: Scope) -> str:
@@ -111,7 +129,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         try:
-            self.guard.check_headers(route_path(scope), dict(scope.get("headers", [])))
+            self.guard.check_headers(route_path(scope), dict(scope.get("headers", [])), scope.get("method", "GET"))
             body = await self.guard.read_body(receive)
         except ServeAppError as error:
             return await self.respond(error)(scope, receive, send)

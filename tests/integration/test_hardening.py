@@ -47,6 +47,22 @@ def test_requests_without_a_valid_api_key_get_401_and_probes_stay_open(serve_clu
         assert anonymous.get("/metrics").status_code == 200
 
 
+@pytest.mark.parametrize("route", ["/v1/generate", "/v1/chat/completions", "/v1/completions"])
+def test_a_body_not_declared_json_gets_415_and_is_not_served(client, route):
+    """What a web page can send cross-origin without a CORS preflight: text/plain, a form, no type."""
+    body = b'{"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}'
+    for content_type in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                         "multipart/form-data; boundary=x", None):
+        headers = {"content-type": content_type} if content_type else {}
+        response = client.post(route, content=body, headers=headers)
+        assert response.status_code == 415, (content_type, response.text)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "unsupported_media_type"
+        assert "application/json" in error["message"] and error["param"] == "content-type"
+    accepted = client.post(route, content=body, headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert accepted.status_code == 200, accepted.text
+
+
 def test_an_oversized_body_gets_413(client):
     response = client.post("/v1/generate", json={"model": "tiny", "prompt": "x" * 300_000})
     assert response.status_code == 413

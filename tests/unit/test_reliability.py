@@ -190,6 +190,23 @@ def test_a_non_ascii_token_is_compared_as_bytes_and_refused():
         guard.check_headers("/v1/generate", {b"authorization": "Bearer €uro".encode()})
 
 
+def test_a_body_is_read_only_when_declared_json_and_keys_are_checked_first():
+    from serve_app.errors import UnauthorizedError, UnsupportedMediaTypeError
+
+    guard = Guard(ServerConfig(api_keys=["k"]))
+    key = {b"authorization": b"Bearer k"}
+    for declared in (b"application/json", b"application/json; charset=utf-8", b" APPLICATION/JSON "):
+        guard.check_headers("/v1/generate", {**key, b"content-type": declared}, "POST")
+    for declared in (b"text/plain", b"application/jsonx", b"application/x-www-form-urlencoded", b""):
+        with pytest.raises(UnsupportedMediaTypeError, match="Content-Type: application/json"):
+            guard.check_headers("/v1/generate", {**key, b"content-type": declared}, "POST")
+    with pytest.raises(UnsupportedMediaTypeError):
+        guard.check_headers("/v1/generate", key, "POST")
+    guard.check_headers("/v1/models", key, "GET")  # no body: no type needed
+    with pytest.raises(UnauthorizedError):  # a 401 before anything about the body
+        guard.check_headers("/v1/generate", {b"content-type": b"text/plain"}, "POST")
+
+
 # -- compile timeouts ----------------------------------------------------------------------------
 
 
