@@ -169,6 +169,9 @@ class _Rewriter:
     def simplify(self, node: dict[str, Any], ptr: str) -> Any:
         """The per-subschema rewrites, its children already rewritten."""
         node = self.bounds(self.unique_items(self.drop_format(node, ptr), ptr), ptr)
+        if _requires_the_impossible(node):
+            self.note("required", ptr, "-> rejects everything (an object that must hold a property no value fits)")
+            return self.never
         if node.get("not") == {}:
             if node != self.never:
                 self.note("not: {}", ptr, f"-> {json.dumps(self.never)} (rejects everything)")
@@ -180,8 +183,13 @@ class _Rewriter:
             node = self.conditional(self.negation(node, ptr), ptr)
             if node is self.never or node == self.never:
                 return self.never
-        node = self.unevaluated(self.all_of(self.one_of(node, ptr), ptr), ptr)
-        node = self.declare_required(self.all_of(self.dependencies(node, ptr), ptr), ptr)
+        node = self.all_of(self.one_of(node, ptr), ptr)
+        if is_never(node):
+            return self.never
+        node = self.all_of(self.dependencies(self.unevaluated(node, ptr), ptr), ptr)
+        if is_never(node):
+            return self.never
+        node = self.declare_required(node, ptr)
         if not VALIDATION_KEYWORDS & node.keys():
             if node:
                 self.note("annotation-only subschema", ptr, "-> {} (any value)")
@@ -357,13 +365,17 @@ class _Rewriter:
             self.proofs[key] = disjoint_schemas(branches, within, self.ref_types)
         return self.proofs[key]
 
-    def all_of(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
-        """Without members that accept anything, and a single member merged where no keyword clashes."""
+    def all_of(self, node: dict[str, Any], ptr: str) -> Any:
+        """Without members that accept anything, and a single member merged where no keyword clashes;
+        `never` where a member rejects everything."""
         members = node.get("allOf")
         if not isinstance(members, list):
             return node
         rest = {k: v for k, v in node.items() if k != "allOf"}
-        kept = [member for member in members if member != {}]
+        if any(is_never(member) for member in members):  # `false`, or a $ref to it
+            self.note("allOf", ptr, "-> rejects everything (a member rejects everything)")
+            return self.never
+        kept = [member for member in members if member != {} and member is not True]
         if len(kept) == 1 and set(kept[0]) == {"$ref"} and VALIDATION_KEYWORDS & rest.keys() == {"type"} \
                 and kept[0]["$ref"] in self.ref_types and self.ref_types[kept[0]["$ref"]] <= admitted_types(rest, {}):
             # {"type": "object", "allOf": [{"$ref": <an object schema>}]}: the type adds nothing, and
@@ -441,3 +453,12 @@ def _without_declared_anything(sub: dict[str, Any]) -> dict[str, Any]:
     return sub
 
 
+
+
+def _requires_the_impossible(node: dict[str, Any]) -> bool:
+    """Only objects, one of whose required properties rejects every value."""
+    properties, required = node.get("properties"), node.get("required")
+    if node.get("type") not in ("object", ["object"]) or not isinstance(properties, dict) \
+            or not isinstance(required, list):
+        return False
+    return any(isinstance(name, str) and name in properties and is_never(properties[name]) for name in required)

@@ -26,7 +26,8 @@ from serve_app.constraints.kinds import AnyConstraint, JsonSchemaConstraint
 from serve_app.constraints.limits import LimitsConfig, check_constraint
 from serve_app.constraints.normalize import normalize_schema
 from serve_app.constraints.registry import KINDS, BackendDefaults
-from serve_app.errors import ConstraintError
+from serve_app.constraints.schema_facts import is_never
+from serve_app.errors import ConstraintError, InvalidRequestError
 
 KNOWN_FORMATS = frozenset(FORMATS)
 KIND_NAMES = {"json_schema": "JSON Schemas", "regex": "regexes", "choice": "choice lists", "grammar": "Lark grammars"}
@@ -52,6 +53,22 @@ def plan_constraint(constraint: AnyConstraint, limits: LimitsConfig, defaults: B
                     installed: Sequence[str], source: str | None = None) -> Plan:
     """The plan, or the 4xx error that refuses the constraint (naming `source`, the request
     field it came from, where the error is about its text)."""
+    try:
+        return _plan(constraint, limits, defaults, installed, source)
+    except InvalidRequestError as error:
+        raise in_tool(error, constraint, source) from None
+
+
+def in_tool(error: InvalidRequestError, constraint: AnyConstraint, source: str | None) -> InvalidRequestError:
+    """A refusal of a tool's parameters (`source` is `tools.N.function.parameters`) names that
+    field, in `param` and in the message, where it named the constraint's kind."""
+    if not source or not source.startswith("tools.") or error.param not in (None, constraint.type, "schema"):
+        return error
+    return type(error)(f"{source}: {error.message}", param=source, code=error.code)
+
+
+def _plan(constraint: AnyConstraint, limits: LimitsConfig, defaults: BackendDefaults,
+          installed: Sequence[str], source: str | None) -> Plan:
     check_constraint(constraint, limits, source)
     order = backend_order(constraint, defaults, installed)
     key = f"{'|'.join(order)}|{constraint.cache_key()}"
@@ -113,6 +130,10 @@ def plan_schema(schema: dict[str, Any], order: Sequence[str], max_nodes: int = 1
     """Normalise; then keywords no grammar expresses (`not`, overlapping `oneOf`, `uniqueItems`, `if`, ...)
     move from the grammar to checks made while generating (checks.py); then the backends that cover the rest."""
     normalized = normalize_schema(schema, KNOWN_FORMATS, max_nodes)
+    if _rejects_everything(normalized.schema):
+        raise ConstraintError("this schema admits no value (its normalised form rejects everything: "
+                              f"{'; '.join(normalized.rewrites[-3:]) or 'false'})", param="json_schema",
+                              code="unsatisfiable_schema")
     grammar, checks, checked = normalized.schema, tuple[str, ...](), None
     if has_checked_keywords(normalized.schema):
         split = split_checks(normalized.schema)  # (`then` without `if` is an annotation: dropped, not checked)
@@ -129,3 +150,10 @@ def plan_schema(schema: dict[str, Any], order: Sequence[str], max_nodes: int = 1
         else:
             exact.append(backend)
     return SchemaPlan(grammar, normalized.rewrites, tuple(exact), missing, checks, checked)
+
+
+def _rejects_everything(schema: Any) -> bool:
+    """The normalised root is `false` (or draft-04's `not: {}`), beside its identity keys."""
+    if isinstance(schema, dict):
+        schema = {k: v for k, v in schema.items() if k not in ("$schema", "$id")}
+    return is_never(schema)

@@ -152,6 +152,19 @@ def test_a_tool_with_a_bad_schema_is_a_400_naming_the_tool(oa):
     assert raised.value.body["param"] == "tools.1.function.parameters"
 
 
+@pytest.mark.parametrize(("model", "parameters"), [
+    ("tiny", {"type": "object", "unevaluatedProperties": False, "allOf": [{"properties": {"a": {"type": "integer"}}}]}),
+    ("tiny-small", {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(40)}}),
+], ids=["unenforceable keyword", "over max_schema_bytes"])
+def test_a_tool_refused_by_keyword_or_size_names_the_tool_in_param_and_message(oa, model, parameters):
+    tools = [{"type": "function", "function": {"name": "ok", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "bad", "parameters": parameters}}]
+    with pytest.raises(openai.BadRequestError) as raised:
+        oa.chat.completions.create(model=model, messages=USER, tools=tools, tool_choice="required")
+    assert raised.value.body["param"] == "tools.1.function.parameters"
+    assert raised.value.body["message"].startswith("tools.1.function.parameters: ")
+
+
 def test_the_tool_calls_bench_gets_only_valid_calls(serve_cluster, tmp_path):
     """bench/tool_calls.py (3 real-world tools, tool_choice "required") against the app: every
     answer a call whose arguments validate, even from the tiny random model (closing finishes them)."""

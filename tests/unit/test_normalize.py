@@ -721,3 +721,33 @@ def test_the_grammar_and_the_checks_together_accept_only_what_the_schema_accepts
         checker = RowChecker(checks)
         passed = checker.trial(json.dumps(instance, separators=(",", ":")), final=True) is None
         assert not passed or original.is_valid(instance), (case.name, instance)
+
+
+@pytest.mark.parametrize("schema", [
+    {"allOf": [True, False]},
+    {"allOf": [{"$ref": "#/$defs/nothing"}], "$defs": {"nothing": False}},
+    {"not": {}},
+    {"$schema": D4, "allOf": [{"not": {}}, {"type": "string"}]},
+    {"type": "object", "properties": {"a": {"allOf": [True, False]}}, "required": ["a"]},
+    {"type": "object", "required": ["o"],
+     "properties": {"o": {"type": "object", "properties": {"b": {"not": {}}}, "required": ["b"]}}},
+], ids=["allOf true false", "allOf ref to false", "not empty", "draft-04 allOf not empty", "required false property",
+        "nested required false property"])
+def test_a_schema_that_provably_admits_nothing_is_a_400_saying_so(schema) -> None:
+    from serve_app.config import ModelConfig
+    from serve_app.constraints import installed_backends, parse_constraint
+    from serve_app.constraints.plan import plan_constraint
+    from serve_app.errors import ConstraintError
+
+    model = ModelConfig(name="m", source="x")
+    with pytest.raises(ConstraintError, match="this schema admits no value") as raised:
+        plan_constraint(parse_constraint({"type": "json_schema", "schema": schema}), model.limits, model.backends,
+                        installed_backends())
+    assert raised.value.param == "json_schema" and raised.value.code == "unsatisfiable_schema"
+
+
+def test_a_member_that_rejects_everything_makes_its_allof_reject_everything_where_values_remain() -> None:
+    optional = {"type": "object", "properties": {"a": {"allOf": [True, False]}, "b": {"type": "integer"}}}
+    assert _norm(optional)["properties"] == {"a": False, "b": {"type": "integer"}}  # objects without "a" remain
+    not_only_objects = {"properties": {"a": False}, "required": ["a"]}  # a string is still valid
+    assert _norm(not_only_objects) == not_only_objects
