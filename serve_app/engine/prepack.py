@@ -3,8 +3,8 @@ path and inductor's `freezing`, without compiling anything.
 
 PyTorch's eager `F.linear` reorders the weight into oneDNN's blocked layout at every call; a
 prepacked weight is reordered once, at load. Measured on SmolLM2-135M in bfloat16 on a 2-core
-AVX-512 CPU: a decode step's matmuls 1.3-3.8x faster, the whole in-process run 1.17x (see
-docs/benchmarks.md). The packed weight replaces the layer's own; a weight tied to another module
+AVX-512 CPU: one matmul of a 16-row decode step 1.3-2.3x faster, an in-process mixed workload's
+generation about 1.3x (docs/benchmarks.md). The packed weight replaces the layer's own; a weight tied to another module
 (an LM head sharing the embeddings) stays where it is. Packed copies are anonymous memory, so a
 checkpoint that was memory-mapped (safetensors) no longer is for these layers: its pages become
 cache the kernel can drop, and the process's anonymous memory grows by the weights' size.
