@@ -239,7 +239,7 @@ def off_main_thread(fn: Callable[..., _T], *args: Any) -> _T:
         except BaseException as error:  # noqa: BLE001 - handed to the caller
             box["error"] = error
 
-    thread = threading.Thread(target=run, name="load-model")
+    thread = threading.Thread(target=run, name="load-model", daemon=True)  # Ctrl-C while loading still exits
     thread.start()
     thread.join()
     if "error" in box:
