@@ -453,8 +453,6 @@ def _without_declared_anything(sub: dict[str, Any]) -> dict[str, Any]:
     return sub
 
 
-
-
 def _requires_the_impossible(node: dict[str, Any]) -> bool:
     """Only objects, one of whose required properties rejects every value."""
     properties, required = node.get("properties"), node.get("required")
