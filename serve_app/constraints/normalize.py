@@ -26,6 +26,7 @@ from serve_app.constraints.keywords import (
 from serve_app.constraints.schema_facts import (
     ALL_TYPES,
     TYPE_NAMES,
+    admits_nothing,
     admitted_types,
     disjoint_schemas,
     excluded_values,
@@ -171,6 +172,10 @@ class _Rewriter:
         node = self.bounds(self.unique_items(self.drop_format(node, ptr), ptr), ptr)
         if _requires_the_impossible(node):
             self.note("required", ptr, "-> rejects everything (an object that must hold a property no value fits)")
+            return self.never
+        why = admits_nothing(node, admitted_types(node, self.ref_types))
+        if why is not None:
+            self.note(why.split(" ", 1)[0], ptr, f"-> rejects everything ({why})")
             return self.never
         if node.get("not") == {}:
             if node != self.never:

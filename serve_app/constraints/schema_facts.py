@@ -159,3 +159,46 @@ def disjoint_schemas(branches: list[Any], within: frozenset[str], refs: Mapping[
                 return None
             reasons.append(reason)
     return ", ".join(dict.fromkeys(reasons))
+
+
+# (the only JSON type a pair of bounds applies to, lower bound, upper bound)
+_BOUND_PAIRS = (("object", "minProperties", "maxProperties"), ("array", "minItems", "maxItems"),
+                ("array", "minContains", "maxItems"), ("string", "minLength", "maxLength"))
+
+
+def admits_nothing(node: dict[str, Any], types: frozenset[str]) -> str | None:
+    """Why `node` provably rejects every value (`types`: a superset of the JSON types it admits),
+    or None: bounds that cross on the only type left, more required names than `maxProperties`,
+    more unique items than their values, a `oneOf` whose branches are all the same schema."""
+    for kind, low, high in _BOUND_PAIRS:
+        if types <= TYPE_NAMES[kind] and _number(node.get(low), 0) > _number(node.get(high), float("inf")):
+            return f"{low} {node[low]} > {high} {node[high]}"
+    if types <= {"integer", "fraction"} and _number(node.get("minimum"), -float("inf")) > \
+            _number(node.get("maximum"), float("inf")):
+        return f"minimum {node['minimum']} > maximum {node['maximum']}"
+    required = set(node["required"]) if is_name_list(node.get("required")) else set()
+    if types <= {"object"} and len(required) > _number(node.get("maxProperties"), float("inf")):
+        return f"{len(required)} required properties > maxProperties {node['maxProperties']}"
+    values = finite_domain(node.get("items")) if node.get("uniqueItems") is True and "prefixItems" not in node \
+        else None
+    if types <= {"array"} and values is not None and _number(node.get("minItems"), 0) > _distinct(values):
+        return f"uniqueItems with minItems {node['minItems']} > the {_distinct(values)} values items allows"
+    branches = node.get("oneOf")
+    if isinstance(branches, list) and len(branches) > 1 and all(json_equal(b, branches[0]) for b in branches):
+        return "oneOf whose branches are all the same schema (a value matching one matches every one)"
+    return None
+
+
+def _number(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _distinct(values: list[Any]) -> int:
+    """How many different values (at most: past 1,000 values, not deduplicated; bounded work)."""
+    if len(values) > 1000:
+        return len(values)
+    kept: list[Any] = []
+    for value in values:
+        if not any(json_equal(value, seen) for seen in kept):
+            kept.append(value)
+    return len(kept)

@@ -82,9 +82,12 @@ class ConstraintCompiler:
 
     def encode(self, text: str) -> list[int]:
         """The fewest tokens that spell `text` (what closing spends and the minimum budget)."""
+        return self.encoder()(text)
+
+    def encoder(self) -> ShortestEncoder:
         if self._encoder is None:
             self._encoder = ShortestEncoder(self.tokenizer, self.vocab_size)
-        return self._encoder(text)
+        return self._encoder
 
     def backend(self, name: str) -> Backend:
         if name not in self._backends:
@@ -216,6 +219,9 @@ class CompilingFront(EngineFront):
             if error.code not in TRANSIENT_FAILURES:
                 self.failures.put(key, error)
             raise
+
+    def shortest_encoder(self) -> ShortestEncoder:
+        return self.compiler.encoder()
 
     def enforce(self, constraint: AnyConstraint) -> Enforcement:
         compiled = self.compile(constraint)

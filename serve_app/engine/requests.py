@@ -20,13 +20,13 @@ from typing import Any
 from serve_app.cache import BoundedCache
 from serve_app.config import ModelConfig
 from serve_app.constraints import AnyConstraint, Plan, check_max_new_tokens, plan_constraint
-from serve_app.constraints.budget import Budget, minimum_budget
+from serve_app.constraints.budget import Budget, least_chars, minimum_budget
 from serve_app.constraints.checks import ValueChecks
 from serve_app.constraints.json_completion import JsonCloser
 from serve_app.constraints.row_checks import RowChecker
 from serve_app.engine.backends import Matcher
 from serve_app.engine.chat import render_chat
-from serve_app.engine.row_closing import RowCloser
+from serve_app.engine.row_closing import RowCloser, ShortestEncoder
 from serve_app.engine.stream import Row, RowOutput, Stream
 from serve_app.errors import InvalidRequestError, LimitExceededError, ServeAppError
 from serve_app.generation import GenerationRequest, GenerationResult, TokenLogprob, TokenLogprobs, Usage
@@ -94,6 +94,10 @@ class EngineFront(ABC):
         """How this engine enforces `constraint` (raises its 4xx when it cannot)."""
 
     @abstractmethod
+    def shortest_encoder(self) -> ShortestEncoder:
+        """Text to the fewest tokens (what the minimum budget counts)."""
+
+    @abstractmethod
     def run(self, prepared: PreparedRow, notify: Notify | None, deltas: bool) -> Stream:
         """Start generating a prepared row; its stream receives the events."""
 
@@ -129,10 +133,19 @@ class EngineFront(ABC):
         check_max_new_tokens(max_new, self.config.limits, self.config.name)
         ids = self.prompt_ids(request)
         self.check_prompt(len(ids), max_new)
+        if request.constraint is not None:
+            self.check_least_budget(request.constraint, max_new)
         enforcement = self.enforce(request.constraint) if request.constraint is not None else None
         if enforcement is not None:
             check_budget(enforcement, max_new)
         return PreparedRow(request, self.new_row(request, ids, max_new, enforcement), enforcement)
+
+    def check_least_budget(self, constraint: AnyConstraint, max_new: int) -> None:
+        """The budget against a bound counted without compiling or encoding (characters over the
+        longest token): a refusal of a huge `const` or `minLength` takes milliseconds, not seconds."""
+        least = -(-least_chars(self.plan(constraint)) // max(1, self.shortest_encoder().longest))
+        if max_new < least:
+            raise too_small(constraint.type, max_new, f"at least {least}")
 
     def check_prompt(self, prompt_tokens: int, max_new: int) -> None:
         if prompt_tokens == 0:  # found by fuzzing: a model cannot continue from nothing
@@ -211,9 +224,12 @@ class EngineFront(ABC):
 def check_budget(enforcement: Enforcement, max_new: int) -> None:
     least = enforcement.min_tokens
     if least is not None and max_new < least:
-        raise InvalidRequestError(
-            f"max_tokens {max_new} is too small for this {enforcement.kind} constraint: its shortest valid "
-            f"output takes {least} tokens", param="max_tokens", code="max_tokens_too_small")
+        raise too_small(enforcement.kind, max_new, str(least))
+
+
+def too_small(kind: str, max_new: int, least: str) -> InvalidRequestError:
+    return InvalidRequestError(f"max_tokens {max_new} is too small for this {kind} constraint: its shortest "
+                               f"valid output takes {least} tokens", param="max_tokens", code="max_tokens_too_small")
 
 
 def is_valid(constraint: AnyConstraint | None, out: RowOutput) -> bool | None:

@@ -167,9 +167,12 @@ class VllmEngine(CompilingFront):
 
     def encode(self, text: str) -> list[int]:
         """The fewest tokens that spell `text` (the minimum budget, as the transformers engine counts it)."""
+        return self.shortest_encoder()(text)
+
+    def shortest_encoder(self) -> ShortestEncoder:
         if self._encoder is None:
             self._encoder = ShortestEncoder(self.tokenizer, len(self.tokenizer))
-        return self._encoder(text)
+        return self._encoder
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))

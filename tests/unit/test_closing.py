@@ -6,7 +6,9 @@ import json
 import jsonschema
 import pytest
 
-from serve_app.constraints import installed_backends, parse_constraint
+from serve_app.config import LimitsConfig
+from serve_app.constraints import BackendDefaults, installed_backends, parse_constraint, plan_constraint
+from serve_app.constraints.budget import least_chars
 from serve_app.constraints.examples import regex_example
 from serve_app.constraints.json_completion import JsonCloser
 from serve_app.constraints.validation import ENFORCED_FORMATS
@@ -152,6 +154,33 @@ def test_a_budget_below_the_schemas_minimum_is_a_400_that_says_how_many_tokens_i
     assert caught.value.param == "max_tokens" and caught.value.status_code == 400
     [ok] = tiny_engine.generate([_request(SCHEMAS["nested"], 0, needed)])
     assert ok.valid is True and ok.usage.completion_tokens <= needed
+
+
+# Schemas with a shortest instance written out (checked by jsonschema), beside the closer's.
+SHORTEST = [({"const": 1.0}, "1"), ({"enum": [1000000, 20]}, "1e6"),
+            ({"type": "object", "minProperties": 3}, '{"":0,"a":0,"b":0}'),
+            ({"type": "array", "prefixItems": [{"const": "abc"}], "items": {"type": "boolean"}, "minItems": 3},
+             '["abc",true,true]'),
+            ({"type": "array", "contains": {"const": 7}, "minContains": 2}, "[7,7]"),
+            ({"allOf": [{"type": "string", "minLength": 4}, {"type": "string", "maxLength": 9}]}, '"abcd"')]
+SHORTEST += [(schema, JsonCloser(schema, _encode, ENFORCED_FORMATS).min_text) for schema in SCHEMAS.values()]
+
+
+@pytest.mark.parametrize(("schema", "text"), SHORTEST)
+def test_the_counted_lower_bound_never_exceeds_a_real_shortest_output(schema, text):
+    plan = plan_constraint(parse_constraint({"type": "json_schema", "schema": schema}), LimitsConfig(),
+                           BackendDefaults(), installed_backends())
+    jsonschema.validate(json.loads(text), schema)
+    assert 1 <= least_chars(plan) <= len(text)
+
+
+@pytest.mark.parametrize("schema", [{"const": "x" * 200_000}, {"type": "string", "minLength": 100_000},
+                                    {"type": "array", "minItems": 100_000, "items": {"enum": ["ab", "cd"]}}])
+def test_a_budget_that_cannot_fit_a_huge_minimum_is_refused_before_any_compile(tiny_engine, schema):
+    compiled_before = len(tiny_engine.cache)
+    with pytest.raises(InvalidRequestError, match="takes at least [0-9]+ tokens") as caught:
+        tiny_engine.generate([_request(schema, 0, 64)])
+    assert caught.value.code == "max_tokens_too_small" and len(tiny_engine.cache) == compiled_before
 
 
 @pytest.mark.parametrize("penalty", [{"repetition_penalty": 3.0}, {"frequency_penalty": 1.5},

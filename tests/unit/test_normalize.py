@@ -237,7 +237,6 @@ def test_oneof_with_disjoint_values_becomes_anyof() -> None:
     [{"properties": {"t": {"const": 1}}, "required": ["t"]}, {"properties": {"t": {"const": 2}}, "required": ["t"]}],
     [{"type": "integer"}, {"type": "number", "maximum": 3}],
     [{"enum": [1, 2]}, {"enum": [2.0, 3]}],
-    [{"const": True}, {"const": True}],
 ])
 def test_oneof_that_cannot_be_proven_disjoint_stays_oneof(one_of: list[Any]) -> None:
     out = _norm({"oneOf": one_of})
@@ -731,8 +730,17 @@ def test_the_grammar_and_the_checks_together_accept_only_what_the_schema_accepts
     {"type": "object", "properties": {"a": {"allOf": [True, False]}}, "required": ["a"]},
     {"type": "object", "required": ["o"],
      "properties": {"o": {"type": "object", "properties": {"b": {"not": {}}}, "required": ["b"]}}},
+    {"type": "object", "minProperties": 3, "maxProperties": 2},
+    {"type": "array", "contains": {"type": "integer"}, "minContains": 4, "maxItems": 3},
+    {"type": "object", "properties": {"x": {"oneOf": [{"type": "string"}, {"type": "string"}]}}, "required": ["x"]},
+    {"type": "array", "items": {"enum": ["a", "b", "a"]}, "uniqueItems": True, "minItems": 3},
+    {"type": "object", "required": ["a", "b"], "maxProperties": 1},
+    {"type": "string", "minLength": 5, "maxLength": 4},
+    {"type": "integer", "minimum": 10, "maximum": 9},
 ], ids=["allOf true false", "allOf ref to false", "not empty", "draft-04 allOf not empty", "required false property",
-        "nested required false property"])
+        "nested required false property", "minProperties over maxProperties", "minContains over maxItems",
+        "identical oneOf branches", "unique items over their values", "required over maxProperties",
+        "minLength over maxLength", "minimum over maximum"])
 def test_a_schema_that_provably_admits_nothing_is_a_400_saying_so(schema) -> None:
     from serve_app.config import ModelConfig
     from serve_app.constraints import installed_backends, parse_constraint
@@ -744,6 +752,14 @@ def test_a_schema_that_provably_admits_nothing_is_a_400_saying_so(schema) -> Non
         plan_constraint(parse_constraint({"type": "json_schema", "schema": schema}), model.limits, model.backends,
                         installed_backends())
     assert raised.value.param == "json_schema" and raised.value.code == "unsatisfiable_schema"
+
+
+def test_crossed_bounds_reject_only_the_type_they_apply_to() -> None:
+    assert _norm({"minProperties": 3, "maxProperties": 2}) == {"minProperties": 3, "maxProperties": 2}  # "x" passes
+    out = normalize_schema({"type": "object", "properties": {"tags": {"type": "array", "minItems": 2, "maxItems": 1}}},
+                           KNOWN)
+    assert out.schema["properties"]["tags"] is False  # optional: objects without "tags" remain
+    assert any(r.startswith("minItems at #/properties/tags -> rejects everything") for r in out.rewrites)
 
 
 def test_a_member_that_rejects_everything_makes_its_allof_reject_everything_where_values_remain() -> None:
