@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.api import request_models, responses, streaming
 from serve_app.api.errors import error_response
-from serve_app.api.intake import Intake, RequestChecker
+from serve_app.api.intake import Intake, RequestChecker, as_sent
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import ModelNotFoundError, ServeAppError
 from serve_app.generation import GenerationRequest, GenerationResult
@@ -160,10 +160,13 @@ class Router:
         intake = await self.intake(request, body_type)
         model, rows = intake.model, intake.rows
         route = "/v1/chat/completions" if chat else "/v1/completions"
-        if intake.body.stream:
-            return await self.stream(model, rows, streaming.ChunkFormatter(model.name, chat, len(rows), intake.body),
-                                     route)
-        results = await self.dispatch(model, rows, route)
+        try:
+            if intake.body.stream:
+                return await self.stream(model, rows, streaming.ChunkFormatter(model.name, chat, len(rows),
+                                                                               intake.body), route)
+            results = await self.dispatch(model, rows, route)
+        except ServeAppError as error:  # a replica's refusal, naming the field as this request sent it
+            raise as_sent(error, intake.body) from None
         shape = responses.chat_completion_response if chat else responses.completion_response
         return shape(model.name, results, intake.body)
 
@@ -177,10 +180,13 @@ class Router:
         started = time.perf_counter()
         intake = await self.intake(request, request_models.NativeGenerateRequest)
         model, [row] = intake.model, intake.rows
-        if intake.body.stream:
-            return await self.stream(model, [row], streaming.NativeEvents(model.name, row.constraint, started),
-                                     "/v1/generate")
-        [result] = await self.dispatch(model, [row], "/v1/generate")
+        try:
+            if intake.body.stream:
+                return await self.stream(model, [row], streaming.NativeEvents(model.name, row.constraint, started),
+                                         "/v1/generate")
+            [result] = await self.dispatch(model, [row], "/v1/generate")
+        except ServeAppError as error:
+            raise as_sent(error, intake.body) from None
         return responses.native_response(model.name, result, row.constraint, time.perf_counter() - started)
 
     async def models(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ cached, so a popular schema is checked once per router.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from serve_app.api.errors import from_validation_error
 from serve_app.cache import BoundedCache
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.constraints import AnyConstraint, Plan, check_max_new_tokens, installed_backends, plan_constraint
+from serve_app.constraints.kinds import SOURCE_FIELD
 from serve_app.errors import (
     ConstraintError,
     InvalidRequestError,
@@ -54,16 +56,22 @@ class RequestChecker:
 
     def prepare(self, raw: bytes, body_type: type[_Body]) -> Intake:
         body = self.parse(raw, body_type)
-        model = self.model(body.model)  # type: ignore[attr-defined]
+        try:
+            return self._prepare(body)
+        except ServeAppError as error:
+            raise as_sent(error, body) from None
+
+    def _prepare(self, body: Any) -> Intake:
+        model = self.model(body.model)
         try:
             tool_parameters: Callable[[bool], list[tuple[AnyConstraint, str]]] = getattr(
                 body, "tool_parameter_constraints", lambda _: [])
             for constraint, source in tool_parameters(model.strict_by_default):
                 self.check_constraint(model, constraint, source)
-            rows = body.generation_requests(strict_default=model.strict_by_default)  # type: ignore[attr-defined]
+            rows = body.generation_requests(strict_default=model.strict_by_default)
         except ValidationError as error:
             raise from_validation_error(error) from None
-        self.check_rows(model, rows, body.constraint_source())  # type: ignore[attr-defined]
+        self.check_rows(model, rows, body.constraint_source())
         return Intake(model, body, rows)
 
     def parse(self, raw: bytes, body_type: type[_Body]) -> _Body:
@@ -106,6 +114,32 @@ class RequestChecker:
     def _verdict(self, model: ModelConfig, constraint: AnyConstraint, source: str | None) -> ServeAppError | str:
         planned = plan_or_error(model, constraint, source, self.installed)
         return planned if isinstance(planned, ServeAppError) else PASSED
+
+
+def as_sent(error: ServeAppError, body: Any) -> ServeAppError:
+    """`error` naming the field as the request sent it: engines and limits say `max_tokens`,
+    `messages` or the constraint's kind whatever the route; the client sent `max_completion_tokens`,
+    `prompt`, or `response_format.json_schema`."""
+    param, renamed = error.param, None
+    if param == "max_tokens" and getattr(body, "max_completion_tokens", None) is not None \
+            and getattr(body, "max_tokens", None) is None:
+        renamed = "max_completion_tokens"
+    elif param in ("messages", "prompt"):
+        renamed = "prompt" if getattr(body, "prompt", None) is not None else "messages"
+    if renamed is not None and renamed != param:
+        return _renamed(error, renamed, error.message.replace(str(param), renamed, 1))
+    source = body.constraint_source() if param in SOURCE_FIELD and hasattr(body, "constraint_source") else None
+    if source and not error.message.startswith(source):
+        return _renamed(error, source, f"{source}: {error.message}")
+    return error
+
+
+def _renamed(error: ServeAppError, param: str, message: str) -> ServeAppError:
+    """A copy with another param and message (of the replica's own error where Ray wrapped it)."""
+    cause = getattr(error, "cause", None)
+    out = copy.copy(cause if isinstance(cause, ServeAppError) else error)
+    out.param, out.message, out.args = param, message, (message, param, out.code)
+    return out
 
 
 def plan_or_error(model: ModelConfig, constraint: AnyConstraint, source: str | None,

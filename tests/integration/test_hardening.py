@@ -64,6 +64,29 @@ def test_a_body_not_declared_json_gets_415_and_is_not_served(client, route):
     assert accepted.status_code == 200, accepted.text
 
 
+PERSON = {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+    "type": "object", "properties": {"name": {"type": "string", "minLength": 3}}, "required": ["name"]}}}
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": 1, "response_format": PERSON},
+     "max_completion_tokens"),  # refused by the replica (the schema's minimum budget)
+    ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": 100_000}, "max_completion_tokens"),
+    ("/v1/completions", {"prompt": "a " * 6000, "max_tokens": 2}, "prompt"),  # max_prompt_tokens
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 4, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 5,
+                                                                       "maxLength": 4}}}},
+     "response_format.json_schema"),
+    ("/v1/generate", {"prompt": "x", "max_tokens": 1, "constraint": {"type": "choice", "choices": ["abcdef"]}},
+     "max_tokens"),
+])
+def test_every_400_names_the_field_as_the_request_sent_it(client, route, body, param):
+    response = client.post(route, json={"model": "tiny", **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param), error
+
+
 def test_an_oversized_body_gets_413(client):
     response = client.post("/v1/generate", json={"model": "tiny", "prompt": "x" * 300_000})
     assert response.status_code == 413
