@@ -6,6 +6,7 @@ stream (done, an error, the client gone) cancels the generation."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -26,7 +27,22 @@ class StreamFormat(Protocol):
 
 
 def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+    """One event; never `NaN`/`Infinity` (not JSON: clients' parsers reject them), written as null."""
+    try:
+        text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(payload), separators=(",", ":"), allow_nan=False)
+    return f"data: {text}\n\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 async def _chain(first: Any, rest: Any) -> AsyncIterator[Any]:

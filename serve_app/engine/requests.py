@@ -12,9 +12,12 @@ is enforced there (`enforce`) and turns a prepared row into a `Stream` (`run`).
 
 from __future__ import annotations
 
+import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from serve_app.cache import BoundedCache
@@ -32,6 +35,7 @@ from serve_app.errors import InvalidRequestError, LimitExceededError, ServeAppEr
 from serve_app.generation import GenerationRequest, GenerationResult, TokenLogprob, TokenLogprobs, Usage
 
 # A logprob of -inf (a token the constraint forbade) is not JSON; OpenAI reports -9999.0.
+logger = logging.getLogger(__name__)
 MIN_LOGPROB = -9999.0
 # Checked keywords listed in a response; a large schema can have hundreds.
 MAX_LISTED_CHECKS = 16
@@ -218,7 +222,21 @@ class EngineFront(ABC):
 
     def _token(self, token: int, logprob: float) -> dict[str, Any]:
         text = str(self.tokenizer.decode([token]))
-        return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(text.encode("utf-8"))}
+        raw = self._raw_bytes.decode_bytes([token]) if self._raw_bytes is not None else text.encode("utf-8")
+        return {"token": text, "logprob": max(logprob, MIN_LOGPROB) if math.isfinite(logprob) else MIN_LOGPROB,
+                "bytes": list(raw)}
+
+    @cached_property
+    def _raw_bytes(self) -> Any:
+        """Each token's own bytes (a token may hold part of a character: its text is then U+FFFD, its
+        bytes are not), from llguidance's reading of the tokenizer; None where it cannot read it."""
+        try:
+            import llguidance.hf
+
+            return llguidance.hf.from_tokenizer(self.tokenizer)
+        except Exception:  # noqa: BLE001 - logprob bytes then come from the token's text
+            logger.warning("cannot read the tokenizer's token bytes; logprob bytes are the text's", exc_info=True)
+            return None
 
 
 def check_budget(enforcement: Enforcement, max_new: int) -> None:

@@ -255,6 +255,24 @@ def test_logprobs_are_those_the_constrained_decode_chose_from(tiny_engine):
     assert plain.logprobs is None
 
 
+def test_a_logprob_entry_carries_the_tokens_raw_bytes_and_a_finite_logprob(tiny_engine):
+    tokenizer = tiny_engine.tokenizer  # a byte-level token holding part of a character
+    partial = next(t for t in range(len(tokenizer)) if tokenizer.decode([t]) == "\ufffd")
+    entries = tiny_engine.logprobs([(partial, float("nan"), [(partial, float("-inf"))])])
+    [entry] = entries
+    raw = bytes(entry.bytes)
+    assert entry.token == "\ufffd" and raw != "\ufffd".encode() and len(raw) == 1 and raw[0] >= 0x80
+    assert entry.logprob == entry.top_logprobs[0].logprob == -9999.0
+
+
+def test_a_stream_event_never_writes_nan_or_infinity():
+    from serve_app.relay import sse
+
+    line = sse({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}, "e": "NaN"})
+    assert json.loads(line.removeprefix("data: ")) == {"a": None, "b": [1.5, None], "c": {"d": None}, "e": "NaN"}
+    assert "NaN" not in line.replace('"NaN"', "") and "Infinity" not in line
+
+
 def test_top_k_of_one_and_min_p_of_one_sample_the_most_likely_token(tiny_engine):
     greedy = tiny_engine.generate([GenerationRequest(prompt="x", sampling=SamplingParams(
         max_new_tokens=12, temperature=0))])[0].text
