@@ -117,7 +117,7 @@ def forced_call(text: str) -> dict[str, Any] | None:
     """The tool call in a forced answer (validated already); None if the text is not one."""
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or "arguments" not in data:
         return None
@@ -157,7 +157,7 @@ def detect_call(text: str, tools: list[Tool]) -> tuple[dict[str, Any] | None, bo
         return None, None
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's stack: not a call we can read
         return None, None
     by_name = {t.function.name: t for t in tools}
     if not isinstance(data, dict) or data.get("name") not in by_name:

@@ -19,7 +19,7 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve_app.constraints.registry import BackendName
-from serve_app.constraints.validation import ENFORCED_FORMATS, REGEX_CHECK_TIMEOUT_S, safe_validator
+from serve_app.constraints.validation import ENFORCED_FORMATS, REGEX_CHECK_TIMEOUT_S, BoundedValidator, safe_validator
 from serve_app.errors import ConstraintError, LimitExceededError
 
 # Regex features no token-level automaton can enforce: lookaround and backreferences.
@@ -73,16 +73,16 @@ class JsonSchemaConstraint(_Base):
         return self.json_schema if self.strict else [self.json_schema, "approximate"]
 
     @cached_property
-    def _validator(self) -> jsonschema.protocols.Validator:
+    def _validator(self) -> BoundedValidator:
         return safe_validator(self.json_schema, REGEX_CHECK_TIMEOUT_S, ENFORCED_FORMATS)
 
     def is_satisfied_by(self, text: str) -> bool:
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past the parser's stack: not checkable, not valid
             return False
         try:
-            return bool(self._validator.is_valid(value))
+            return self._validator.is_valid(value)
         except Exception:  # noqa: BLE001 - a check that cannot finish (checking.Undecided too) never proves validity
             return False
 

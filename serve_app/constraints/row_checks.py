@@ -110,7 +110,7 @@ class CheckScan(JsonScanner):
             return parent
         try:
             parsed = json.loads(self.text[value.start:end])
-        except ValueError:
+        except (ValueError, RecursionError):
             return parent  # the matcher decides what is JSON; an unparsable value is left to the final validation
         canonical = canonical_json(parsed) if unique else ""
         if max(end - 1, at) >= self.check_from:  # decided by this token's text: checked now

@@ -8,6 +8,8 @@ timeout and without the GIL, and a match not decided in time never makes output 
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import jsonschema
@@ -88,10 +90,55 @@ def _additional_properties(matches: _Matcher) -> Any:
     return additional_properties
 
 
-def safe_validator(schema: dict[str, Any], timeout_s: float, format_checker: Any = None) -> Any:
-    """A jsonschema validator (the schema's own draft) whose every regex has a time limit."""
+def safe_validator(schema: dict[str, Any], timeout_s: float, format_checker: Any = None) -> BoundedValidator:
+    """A jsonschema validator (the schema's own draft) whose every regex has a time limit, and
+    whose every `is_valid` has one too (`BoundedValidator`)."""
     base = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     matches = _Matcher(timeout_s)
     overrides = {"pattern": _pattern(matches), "patternProperties": _pattern_properties(matches),
                  "additionalProperties": _additional_properties(matches)}
-    return jsonschema.validators.extend(base, overrides)(schema, format_checker=format_checker)
+    overrides |= {name: _on_the_clock(base.VALIDATORS[name]) for name in _BRANCHING if name in base.VALIDATORS}
+    validator = jsonschema.validators.extend(base, overrides)(schema, format_checker=format_checker)
+    return BoundedValidator(validator, min(MAX_VALIDATION_S, timeout_s * VALIDATION_S_PER_PATTERN_S))
+
+
+# Keywords through which a self-referencing schema's work grows (a `$ref` loop under `anyOf` doubles
+# per level of the instance): each call looks at the clock.
+_BRANCHING = ("$ref", "$dynamicRef", "$recursiveRef", "anyOf", "oneOf", "allOf", "not", "if", "items",
+              "prefixItems", "properties", "additionalItems", "contains", "dependentSchemas")
+# A whole `is_valid` may take this many times its pattern timeout, and never more than MAX_VALIDATION_S:
+# 2 s for the output check, 0.2 s for a check in the decode loop.
+VALIDATION_S_PER_PATTERN_S = 20
+MAX_VALIDATION_S = 2.0
+_clock = threading.local()
+
+
+def _on_the_clock(keyword: Any) -> Any:
+    def timed(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
+        deadline = getattr(_clock, "deadline", None)
+        if deadline is not None and time.monotonic() > deadline:
+            raise Undecided("validation ran out of time (a self-referencing schema branching per level?)")
+        return keyword(validator, value, instance, schema)
+    return timed
+
+
+class BoundedValidator:
+    """`is_valid` within `budget_s` (else `Undecided`, which callers read as not valid): the
+    work of a `$ref` loop under `anyOf` can double with each level of the instance."""
+
+    def __init__(self, inner: Any, budget_s: float) -> None:
+        self.inner, self.budget_s = inner, budget_s
+
+    def is_valid(self, instance: Any) -> bool:
+        outer = getattr(_clock, "deadline", None)
+        mine = time.monotonic() + self.budget_s
+        _clock.deadline = mine if outer is None else min(outer, mine)
+        try:
+            return bool(self.inner.is_valid(instance))
+        except RecursionError:
+            raise Undecided("the instance or the schema nests too deeply to check") from None
+        finally:
+            _clock.deadline = outer
+
+    def evolve(self, **changes: Any) -> BoundedValidator:
+        return BoundedValidator(self.inner.evolve(**changes), self.budget_s)

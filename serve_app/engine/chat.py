@@ -63,7 +63,7 @@ def _plain(message: dict[str, Any]) -> dict[str, Any]:
 def _arguments(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text  # a client's own malformed arguments: shown as they came
 
 

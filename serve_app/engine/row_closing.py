@@ -91,7 +91,7 @@ class RowCloser:
     def _valid(self, text: str) -> bool:
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         try:
             return bool(self.closer.whole_validator.is_valid(value))

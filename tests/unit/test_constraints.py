@@ -103,3 +103,20 @@ def test_keyword_table_lists_every_backend():
     assert "| keyword | llguidance | outlines_core | xgrammar |" in table
     assert "| `uniqueItems` | checked | checked | checked |" in table
     assert "| `unevaluatedProperties` | rejected | rejected | rejected |" in table
+
+
+def test_checking_against_a_self_referencing_schema_is_bounded_and_never_raises():
+    import time
+
+    from serve_app.api.tools import Tool, detect_call
+
+    doubling = {"type": ["array", "integer"], "items": {"anyOf": [{"$ref": "#"}, {"$ref": "#"}]}, "maximum": 0}
+    constraint = parse_constraint({"type": "json_schema", "schema": doubling})
+    assert constraint.is_satisfied_by("[[[0]]]") is True and constraint.is_satisfied_by("[[[1]]]") is False
+    started = time.monotonic()
+    assert constraint.is_satisfied_by("[" * 40 + "1" + "]" * 40) is False  # 2**40 branches: out of time
+    assert time.monotonic() - started < 30  # the bound is 2 s; a wide margin for a slow machine
+    for text in ("[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000):
+        assert constraint.is_satisfied_by(text) is False  # past the parser's stack: not valid, no error
+    tool = Tool.model_validate({"type": "function", "function": {"name": "f", "parameters": doubling}})
+    assert detect_call('{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}", [tool]) == (None, None)
