@@ -30,15 +30,21 @@ from serve_app.constraints.plan import LENIENT_BACKEND, backend_order
 from serve_app.engine.backends import Backend, BackendContext, Matcher, backend_class
 from serve_app.engine.requests import TRANSIENT_FAILURES, Enforcement, EngineFront
 from serve_app.engine.row_closing import ShortestEncoder
-from serve_app.errors import ConstraintError, LimitExceededError, ServeAppError
+from serve_app.errors import ConstraintError, LimitExceededError, OverloadedError, ServeAppError
 from serve_app.status import CacheStatus
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# Threads that run compiles: a few at once, so a burst of new schemas cannot starve the replica.
+# Compiles that run at once: a few, so a burst of new schemas cannot starve the replica.
 COMPILE_THREADS = 4
 MAX_INFLIGHT_COMPILES = 64
+# A compile holds its slot this long; a slower one runs on beside the slots (a thread cannot be
+# stopped), at most MAX_SLOW_COMPILES of them; past that, a new compile is a 503 until some finish.
+QUICK_COMPILE_S = 0.25
+MAX_SLOW_COMPILES = 16
+# A compile waits for a slot at most this many compile_timeout_s.
+SLOT_WAIT_ROUNDS = 2
 # Constraints that did not compile, remembered per replica.
 MAX_CACHED_FAILURES = 1024
 
@@ -72,13 +78,13 @@ class ConstraintCompiler:
         self._backends: dict[str, Backend] = {}
         self._encoder: ShortestEncoder | None = None
         # Compiles that outlived their caller's timeout, kept (bounded) so a retry waits for the same work.
-        self._inflight: BoundedCache[str, concurrent.futures.Future[Any]] = BoundedCache(MAX_INFLIGHT_COMPILES)
+        self._inflight: BoundedCache[str, CompileJob] = BoundedCache(MAX_INFLIGHT_COMPILES)
         self._inflight_lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="compile")
+        self._workers = CompileWorkers(COMPILE_THREADS, QUICK_COMPILE_S, MAX_SLOW_COMPILES)
 
     def close(self) -> None:
         """Stop taking compiles; those running finish in the background (a thread cannot be stopped)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._workers.close()
 
     def encode(self, text: str) -> list[int]:
         """The fewest tokens that spell `text` (what closing spends and the minimum budget)."""
@@ -134,32 +140,111 @@ class ConstraintCompiler:
         """Compile off the caller's thread, giving up at `limits.compile_timeout_s`. A compile
         that times out cannot be stopped (a thread), so it is kept: a retry of the same
         constraint waits for that work instead of starting it again, and gets its result."""
-        future = self._inflight_future(key, compile_fn)
-        try:
-            return future.result(timeout=self.limits.compile_timeout_s)
+        job, asked = self._inflight_job(key, compile_fn), time.monotonic()
+        timeout = self.limits.compile_timeout_s
+        try:  # the timeout counts from when the compile got a slot (queued behind slow ones is not slow)
+            if not job.started.wait(timeout * SLOT_WAIT_ROUNDS):
+                self._workers.give_up(job)
+                raise LimitExceededError(f"no compile slot came free within {SLOT_WAIT_ROUNDS} x limits."
+                                         "compile_timeout_s; retry shortly", param=kind, code="compile_timeout_s")
+            deadline = max(job.started_at, asked) + timeout
+            return job.future.result(timeout=max(0.0, deadline - time.monotonic()))
         except concurrent.futures.TimeoutError:
+            self._workers.give_up(job)  # queued: dropped; running: its slot goes to the next compile
             raise LimitExceededError(
                 f"compiling the {kind} constraint with {backend} took longer than "
-                f"limits.compile_timeout_s ({self.limits.compile_timeout_s:g} s); it goes on in the background, "
+                f"limits.compile_timeout_s ({timeout:g} s); it goes on in the background, "
                 f"and a retry uses its result", param=kind, code="compile_timeout_s") from None
         finally:
-            if future.done():
+            if job.future.done():
                 with self._inflight_lock:
-                    if self._inflight.peek(key) is future:
+                    if self._inflight.peek(key) is job:
                         self._inflight.pop(key)
 
-    def _inflight_future(self, key: str, compile_fn: Callable[[], _T]) -> concurrent.futures.Future[_T]:
+    def _inflight_job(self, key: str, compile_fn: Callable[[], Any]) -> CompileJob:
         with self._inflight_lock:
-            future = self._inflight.peek(key)
-            if future is None:
-                future = self._pool.submit(compile_fn)
-                self._inflight.put(key, future)
-            return future
+            job = self._inflight.peek(key)
+            if job is None:
+                job = self._workers.submit(compile_fn)
+                self._inflight.put(key, job)
+            return job
 
     def _add_budget(self, compiled: CompiledConstraint, plan: Plan) -> None:
         """The minimum budget (and, for JSON Schema, the closer that keeps output within it)."""
         budget = minimum_budget(plan, self.encode, self.backend(compiled.backend).json_separators)
         compiled.closer, compiled.min_tokens = budget.closer, budget.min_tokens
+
+
+class CompileJob:
+    """One compile: its result, and when it got a slot (a caller's timeout counts from then)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.started = threading.Event()
+        self.started_at = 0.0
+
+
+class CompileWorkers:
+    """Each compile in a thread of its own, `slots` starting at once. A compile holds its slot for
+    its first `quick_s` only, or until its caller stops waiting: then it runs on beside the slots
+    (it cannot be stopped), and a queued compile starts. A few slow schemas cannot hold every slot
+    and time out everyone else's compiles; those running beside the slots are bounded too."""
+
+    def __init__(self, slots: int, quick_s: float, max_beside: int) -> None:
+        self._free = threading.Semaphore(slots)
+        self._lock = threading.Lock()
+        self._beside: set[CompileJob] = set()  # running without a slot
+        self.quick_s, self.max_beside = quick_s, max_beside
+        self.closed = False
+
+    def submit(self, fn: Callable[[], Any]) -> CompileJob:
+        with self._lock:
+            if self.closed or len(self._beside) >= self.max_beside:
+                raise OverloadedError(f"{len(self._beside)} slow compiles are running; retry shortly",
+                                      code="compiles_running")
+        job = CompileJob(fn)
+        threading.Thread(target=self._run, args=(job,), name="compile", daemon=True).start()
+        return job
+
+    def _run(self, job: CompileJob) -> None:
+        self._free.acquire()
+        if self.closed or not job.future.set_running_or_notify_cancel():  # given up while it waited
+            job.future.cancel()
+            self._free.release()
+            return
+        job.started_at = time.monotonic()
+        job.started.set()
+        slow = threading.Timer(self.quick_s, self.step_aside, (job,))
+        slow.daemon = True
+        slow.start()
+        try:
+            job.future.set_result(job.fn())
+        except BaseException as error:  # noqa: BLE001 - the caller gets it from the future
+            job.future.set_exception(error)
+        finally:
+            slow.cancel()
+            with self._lock:
+                if job in self._beside:
+                    self._beside.discard(job)  # its slot was given back when it stepped aside
+                else:
+                    self._free.release()
+
+    def step_aside(self, job: CompileJob) -> None:
+        """A running compile gives its slot to the next (room permitting) and runs on."""
+        with self._lock:
+            if not job.future.done() and job not in self._beside and len(self._beside) < self.max_beside:
+                self._beside.add(job)
+                self._free.release()
+
+    def give_up(self, job: CompileJob) -> None:
+        """The caller stopped waiting: a compile still queued is dropped; a running one steps aside
+        (a retry of the same constraint waits for its result)."""
+        if not job.future.cancel():
+            self.step_aside(job)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 # Keywords that appear in most schemas and in prose: they do not locate an error.

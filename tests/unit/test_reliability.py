@@ -238,6 +238,46 @@ def test_a_compile_timeout_is_not_cached_and_a_retry_gets_the_background_result(
         engine.close()
 
 
+def test_slow_compiles_that_time_out_do_not_starve_the_others(tiny_config, monkeypatch):
+    """8 compiles that never finish in time and 8 normal ones, all at once, on 4 compile slots."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_app.engine.factory import create_engine
+
+    engine = create_engine(tiny_config.model_copy(update={"limits": tiny_config.limits.model_copy(
+        update={"compile_timeout_s": 1.0})}))
+    release = threading.Event()
+    llguidance = engine.compiler.backend("llguidance")
+    original = llguidance.compile
+
+    def maybe_slow(constraint, timeout_s):
+        if "slow" in constraint.pattern:
+            assert release.wait(60)
+        return original(constraint, timeout_s)
+
+    monkeypatch.setattr(llguidance, "compile", maybe_slow)
+    slow = [parse_constraint({"type": "regex", "pattern": f"slow{i}[0-9]{{3}}"}) for i in range(8)]
+    normal = [parse_constraint({"type": "regex", "pattern": f"fine{i}[a-z]{{2}}"}) for i in range(8)]
+
+    def outcome(constraint):
+        try:
+            return engine.compile(constraint).backend
+        except LimitExceededError as error:
+            return error.code
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            slow_done = [pool.submit(outcome, c) for c in slow]
+            normal_done = [pool.submit(outcome, c) for c in normal]
+            assert [f.result() for f in normal_done] == ["llguidance"] * 8
+            assert {f.result() for f in slow_done} == {"compile_timeout_s"}
+        release.set()
+        assert engine.compile(slow[0]).backend == "llguidance"  # the background result
+    finally:
+        release.set()
+        engine.close()
+
+
 # -- the replica submits only after its compile, in the caller's coroutine -----------------------
 
 
