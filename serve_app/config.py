@@ -110,6 +110,10 @@ class LoadingConfig(_Strict):
                                   "the source")
     chat_template: str | None = Field(None, description="a Jinja chat template, or the path of a file holding one; "
                                       "replaces the tokenizer's. Without any, chat requests are a 400 (prompt works)")
+    control_tokens_in_messages: bool = Field(
+        False, description="false: a control token written in a message, a tool or a template kwarg "
+        "(`<|im_start|>` in a user's text) is read as plain text, so no client can forge a turn; true: as the "
+        "control token (what transformers' apply_chat_template and vLLM do)")
     attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ... (default: "
                                             "transformers' choice)")
     prepack_weights: bool = Field(

@@ -8,7 +8,9 @@ message and earlier tool calls are written as the JSON a call is generated as,
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from typing import Any
 
 from serve_app.errors import InvalidRequestError
@@ -24,15 +26,85 @@ TOOLS_PROMPT = (
 def render_chat(tokenizer: Any, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
                 template_kwargs: dict[str, Any] | None = None) -> str:
     """`template_kwargs`: a request's chat_template_kwargs (e.g. Qwen3's enable_thinking)."""
+    return _render(tokenizer, [m.model_dump(exclude_none=True) for m in messages], tools, template_kwargs)
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None, control_tokens: bool = False) -> list[int]:
+    """The rendered prompt's tokens. Without `control_tokens`, a control token written in the
+    client's text (`<|im_start|>` in a message, a tool's description, a template kwarg) is read as
+    plain text: only the template's own markers are control tokens, so no client can forge a turn."""
+    text = render_chat(tokenizer, messages, tools, template_kwargs)
+    markers = _markers(tokenizer)
+    sent = [m.model_dump(exclude_none=True) for m in messages], tools, template_kwargs
+    if control_tokens or markers is None or not _mentions(markers, sent):
+        return _ids(tokenizer, text)
+    neutral = _render(tokenizer, *_blanked(markers, sent))  # the same text with the client's markers blanked
+    if len(neutral) != len(text):
+        raise InvalidRequestError("messages: a message holds one of the model's control tokens, and the chat "
+                                  "template changes message text, so it cannot be kept plain text",
+                                  param="messages", code="control_token")
+    ids, done = [], 0
+    for found in markers.finditer(text):
+        start, end = found.span()
+        if neutral[start:end] == text[start:end]:
+            continue  # the template's own marker
+        ids += _ids(tokenizer, text[done:start])  # the client's: its first character apart, so it cannot match
+        ids += _ids(tokenizer, text[start], plain=True) + _ids(tokenizer, text[start + 1:end], plain=True)
+        done = end
+    return ids + _ids(tokenizer, text[done:])
+
+
+def _ids(tokenizer: Any, text: str, plain: bool = False) -> list[int]:
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
+
+
+@functools.lru_cache(maxsize=16)
+def _markers(tokenizer: Any) -> re.Pattern[str] | None:
+    """The tokenizer's control tokens: its special added tokens, and added tokens written as markup
+    (`<tool_call>`, `[INST]`); longest first."""
+    found = {str(t.content) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+             if len(str(t.content)) > 1 and (t.special or _MARKUP.fullmatch(str(t.content)))}
+    return re.compile("|".join(re.escape(m) for m in sorted(found, key=len, reverse=True))) if found else None
+
+
+_MARKUP = re.compile(r"<[^\s<>]+>|\[[^\s\[\]]+\]")
+
+
+def _mentions(markers: re.Pattern[str], value: Any) -> bool:
+    if isinstance(value, str):
+        return markers.search(value) is not None
+    if isinstance(value, list | tuple):
+        return any(_mentions(markers, v) for v in value)
+    if isinstance(value, dict):
+        return any(_mentions(markers, v) for v in value.values())
+    return False
+
+
+def _blanked(markers: re.Pattern[str], value: Any) -> Any:
+    """`value` with every marker in its strings replaced by as many `~` (same length, no marker,
+    nothing JSON or a template escapes)."""
+    if isinstance(value, str):
+        return markers.sub(lambda m: "~" * len(m.group()), value)
+    if isinstance(value, list | tuple):
+        return type(value)(_blanked(markers, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _blanked(markers, v) for k, v in value.items()}
+    return value
+
+
+def _render(tokenizer: Any, dumped: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+            template_kwargs: dict[str, Any] | None) -> str:
     template = tokenizer.chat_template
     if not template:
         raise InvalidRequestError(
             "messages: this model has no chat template; send a prompt (/v1/completions) or set the model's "
             "loading.chat_template", param="messages", code="no_chat_template")
-    dumped = [m.model_dump(exclude_none=True) for m in messages]
     extra: dict[str, Any] = dict(template_kwargs or {})
     if "tool_calls" not in template:
-        dumped = [_plain(m) for m in dumped]
+        dumped = [_plain(dict(m)) for m in dumped]
     if tools:
         if "tools" in template:
             extra["tools"] = tools

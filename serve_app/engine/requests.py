@@ -28,7 +28,7 @@ from serve_app.constraints.checks import ValueChecks
 from serve_app.constraints.json_completion import JsonCloser
 from serve_app.constraints.row_checks import RowChecker
 from serve_app.engine.backends import Matcher
-from serve_app.engine.chat import render_chat
+from serve_app.engine.chat import chat_prompt_ids
 from serve_app.engine.row_closing import RowCloser, ShortestEncoder
 from serve_app.engine.stream import Row, RowOutput, Stream
 from serve_app.errors import InvalidRequestError, LimitExceededError, ServeAppError
@@ -127,8 +127,8 @@ class EngineFront(ABC):
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
-            text = render_chat(self.tokenizer, request.messages, request.tools, request.chat_template_kwargs)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return chat_prompt_ids(self.tokenizer, request.messages, request.tools, request.chat_template_kwargs,
+                                   self.config.loading.control_tokens_in_messages)
         return list(self.tokenizer(request.prompt)["input_ids"])
 
     def prepare(self, request: GenerationRequest) -> PreparedRow:
