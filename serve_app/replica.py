@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
+import psutil
 from ray import serve
 
 from serve_app.config import RECONFIGURABLE, ModelConfig
@@ -112,6 +113,7 @@ class ModelReplica:
     def status(self) -> ReplicaStatus:
         return self.engine.status().model_copy(update={
             "replica_id": self.replica_id, "app": self.app_name, "assigned_gpu_ids": self.gpu_ids,
+            "rss_bytes": psutil.Process().memory_info().rss,
             "version": self.config.version, "config_hash": self.served_by()["config_hash"]})
 
     def _heartbeat(self) -> None:

@@ -85,6 +85,7 @@ class ReplicaStatus(_Status):
     replica_id: str = ""
     app: str = ""
     assigned_gpu_ids: list[str] = Field(default_factory=list)
+    rss_bytes: int = 0  # the replica process's resident memory
     version: str = ""
     config_hash: str = ""
     last_seen: float | None = None
