@@ -106,6 +106,8 @@ class _OpenAIBase(_Penalties):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # An extension: true lets objects whose schema leaves additionalProperties out get undeclared properties.
+    undeclared_properties: bool | None = None
 
     _stops = stops_validator()
 
@@ -118,6 +120,8 @@ class _OpenAIBase(_Penalties):
         if len(found) > 1:
             raise ConstraintError("give one constraint: response_format, a forced tool_choice, structured_outputs "
                                   "or one guided_* field, not several", param="response_format")
+        if found and isinstance(found[0], JsonSchemaConstraint) and self.undeclared_properties is not None:
+            return found[0].model_copy(update={"undeclared_properties": self.undeclared_properties})
         return found[0] if found else None
 
     def _guided(self) -> dict[str, Any]:

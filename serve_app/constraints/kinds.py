@@ -60,6 +60,10 @@ class JsonSchemaConstraint(_Base):
     strict: bool = Field(True, description="false: when no backend enforces the schema exactly, accept an "
                                            "approximation; the output is still checked after generation")
 
+    undeclared_properties: bool | None = Field(
+        None, description="true: objects whose schema leaves additionalProperties out may also get undeclared "
+        "properties; false: only declared ones; unset: the model's backends.undeclared_properties (false)")
+
     def check_semantics(self) -> None:
         validator = jsonschema.validators.validator_for(self.json_schema, default=jsonschema.Draft202012Validator)
         try:
@@ -70,7 +74,8 @@ class JsonSchemaConstraint(_Base):
                                   param="json_schema", code="invalid_schema") from None
 
     def _canonical(self) -> Any:
-        return self.json_schema if self.strict else [self.json_schema, "approximate"]
+        canonical = self.json_schema if self.strict else [self.json_schema, "approximate"]
+        return canonical if self.undeclared_properties is None else [canonical, self.undeclared_properties]
 
     @cached_property
     def _validator(self) -> BoundedValidator:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.constraints.checks import has_checked_keywords, split_checks
+from serve_app.constraints.drafts import walk_schema
 from serve_app.constraints.keywords import FORMATS, unsupported_keywords
 from serve_app.constraints.kinds import AnyConstraint, JsonSchemaConstraint
 from serve_app.constraints.limits import LimitsConfig, check_constraint
@@ -74,7 +75,9 @@ def _plan(constraint: AnyConstraint, limits: LimitsConfig, defaults: BackendDefa
     key = f"{'|'.join(order)}|{constraint.cache_key()}"
     if not isinstance(constraint, JsonSchemaConstraint):
         return Plan(constraint, constraint, tuple(order), key)
-    schema_plan = plan_schema(constraint.json_schema, order, limits.max_ref_expansion)
+    undeclared = defaults.undeclared_properties if constraint.undeclared_properties is None \
+        else constraint.undeclared_properties
+    schema_plan = plan_schema(constraint.json_schema, order, limits.max_ref_expansion, declared_only=not undeclared)
     lenient = not constraint.strict and LENIENT_BACKEND in installed
     if not schema_plan.exact and not lenient:
         raise schema_plan.rejection(constraint.strict)
@@ -126,18 +129,26 @@ class SchemaPlan:
             param="json_schema", code="unsupported_keyword")
 
 
-def plan_schema(schema: dict[str, Any], order: Sequence[str], max_nodes: int = 10_000) -> SchemaPlan:
-    """Normalise; then keywords no grammar expresses (`not`, overlapping `oneOf`, `uniqueItems`, `if`, ...)
-    move from the grammar to checks made while generating (checks.py); then the backends that cover the rest."""
+def plan_schema(schema: dict[str, Any], order: Sequence[str], max_nodes: int = 10_000,
+                declared_only: bool = False) -> SchemaPlan:
+    """Normalise; with `declared_only`, objects that leave `additionalProperties` out get only their
+    declared properties; then keywords no grammar expresses (`not`, overlapping `oneOf`, `uniqueItems`,
+    `if`, ...) move from the grammar to checks made while generating (checks.py); then the backends
+    that cover the rest."""
     normalized = normalize_schema(schema, KNOWN_FORMATS, max_nodes)
     if _rejects_everything(normalized.schema):
         raise ConstraintError("this schema admits no value (its normalised form rejects everything: "
                               f"{'; '.join(normalized.rewrites[-3:]) or 'false'})", param="json_schema",
                               code="unsatisfiable_schema")
-    grammar, checks, checked = normalized.schema, tuple[str, ...](), None
-    if has_checked_keywords(normalized.schema):
-        split = split_checks(normalized.schema)  # (`then` without `if` is an annotation: dropped, not checked)
-        grammar, checks, checked = split.grammar, split.sites, normalized.schema if split.sites else None
+    rewrites, planned = normalized.rewrites, normalized.schema
+    if declared_only:
+        planned, closed = DeclaredOnly(planned).schema()
+        rewrites += (f"additionalProperties at {_listed(closed)} -> false (declared properties only; "
+                     "undeclared_properties: true allows others)",) if closed else ()
+    grammar, checks, checked = planned, tuple[str, ...](), None
+    if has_checked_keywords(planned):
+        split = split_checks(planned)  # (`then` without `if` is an annotation: dropped, not checked)
+        grammar, checks, checked = split.grammar, split.sites, planned if split.sites else None
     exact: list[str] = []
     missing: dict[str, list[tuple[str, str]]] = {}
     for backend in order:
@@ -149,7 +160,7 @@ def plan_schema(schema: dict[str, Any], order: Sequence[str], max_nodes: int = 1
             missing[backend] = [(k, as_sent.get(k, p)) for k, p in found]
         else:
             exact.append(backend)
-    return SchemaPlan(grammar, normalized.rewrites, tuple(exact), missing, checks, checked)
+    return SchemaPlan(grammar, rewrites, tuple(exact), missing, checks, checked)
 
 
 def _rejects_everything(schema: Any) -> bool:
@@ -157,3 +168,95 @@ def _rejects_everything(schema: Any) -> bool:
     if isinstance(schema, dict):
         schema = {k: v for k, v in schema.items() if k not in ("$schema", "$id")}
     return is_never(schema)
+
+
+# Where a subschema stands alone (its properties are all an instance there may have, if it says so),
+# and where it is combined with others (allOf members, if/then/else, not): never closed there.
+_STANDALONE = ("properties", "patternProperties", "additionalProperties", "items", "prefixItems", "contains",
+               "propertyNames", "$defs", "definitions", "additionalItems")
+_COMBINED = ("allOf", "not", "if", "then", "else", "dependentSchemas", "dependencies")
+_ALTERNATIVES = ("anyOf", "oneOf")
+_OBJECT_WORDS = frozenset({"properties", "required", "patternProperties", "additionalProperties", "minProperties",
+                           "maxProperties", "propertyNames", "dependentRequired", "dependencies"})
+_OPENS = frozenset({"additionalProperties", "unevaluatedProperties", "$ref", "$dynamicRef", *_COMBINED,
+                    *_ALTERNATIVES, "dependentRequired"})
+
+
+class DeclaredOnly:
+    """`additionalProperties: false` on every object subschema that declares properties, leaves
+    additionalProperties out and stands alone (not an allOf member or a $ref target used in one,
+    no applicator beside it, everything it requires declared, minProperties within reach): what
+    OpenAI's strict mode and xgrammar generate. The grammar's outputs are a subset of the valid
+    ones; the output is still checked against the schema as sent."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        self.root = schema
+        self.shared: set[str] = set()  # $refs used where schemas combine: their targets stay open
+        self.closed: list[str] = []
+
+    def schema(self) -> tuple[dict[str, Any], list[str]]:
+        if any("unevaluatedProperties" in node for node in walk_schema(self.root)):
+            return self.root, []  # "evaluated" depends on every applicator: left as it is
+        self._find_shared(self.root, False)
+        closed = self._close(self.root, "", True)
+        return closed, sorted(self.closed, key=lambda pointer: (pointer.count("/"), pointer))
+
+    def _find_shared(self, node: Any, combined: bool) -> None:
+        if not isinstance(node, dict):
+            return
+        if combined and isinstance(node.get("$ref"), str):
+            self.shared.add(node["$ref"])
+        for key, child, _ in _children(node):
+            self._find_shared(child, combined or key in _COMBINED)
+
+    def _close(self, node: Any, ptr: str, alone: bool) -> Any:
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        for key, child, where in _children(node):
+            own = alone if key in _ALTERNATIVES and not _OBJECT_WORDS & node.keys() else key in _STANDALONE
+            rewritten = self._close(child, f"{ptr}/{key}/{where}".rstrip("/"), own)
+            _put(out, key, where, rewritten)
+        if alone and f"#{ptr}" not in self.shared and self._closable(node):
+            out["additionalProperties"] = False
+            self.closed.append(f"#{ptr or '/'}")
+        return out
+
+    @staticmethod
+    def _closable(node: dict[str, Any]) -> bool:
+        props, required = node.get("properties"), node.get("required", [])
+        if not isinstance(props, dict) or not props or _OPENS & node.keys() or not isinstance(required, list):
+            return False
+        types = node.get("type", "object")
+        if "object" not in (types if isinstance(types, list) else [types]):
+            return False
+        least = node.get("minProperties", 0)
+        return all(name in props for name in required) and (not isinstance(least, int) or least <= len(props))
+
+
+def _children(node: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(keyword, subschema, its key or index under the keyword) for each subschema of `node`."""
+    out: list[tuple[str, Any, str]] = []
+    for key in (*_STANDALONE, *_COMBINED, *_ALTERNATIVES):
+        value = node.get(key)
+        if key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"):
+            out += [(key, v, k) for k, v in value.items()] if isinstance(value, dict) else []
+        elif isinstance(value, list):
+            out += [(key, v, str(i)) for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            out.append((key, value, ""))
+    return out
+
+
+def _put(out: dict[str, Any], key: str, where: str, value: Any) -> None:
+    if where == "":
+        out[key] = value
+    elif isinstance(out[key], dict):
+        out[key] = {**out[key], where: value}
+    else:
+        out[key] = [value if str(i) == where else v for i, v in enumerate(out[key])]
+
+
+def _listed(pointers: list[str], shown: int = 8) -> str:
+    more = f" and {len(pointers) - shown} more" if len(pointers) > shown else ""
+    return ", ".join(pointers[:shown]) + more

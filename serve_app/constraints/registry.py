@@ -45,6 +45,10 @@ class BackendDefaults(BaseModel):
         "cascade", description="cascade, or one backend for every schema")
     cascade: list[BackendName] = Field(default_factory=lambda: list(DEFAULT_CASCADE), min_length=1,
                                        description="tried in this order where installed")
+    undeclared_properties: bool = Field(
+        False, description="false: an object whose schema leaves additionalProperties out gets only its declared "
+        "properties (a subset of valid outputs: what OpenAI's strict mode and xgrammar generate); true: also others, "
+        "as JSON Schema allows. A request's undeclared_properties overrides it")
     regex: BackendName = "llguidance"
     choice: BackendName = "llguidance"
     grammar: BackendName = Field("llguidance", description="Lark grammars: llguidance only")

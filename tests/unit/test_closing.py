@@ -235,3 +235,15 @@ def test_a_backtracking_pattern_cannot_stall_closing_or_the_output_check():
     assert constraint.is_satisfied_by('{"s":"' + "a" * 40 + 'b"}') is False
     assert constraint.is_satisfied_by('{"s":"aaa"}') is True
     assert time.perf_counter() - started < 5
+
+
+def test_answers_hold_only_declared_properties_unless_the_request_allows_others(tiny_engine):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}}}
+    declared = [_request(schema, seed, 48, temperature=1.5) for seed in range(6)]
+    for result in tiny_engine.generate(declared):
+        assert result.valid is True and set(json.loads(result.text)) <= {"name", "age"}, result.text
+        assert any("declared properties only" in r for r in result.rewrites)
+    allowed = [r.model_copy(update={"constraint": r.constraint.model_copy(update={"undeclared_properties": True})})
+               for r in declared]
+    texts = [result.text for result in tiny_engine.generate(allowed)]
+    assert any(set(json.loads(t)) - {"name", "age"} for t in texts if t.endswith("}"))  # the random model wanders

@@ -767,3 +767,63 @@ def test_a_member_that_rejects_everything_makes_its_allof_reject_everything_wher
     assert _norm(optional)["properties"] == {"a": False, "b": {"type": "integer"}}  # objects without "a" remain
     not_only_objects = {"properties": {"a": False}, "required": ["a"]}  # a string is still valid
     assert _norm(not_only_objects) == not_only_objects
+
+
+# --- declared properties only (plan.py DeclaredOnly) -------------------------------------------------------------
+
+def _target(schema: dict[str, Any], **options: Any) -> tuple[dict[str, Any], tuple[str, ...]]:
+    from serve_app.constraints import JsonSchemaConstraint, LimitsConfig, installed_backends, plan_constraint
+    from serve_app.constraints.registry import BackendDefaults
+
+    defaults = BackendDefaults(**options.pop("defaults", {}))
+    plan = plan_constraint(JsonSchemaConstraint.model_validate({"schema": schema, **options}), LimitsConfig(),
+                           defaults, installed_backends())
+    return plan.target.json_schema, plan.rewrites  # type: ignore[union-attr]
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "address": {"type": "object", "properties": {"city": {"type": "string"}}}},
+          "required": ["name", "age"]}
+
+
+def test_objects_that_leave_additional_properties_out_get_only_their_declared_ones() -> None:
+    target, rewrites = _target(PERSON)
+    assert target["additionalProperties"] is False
+    assert target["properties"]["address"]["additionalProperties"] is False
+    assert any(r.startswith("additionalProperties at #/, #/properties/address -> false") for r in rewrites)
+    for opened in (_target(PERSON, undeclared_properties=True)[0],
+                   _target(PERSON, defaults={"undeclared_properties": True})[0]):
+        assert "additionalProperties" not in opened and "additionalProperties" not in opened["properties"]["address"]
+    assert _target(PERSON, undeclared_properties=False, defaults={"undeclared_properties": True})[0][
+        "additionalProperties"] is False  # the request's word over the model's
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {}}, "additionalProperties": True},
+    {"type": "object", "properties": {"a": {}}, "patternProperties": {"^x": {}}, "required": ["a", "b"]},
+    {"type": "object", "properties": {"a": {}}, "minProperties": 2},
+    {"type": "object", "properties": {"a": {}}, "if": {"required": ["a"]}, "then": {"required": ["a"]}},
+], ids=["says true", "requires an undeclared name", "minProperties past the declared", "an applicator beside"])
+def test_objects_that_need_other_properties_stay_open(schema: dict[str, Any]) -> None:
+    assert _target(schema)[0].get("additionalProperties") in (None, {}, True)  # (normalised: true is {})
+
+
+def test_a_schema_with_unevaluated_properties_anywhere_is_left_as_it_is() -> None:
+    from serve_app.constraints.plan import DeclaredOnly
+
+    schema = {"type": "object", "properties": {"o": {"type": "object", "properties": {"c": {}}}},
+              "anyOf": [{"properties": {"b": {}}}], "unevaluatedProperties": False}
+    assert DeclaredOnly(schema).schema() == (schema, [])
+
+
+def test_members_of_a_combination_stay_open_and_alternatives_are_closed() -> None:
+    combined = {"$defs": {"base": {"type": "object", "properties": {"id": {"type": "integer"}}}},
+                "type": "object", "allOf": [{"$ref": "#/$defs/base"}, {"properties": {"name": {"type": "string"}}}]}
+    target, _ = _target(combined)
+    assert "additionalProperties" not in json.dumps(target)
+    for instance in ({"id": 1, "name": "x"}, {"id": 1}):
+        assert _valid(target, instance)
+    union = {"anyOf": [{"type": "object", "properties": {"cat": {"type": "string"}}, "required": ["cat"]},
+                       {"type": "object", "properties": {"dog": {"type": "string"}}, "required": ["dog"]}]}
+    target, _ = _target(union)
+    assert [branch["additionalProperties"] for branch in target["anyOf"]] == [False, False]
