@@ -19,7 +19,13 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve_app.constraints.registry import BackendName
-from serve_app.constraints.validation import ENFORCED_FORMATS, REGEX_CHECK_TIMEOUT_S, BoundedValidator, safe_validator
+from serve_app.constraints.validation import (
+    ENFORCED_FORMATS,
+    META_FORMATS,
+    REGEX_CHECK_TIMEOUT_S,
+    BoundedValidator,
+    safe_validator,
+)
 from serve_app.errors import ConstraintError, LimitExceededError
 
 # Regex features no token-level automaton can enforce: lookaround and backreferences.
@@ -67,7 +73,7 @@ class JsonSchemaConstraint(_Base):
     def check_semantics(self) -> None:
         validator = jsonschema.validators.validator_for(self.json_schema, default=jsonschema.Draft202012Validator)
         try:
-            validator.check_schema(self.json_schema)
+            validator.check_schema(self.json_schema, format_checker=META_FORMATS)  # type: ignore[call-arg]
         except jsonschema.SchemaError as error:
             path = "/".join(str(p) for p in error.absolute_path)
             raise ConstraintError(f"invalid JSON Schema at #/{path}: {error.message}",

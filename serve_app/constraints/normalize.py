@@ -49,6 +49,8 @@ _UNTIL = {"dependencies": 7, "additionalItems": 2019}
 _IN_PLACE = frozenset({"allOf", "anyOf", "oneOf", "not", "if", "then", "else", "$ref", "dependentSchemas"})
 _ITEM_KEYWORDS = frozenset({"items", "prefixItems", "additionalItems", "contains"})
 _UNEVALUATED = frozenset({"unevaluatedProperties", "unevaluatedItems"})
+_COUNTS = frozenset({"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
+                     "minContains", "maxContains"})
 # Keywords that read each other: merging two schemas may not bring them together from both sides.
 _GROUPS = (frozenset({"properties", "patternProperties", "additionalProperties", "unevaluatedProperties"}),
            _ITEM_KEYWORDS | {"unevaluatedItems", "minContains", "maxContains"}, frozenset({"if", "then", "else"}),
@@ -169,7 +171,7 @@ class _Rewriter:
 
     def simplify(self, node: dict[str, Any], ptr: str) -> Any:
         """The per-subschema rewrites, its children already rewritten."""
-        node = self.bounds(self.unique_items(self.drop_format(node, ptr), ptr), ptr)
+        node = self.bounds(self.unique_items(self.drop_format(self.integral_counts(node, ptr), ptr), ptr), ptr)
         if _requires_the_impossible(node):
             self.note("required", ptr, "-> rejects everything (an object that must hold a property no value fits)")
             return self.never
@@ -304,6 +306,14 @@ class _Rewriter:
             return node
         self.note(f"format {fmt!r}", ptr, "dropped (an unknown format is an annotation)")
         return {k: v for k, v in node.items() if k != "format"}
+
+    def integral_counts(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
+        """Counts written as integral floats (`maxItems: 2.0`, an integer in JSON Schema's data model)
+        as integers, which backends require."""
+        floats = [k for k in _COUNTS & node.keys() if isinstance(node[k], float) and node[k].is_integer()]
+        for key in sorted(floats):
+            self.note(f"{key}: {node[key]!r}", ptr, f"-> {int(node[key])}")
+        return {**node, **{k: int(node[k]) for k in floats}} if floats else node
 
     def unique_items(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
         unique, most = node.get("uniqueItems"), node.get("maxItems")

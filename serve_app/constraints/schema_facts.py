@@ -170,6 +170,8 @@ def admits_nothing(node: dict[str, Any], types: frozenset[str]) -> str | None:
     """Why `node` provably rejects every value (`types`: a superset of the JSON types it admits),
     or None: bounds that cross on the only type left, more required names than `maxProperties`,
     more unique items than their values, a `oneOf` whose branches are all the same schema."""
+    if isinstance(node.get("enum"), list) and not node["enum"]:
+        return "enum [] (no value is listed)"
     for kind, low, high in _BOUND_PAIRS:
         if types <= TYPE_NAMES[kind] and _number(node.get(low), 0) > _number(node.get(high), float("inf")):
             return f"{low} {node[low]} > {high} {node[high]}"

@@ -8,6 +8,8 @@ timeout and without the GIL, and a match not decided in time never makes output 
 
 from __future__ import annotations
 
+import calendar
+import re
 import threading
 import time
 from typing import Any
@@ -18,11 +20,87 @@ from serve_app.constraints.keywords import FORMATS
 
 # Long enough for any sane pattern on an output; short enough that a hostile one costs little.
 REGEX_CHECK_TIMEOUT_S = 0.5
-# Outputs are checked for the formats a backend enforces; any other `format` is an annotation
-# (as JSON Schema specifies by default), so the check must not enforce it either.
-# (jsonschema checks a format only when its optional checker library is installed.)
-ENFORCED_FORMATS = jsonschema.FormatChecker(formats=[
-    name for name in FORMATS if name in jsonschema.FormatChecker.checkers])
+# RFC 3339 (date, time with its offset, date-time: as JSON Schema since draft-07 defines them), ISO
+# 8601 durations (RFC 3339 appendix A), RFC 1123 host names (punycode labels decoded), RFC 3986 URIs.
+_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+_TIME = re.compile(r"(\d{2}):(\d{2}):(\d{2})(?:\.\d+)?(?:([Zz])|([+-])(\d{2}):(\d{2}))")
+_DURATION = re.compile(r"P(?:(?:\d+Y(?:\d+M(?:\d+D)?)?|\d+M(?:\d+D)?|\d+D)(?:T(?:\d+H(?:\d+M(?:\d+S)?)?|\d+M"
+                       r"(?:\d+S)?|\d+S))?|T(?:\d+H(?:\d+M(?:\d+S)?)?|\d+M(?:\d+S)?|\d+S)|\d+W)")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+
+
+def is_date(text: str) -> bool:
+    found = _DATE.fullmatch(text)
+    if found is None:
+        return False
+    year, month, day = (int(g) for g in found.groups())
+    return 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]
+
+
+def is_time(text: str) -> bool:
+    """RFC 3339 full-time: the offset is required; a leap second only at 23:59:60 UTC."""
+    found = _TIME.fullmatch(text)
+    if found is None:
+        return False
+    hour, minute, second = int(found[1]), int(found[2]), int(found[3])
+    sign, off_h, off_m = found[5], int(found[6] or 0), int(found[7] or 0)
+    if hour > 23 or minute > 59 or second > 60 or off_h > 23 or off_m > 59:
+        return False
+    if second == 60:
+        shift = (off_h * 60 + off_m) * (1 if sign == "+" else -1 if sign == "-" else 0)
+        return (hour * 60 + minute - shift) % (24 * 60) == 23 * 60 + 59
+    return True
+
+
+def is_date_time(text: str) -> bool:
+    date, sep, time_ = text[:10], text[10:11], text[11:]
+    return sep in ("T", "t") and is_date(date) and is_time(time_)
+
+
+def is_hostname(text: str) -> bool:
+    labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+    return 0 < len(text) <= 253 and all(_LABEL.fullmatch(label) and _punycode_ok(label) for label in labels)
+
+
+def _punycode_ok(label: str) -> bool:
+    if not label.lower().startswith("xn--"):
+        return label[2:4] != "--"  # "--" there is reserved for encodings (RFC 5891)
+    try:
+        return bool(label[4:].encode("ascii").decode("punycode"))
+    except (UnicodeError, ValueError):
+        return False
+
+
+_OURS = {"date": is_date, "time": is_time, "date-time": is_date_time, "hostname": is_hostname,
+         "duration": lambda t: _DURATION.fullmatch(t) is not None, "uri": lambda t: _URI.fullmatch(t) is not None}
+
+
+def _format_checker() -> jsonschema.FormatChecker:
+    """Every format a backend's grammar enforces (keywords.FORMATS) checked after generation too,
+    by one definition: ours above, jsonschema's for email, ipv4, ipv6 and uuid. Any other `format`
+    is an annotation (as JSON Schema specifies by default), so the check must not enforce it either."""
+    checker = jsonschema.FormatChecker(formats=[n for n in FORMATS if n not in _OURS])
+    for name, check in _OURS.items():
+        checker.checks(name)(lambda value, check=check: not isinstance(value, str) or check(value))
+    missing = set(FORMATS) - set(checker.checkers)
+    assert not missing, f"formats the grammar enforces without a check after generation: {missing}"
+    return checker
+
+
+ENFORCED_FORMATS = _format_checker()
+
+
+def _is_regex(value: object) -> bool:
+    """A pattern as the `regex` module reads it (what the checks run; `\\p{L}` classes included)."""
+    import regex
+
+    return not isinstance(value, str) or regex.compile(value) is not None
+
+
+# Meta-validation of a schema: jsonschema's own formats, but patterns read by the `regex` module.
+META_FORMATS = jsonschema.FormatChecker()
+META_FORMATS.checks("regex", raises=Exception)(_is_regex)
 
 # Every regex run while a row generates (closing, the checks) gets this limit: it runs in the decode
 # loop on every token; the output check after generation has its own, longer one. Undecided = refused.

@@ -120,3 +120,32 @@ def test_checking_against_a_self_referencing_schema_is_bounded_and_never_raises(
         assert constraint.is_satisfied_by(text) is False  # past the parser's stack: not valid, no error
     tool = Tool.model_validate({"type": "function", "function": {"name": "f", "parameters": doubling}})
     assert detect_call('{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}", [tool]) == (None, None)
+
+
+@pytest.mark.parametrize("name,good,bad", [
+    ("time", ["08:30:06Z", "08:30:06.25+02:00", "23:59:60Z", "15:59:60-08:00"], ["08:30:06", "22:59:60Z", "24:00:00Z"]),
+    ("date", ["2024-02-29"], ["2023-02-29", "2024-13-01"]),
+    ("date-time", ["2024-02-29T10:00:00Z", "2024-01-01t10:00:00z"], ["2024-01-01 10:00:00Z", "2024-01-01T10:00:00"]),
+    ("duration", ["P1D", "PT1H30M", "P2W"], ["P", "PT", "P1DT"]),
+    ("hostname", ["example.com", "xn--nxasmq6b.com"], ["-a.com", "ab--c.com", "a" * 64 + ".com"]),
+    ("uri", ["https://a.example/x?y=1#z", "urn:isbn:123"], ["no scheme", "http://a b", "http://%zz"]),
+])
+def test_every_format_the_grammar_enforces_is_checked_after_generation_by_one_definition(name, good, bad):
+    from serve_app.constraints.keywords import FORMATS
+    from serve_app.constraints.validation import ENFORCED_FORMATS
+
+    assert set(FORMATS) <= set(ENFORCED_FORMATS.checkers)
+    assert ENFORCED_FORMATS.conforms(FORMATS[name], name)  # the example closing writes
+    assert all(ENFORCED_FORMATS.conforms(v, name) for v in good) and not any(ENFORCED_FORMATS.conforms(v, name)
+                                                                             for v in bad)
+
+
+def test_a_generated_time_is_valid(tiny_engine):
+    from serve_app.generation import GenerationRequest, SamplingParams
+
+    constraint = parse_constraint({"type": "json_schema", "schema": {"type": "object", "properties": {
+        "at": {"type": "string", "format": "time"}}, "required": ["at"]}})
+    results = tiny_engine.generate([GenerationRequest(prompt="When?", constraint=constraint, sampling=SamplingParams(
+        max_new_tokens=48, temperature=1.0, seed=seed)) for seed in range(4)])
+    finished = [r for r in results if r.finish_reason == "stop"]
+    assert finished and all(r.valid for r in finished)

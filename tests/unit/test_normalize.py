@@ -737,10 +737,11 @@ def test_the_grammar_and_the_checks_together_accept_only_what_the_schema_accepts
     {"type": "object", "required": ["a", "b"], "maxProperties": 1},
     {"type": "string", "minLength": 5, "maxLength": 4},
     {"type": "integer", "minimum": 10, "maximum": 9},
+    {"enum": []},
 ], ids=["allOf true false", "allOf ref to false", "not empty", "draft-04 allOf not empty", "required false property",
         "nested required false property", "minProperties over maxProperties", "minContains over maxItems",
         "identical oneOf branches", "unique items over their values", "required over maxProperties",
-        "minLength over maxLength", "minimum over maximum"])
+        "minLength over maxLength", "minimum over maximum", "empty enum"])
 def test_a_schema_that_provably_admits_nothing_is_a_400_saying_so(schema) -> None:
     from serve_app.config import ModelConfig
     from serve_app.constraints import installed_backends, parse_constraint
@@ -827,3 +828,12 @@ def test_members_of_a_combination_stay_open_and_alternatives_are_closed() -> Non
                        {"type": "object", "properties": {"dog": {"type": "string"}}, "required": ["dog"]}]}
     target, _ = _target(union)
     assert [branch["additionalProperties"] for branch in target["anyOf"]] == [False, False]
+
+
+def test_counts_written_as_integral_floats_become_integers_and_unicode_classes_pass_meta_validation() -> None:
+    target, rewrites = _target({"type": "object", "properties": {"tags": {
+        "type": "array", "items": {"type": "string", "pattern": "^\\p{L}+$", "minLength": 1.0}, "maxItems": 2.0}}})
+    tags = target["properties"]["tags"]
+    assert (tags["maxItems"], tags["items"]["minLength"]) == (2, 1)
+    assert type(tags["maxItems"]) is int and type(tags["items"]["minLength"]) is int
+    assert "maxItems: 2.0 at #/properties/tags -> 2" in rewrites
