@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.api import request_models, responses, streaming
+from serve_app.api import request_models, responses, responses_api, streaming
 from serve_app.api.errors import error_response
 from serve_app.api.intake import Intake, RequestChecker, as_sent
 from serve_app.config import AppConfig, ModelConfig
@@ -36,7 +36,8 @@ from serve_app.status import read_statuses
 # Each route: method, path, the Router method that answers it.
 ROUTES = (
     ("POST", "/v1/chat/completions", "chat_completions"), ("POST", "/v1/completions", "completions"),
-    ("POST", "/v1/generate", "generate"), ("GET", "/v1/models", "models"), ("GET", "/v1/models/{model_id}", "model"),
+    ("POST", "/v1/generate", "generate"), ("POST", "/v1/responses", "responses"),
+    ("GET", "/v1/models", "models"), ("GET", "/v1/models/{model_id}", "model"),
     ("GET", "/healthz", "healthz"), ("GET", "/health", "health"), ("GET", "/readyz", "readyz"),
     ("GET", "/metrics", "prometheus"), ("GET", "/v1/replicas", "replicas"),
 )
@@ -188,6 +189,18 @@ class Router:
         except ServeAppError as error:
             raise as_sent(error, intake.body) from None
         return responses.native_response(model.name, result, row.constraint, time.perf_counter() - started)
+
+    async def responses(self, request: Request) -> dict[str, Any] | StreamingResponse:
+        intake = await self.intake(request, responses_api.ResponsesRequest)
+        model, [row], body = intake.model, intake.rows, intake.body
+        try:
+            if body.stream:
+                events = responses_api.ResponseEvents(model.name, body)
+                return await self.stream(model, [row], events, "/v1/responses")
+            [result] = await self.dispatch(model, [row], "/v1/responses")
+        except ServeAppError as error:
+            raise as_sent(error, body) from None
+        return responses_api.response_object(model.name, result, body)
 
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(m) for m in self.config.models]}

@@ -120,8 +120,10 @@ def as_sent(error: ServeAppError, body: Any) -> ServeAppError:
     """`error` naming the field as the request sent it: engines and limits say `max_tokens`,
     `messages` or the constraint's kind whatever the route; the client sent `max_completion_tokens`,
     `prompt`, or `response_format.json_schema`."""
-    param, renamed = error.param, None
-    if param == "max_tokens" and getattr(body, "max_completion_tokens", None) is not None \
+    param, renamed = error.param, getattr(body, "SENT_AS", {}).get(error.param)
+    if renamed is not None:
+        pass
+    elif param == "max_tokens" and getattr(body, "max_completion_tokens", None) is not None \
             and getattr(body, "max_tokens", None) is None:
         renamed = "max_completion_tokens"
     elif param in ("messages", "prompt"):

@@ -175,3 +175,59 @@ def test_the_tool_calls_bench_gets_only_valid_calls(serve_cluster, tmp_path):
     result = json.loads((tmp_path / "tool_calls.json").read_text())
     assert result["requests"] == result["tool_calls"] == result["valid"] == 6
     assert "| 6 | 6/6 | 6/6 |" in done.stdout
+
+
+# -- the Responses API (POST /v1/responses) ------------------------------------------------------
+
+
+def test_responses_create_with_a_json_schema_answers_valid_json(oa):
+    schema = User.model_json_schema()
+    response = oa.responses.create(model="tiny", input="Invent a user.", instructions="Answer in JSON.",
+                                   text={"format": {"type": "json_schema", "name": "user", "schema": schema,
+                                                    "strict": True}}, max_output_tokens=96)
+    assert response.status == "completed" and response.output[0].type == "message"
+    User.model_validate_json(response.output_text)
+    assert response.usage.output_tokens > 0 and response.store is False
+
+
+def test_responses_parse_with_a_pydantic_model(oa):
+    response = oa.responses.parse(model="tiny", input=[{"role": "user", "content": "Invent a user."}],
+                                  text_format=User, max_output_tokens=96)
+    assert isinstance(response.output_parsed, User)
+
+
+def test_responses_stream_sends_the_text_then_the_whole_response(oa):
+    with oa.responses.stream(model="tiny", input="Invent a user.", text_format=User, max_output_tokens=96) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds and "response.output_text.done" in kinds
+    assert isinstance(final.output_parsed, User)
+
+
+def test_responses_function_tool_calls_are_valid_calls(oa):
+    tools = [{"type": "function", "name": "get_weather", "description": "Weather for a city",
+              "parameters": Weather.model_json_schema(), "strict": True}]
+    response = oa.responses.create(model="tiny", input="Weather in Paris?", tools=tools, tool_choice="required",
+                                   max_output_tokens=64)
+    [call] = response.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    Weather.model_validate_json(call.arguments)
+    followed = oa.responses.create(model="tiny", max_output_tokens=8, tools=tools, input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert followed.status in ("completed", "incomplete")
+    with oa.responses.stream(model="tiny", input="Weather?", tools=tools, tool_choice="required",
+                             max_output_tokens=64) as stream:
+        kinds = [event.type for event in stream]
+    assert "response.function_call_arguments.done" in kinds
+
+
+@pytest.mark.parametrize("extra,param", [({"store": True}, "store"), ({"previous_response_id": "resp_1"},
+                                                                      "previous_response_id"),
+                                         ({"max_output_tokens": 100_000}, "max_output_tokens")])
+def test_responses_refusals_name_the_responses_field(oa, extra, param):
+    with pytest.raises(openai.BadRequestError) as raised:
+        oa.responses.create(model="tiny", input="hi", **extra)
+    assert raised.value.body["param"] == param

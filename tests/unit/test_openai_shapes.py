@@ -343,3 +343,31 @@ def test_a_template_that_refuses_the_messages_is_a_400():
 
     with pytest.raises(InvalidRequestError, match="roles must alternate"):
         render_chat(Refusing("x"), [ChatMessage(role="user", content="a")])
+
+
+# -- the Responses API's shapes, read back by the openai SDK's own types -------------------------------
+
+
+def test_a_responses_request_means_the_chat_request_and_its_answer_reads_as_a_response():
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    from serve_app.api.responses_api import ResponseEvents, ResponsesRequest, response_object
+
+    body = ResponsesRequest.model_validate({
+        "model": "m", "instructions": "Be brief.", "max_output_tokens": 32,
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                  {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                  {"type": "function_call_output", "call_id": "c1", "output": "ok"}],
+        "text": {"format": {"type": "json_schema", "name": "p", "schema": {"type": "object"}}}})
+    chat = body.chat
+    assert [m.role for m in chat.messages] == ["system", "user", "assistant", "tool"]
+    assert chat.messages[2].tool_calls[0].id == "c1" and chat.max_tokens == 32
+    assert body.constraint_source() == "text.format" and body.generation_requests()[0].constraint is not None
+    answer = result('{"a": 1}')
+    Response.model_validate(response_object("m", answer, body))
+    events = ResponseEvents("m", body)
+    stream = [*events.start(), *events.delta(0, '{"a":'), *events.delta(0, " 1}"), *events.finish(0, answer, [answer])]
+    adapter = TypeAdapter(ResponseStreamEvent)
+    assert [adapter.validate_python(e).sequence_number for e in stream] == list(range(len(stream)))
+    assert stream[-1]["response"]["output"][0]["content"][0]["text"] == '{"a": 1}'
