@@ -414,9 +414,11 @@ class _Rewriter:
             node.setdefault("additionalProperties", value)
             self.note("unevaluatedProperties", ptr, "dropped (additionalProperties evaluates every property)"
                       if covered else "-> additionalProperties")
-        if "unevaluatedItems" in node and not _ITEM_KEYWORDS & node.keys():
-            node["items"] = node.pop("unevaluatedItems")
-            self.note("unevaluatedItems", ptr, "-> items")
+        if "unevaluatedItems" in node and "contains" not in node:  # (contains evaluates the items it matches)
+            rest = "additionalItems" if isinstance(node.get("items"), list) else "items"  # after a tuple form
+            covered = rest in node
+            node.setdefault(rest, node.pop("unevaluatedItems"))
+            self.note("unevaluatedItems", ptr, f"dropped ({rest} evaluates every item)" if covered else f"-> {rest}")
         return node
 
     def dependencies(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:

@@ -304,7 +304,6 @@ def test_unevaluated_keywords_become_additional_ones_without_in_place_applicator
     {"allOf": [{"properties": {"a": {"type": "string"}}}], "properties": {"b": {"type": "string"}},
      "unevaluatedProperties": False},
     {"anyOf": [{"properties": {"a": {"type": "string"}}}, {"required": ["b"]}], "unevaluatedProperties": False},
-    {"prefixItems": [{"type": "string"}], "unevaluatedItems": False},
     {"contains": {"type": "string"}, "unevaluatedItems": False},
 ])
 def test_unevaluated_keywords_stay_when_something_else_evaluates(schema: dict[str, Any]) -> None:
@@ -837,3 +836,19 @@ def test_counts_written_as_integral_floats_become_integers_and_unicode_classes_p
     assert (tags["maxItems"], tags["items"]["minLength"]) == (2, 1)
     assert type(tags["maxItems"]) is int and type(tags["items"]["minLength"]) is int
     assert "maxItems: 2.0 at #/properties/tags -> 2" in rewrites
+
+
+@pytest.mark.parametrize("schema,instances", [
+    ({"type": "array", "prefixItems": [{"type": "integer"}], "unevaluatedItems": False}, [[1], [1, 2], ["a"], []]),
+    ({"type": "array", "prefixItems": [{"type": "integer"}], "unevaluatedItems": {"type": "string"}},
+     [[1, "a", "b"], [1, 2], [1]]),
+    ({"type": "array", "prefixItems": [{}], "items": {"type": "integer"}, "unevaluatedItems": False},
+     [[1, 2], ["a", 3]]),
+    ({"$schema": "https://json-schema.org/draft/2019-09/schema", "type": "array", "items": [{"type": "integer"}],
+      "unevaluatedItems": False}, [[1], [1, 2]]),
+])
+def test_unevaluated_items_beside_a_tuple_form_become_the_keyword_for_the_rest(schema, instances) -> None:
+    out = _norm(schema)
+    assert "unevaluatedItems" not in out
+    for instance in instances:
+        assert _valid(out, instance) == _valid(schema, instance), instance
