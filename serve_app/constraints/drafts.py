@@ -42,16 +42,17 @@ def pointers_hold(root: dict[str, Any], node: dict[str, Any], draft: int) -> boo
     """Whether `node` keeps inlining exact: its $ref is a local JSON pointer to a schema, and it neither moves
     the base URI nor refers dynamically."""
     ident = node.get("$id", node.get("id") if draft == 4 else None)
-    if (node is not root and ident is not None) or node.keys() & {"$dynamicRef", "$recursiveRef"}:
+    names_a_fragment = isinstance(ident, str) and ident.startswith("#")  # draft-06/07's "#name": no new base
+    if (node is not root and ident is not None and not names_a_fragment) or \
+            node.keys() & {"$dynamicRef", "$recursiveRef"}:
         return False
     if any(not isinstance(node.get(key, []), list) for key in SCHEMA_LISTS) or (
             draft == 2020 and isinstance(node.get("items"), list)):
         return False
     ref = node.get("$ref", "#")
-    if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/") and "" not in ref[2:].split("/")) or (
-            "%" in ref):
+    if not isinstance(ref, str) or ref.startswith("#/") and "" in ref[2:].split("/"):
         return False
-    try:
+    try:  # a pointer (percent-encoded too), an anchor, or either after the root's own $id
         return isinstance(resolve_pointer(root, ref), (dict, bool))
     except ConstraintError:
         return False

@@ -355,8 +355,12 @@ class JsonCloser(JsonScanner):
         return min(texts, key=len, default=None)
 
     def _close_number(self, scalar: Scalar) -> str | None:
-        """Digits that finish a started number within the schema's bounds ("-", "1.", "1e" need one)."""
-        for rest in ("", "0", "00", "000", "0000"):
+        """Digits that finish a started number within the schema's bounds ("-", "1.", "1e" need one).
+        A fraction ending in 0 gets a last nonzero digit where that stays valid: llguidance's grammar
+        for a bounded number writes fractions without trailing zeros, so it refuses to end there."""
+        fraction = "." in scalar.text and not {"e", "E"} & set(scalar.text)
+        rests = ("1", "") if fraction and scalar.text.endswith("0") else ()
+        for rest in (*rests, "", "0", "00", "000", "0000"):
             text = scalar.text + rest
             if complete_number(text) and any(self.is_valid(b, json.loads(text)) for b in scalar.data):
                 return rest

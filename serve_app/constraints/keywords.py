@@ -10,6 +10,8 @@ No torch or Outlines import: the router uses this to reject early.
 
 from __future__ import annotations
 
+import urllib.parse
+
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -159,13 +161,20 @@ def check_refs(schema: Any) -> None:
 
 
 def resolve_pointer(root: Any, ref: str) -> Any:
-    """A local ``#/...`` reference, or ConstraintError."""
+    """A reference inside this document, or ConstraintError: a JSON pointer (``#/...``, percent-
+    encoded parts included), a plain-name fragment (``#name``: a `$anchor`, or draft-06/07's
+    ``"$id": "#name"``), either after the root's own `$id` (``https://x/s.json#/$defs/a``)."""
+    base = root.get("$id") if isinstance(root, dict) else None
+    if isinstance(base, str) and not ref.startswith("#") and ref.split("#", 1)[0] in (base, base.split("#", 1)[0]):
+        ref = "#" + ref.split("#", 1)[1] if "#" in ref else "#"
     if not ref.startswith("#"):
-        raise ConstraintError(f"only local $ref ('#/...') is supported, got {ref!r}", param="json_schema",
-                              code="unsupported_ref")
+        raise ConstraintError(f"only $refs inside this document ('#/...', '#anchor') are supported, got {ref!r}",
+                              param="json_schema", code="unsupported_ref")
+    if len(ref) > 1 and not ref.startswith("#/"):
+        return _anchor(root, urllib.parse.unquote(ref[1:]), ref)
     node = root
     for raw in [p for p in ref[1:].split("/") if p]:
-        part = raw.replace("~1", "/").replace("~0", "~")
+        part = urllib.parse.unquote(raw).replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
@@ -173,6 +182,14 @@ def resolve_pointer(root: Any, ref: str) -> Any:
         else:
             raise ConstraintError(f"unresolvable $ref {ref!r}", param="json_schema", code="unresolvable_ref")
     return node
+
+
+def _anchor(root: Any, name: str, ref: str) -> Any:
+    for _, node in iter_subschemas(root):
+        if node.get("$anchor") == name or node.get("$id") == f"#{name}":
+            return node
+    raise ConstraintError(f"unresolvable $ref {ref!r} (no $anchor {name!r})", param="json_schema",
+                          code="unresolvable_ref")
 
 
 def schema_size(schema: Any, max_nodes: int) -> tuple[int, int]:

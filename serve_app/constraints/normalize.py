@@ -119,7 +119,8 @@ class _Rewriter:
                     self.note("keywords next to $ref", ptr, f"dropped (ignored in {_DRAFT_NAMES[self.draft]})")
                 return self.ref(ref, ptr, active)
             node = {**siblings, "allOf": [*siblings.get("allOf", []), {"$ref": ref}]}
-        node = self.drop_inert({k: v for k, v in node.items() if k not in ("$defs", "definitions")}, ptr)
+        node = self.drop_inert({k: v for k, v in node.items() if k not in ("$defs", "definitions", "$anchor")
+                                and not (k == "$id" and ptr)}, ptr)  # every $ref here is resolved or rewritten
         return self.simplify(self.children(node, ptr, active), ptr)
 
     def ref(self, ref: str, ptr: str, active: frozenset[str]) -> Any:

@@ -21,6 +21,7 @@ from jsonschema.validators import validator_for
 
 import serve_app.constraints
 from serve_app.constraints.checks import ValueChecks, split_checks
+from serve_app.constraints.drafts import walk_schema
 from serve_app.constraints.normalize import normalize_schema
 from serve_app.constraints.row_checks import RowChecker
 
@@ -126,7 +127,6 @@ def test_ref_bomb_stops_inlining_at_max_nodes_and_keeps_refs_that_work() -> None
 
 @pytest.mark.parametrize("schema", [
     {"properties": {"a": {"$ref": "https://example.com/other.json"}}},
-    {"$defs": {"a": {"$anchor": "here", "type": "string"}}, "properties": {"a": {"$ref": "#here"}}},
     {"$defs": {"a": {"$id": "https://example.com/a", "type": "string"}}, "properties": {"a": {"$ref": "#/$defs/a"}}},
     {"$dynamicAnchor": "node", "properties": {"a": {"$dynamicRef": "#node"}}, "oneOf": [{"type": "object"}]},
     {"properties": {"a": {"$ref": "#/$defs/missing"}, "b": {"description": "x"}}},
@@ -850,5 +850,27 @@ def test_counts_written_as_integral_floats_become_integers_and_unicode_classes_p
 def test_unevaluated_items_beside_a_tuple_form_become_the_keyword_for_the_rest(schema, instances) -> None:
     out = _norm(schema)
     assert "unevaluatedItems" not in out
+    for instance in instances:
+        assert _valid(out, instance) == _valid(schema, instance), instance
+
+
+@pytest.mark.parametrize("schema,instances", [
+    ({"$defs": {"n": {"$anchor": "name", "type": "string", "minLength": 2}}, "type": "object",
+      "properties": {"a": {"$ref": "#name"}}, "required": ["a"]}, [{"a": "xy"}, {"a": "x"}]),
+    ({"$schema": "http://json-schema.org/draft-07/schema#", "definitions": {"n": {"$id": "#name", "type": "integer"}},
+      "properties": {"a": {"$ref": "#name"}}}, [{"a": 1}, {"a": "x"}]),
+    ({"$defs": {"a b": {"type": "integer"}, "c%d": {"type": "string"}},
+      "properties": {"x": {"$ref": "#/$defs/a%20b"}, "y": {"$ref": "#/$defs/c%25d"}}},
+     [{"x": 1, "y": "s"}, {"x": "s"}]),
+    ({"$id": "https://example.com/s.json", "$defs": {"a": {"type": "boolean"}},
+      "properties": {"x": {"$ref": "https://example.com/s.json#/$defs/a"}}}, [{"x": True}, {"x": 1}]),
+    ({"$defs": {"node": {"$anchor": "node", "type": "object", "properties": {
+        "kids": {"type": "array", "items": {"$ref": "#node"}}}}}, "$ref": "#node"}, [{"kids": [{"kids": []}]},
+                                                                                    {"kids": [1]}]),
+], ids=["$anchor", "draft-07 fragment $id", "percent-encoded pointer", "the root's own $id", "recursive $anchor"])
+def test_anchors_encoded_pointers_and_the_roots_id_are_followed(schema, instances) -> None:
+    out = _norm(schema)
+    refs = [node["$ref"] for node in walk_schema(out) if "$ref" in node]
+    assert all(ref.startswith("#/") and "%" not in ref for ref in refs) and "$anchor" not in json.dumps(out)
     for instance in instances:
         assert _valid(out, instance) == _valid(schema, instance), instance
