@@ -11,7 +11,6 @@ No torch or Outlines import: the router uses this to reject early.
 from __future__ import annotations
 
 import urllib.parse
-
 from collections.abc import Callable, Iterator
 from typing import Any
 
