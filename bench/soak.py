@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/soak.py [--minutes 30] [--clients 4]
 
+Run it from a checkout nobody edits while it runs: the rollout starts new replicas, which import
+the code as it is on disk then (the deployments' classes were pickled at the start).
+
 Starts a local Ray cluster and the app (model `soak`: two tiny-model replicas; model `narrow`: one
 replica with a queue of 2), then sends, from `--clients` threads, the four constraint kinds,
 streams read to the end, streams dropped after their first chunk, tool calls; a burst thread
@@ -185,7 +188,10 @@ def run(url: str, seconds: float, clients: int) -> dict[str, Any]:
     for thread in [sampler, *load]:
         thread.start()
     time.sleep(seconds / 2)
-    rollout(marks, t0)
+    try:
+        rollout(marks, t0)
+    except Exception as error:  # noqa: BLE001 - reported; the load goes on and ends on time
+        marks["rollout_error"] = repr(error)[:500]
     for thread in load:
         thread.join()
     marks["load_end"] = time.monotonic() - t0
@@ -216,8 +222,9 @@ def summarise(data: dict[str, Any], warm_s: float) -> dict[str, Any]:
     ok = sorted(r["latency_s"] for r in log if r["outcome"] == "ok" and r["kind"] != "burst")
     q = statistics.quantiles(ok, n=100) if len(ok) > 1 else [0.0] * 99
     return {"requests": len(log), **counts, "p50_s": round(q[49], 3), "p99_s": round(q[98], 3),
-            "rows_left": data["marks"]["rows_left"], "rollout_s": [round(data["marks"]["rollout_start"]),
-                                                                     round(data["marks"]["rollout_ready"])],
+            "rows_left": data["marks"]["rows_left"], "rollout_s": [round(data["marks"].get(k, -1))
+                                                                     for k in ("rollout_start", "rollout_ready")],
+            "rollout_error": data["marks"].get("rollout_error"),
             "rss": rss_growth(data["samples"], warm_s)}
 
 
@@ -235,7 +242,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
     for name, points in sorted(series.items()):
         ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
     marks = data["marks"]
-    ax.axvspan(marks["rollout_start"] / 60, marks["rollout_ready"] / 60, color="#dddddd", label="rollout")
+    ready = marks.get("rollout_ready", marks["rollout_start"])
+    ax.axvspan(marks["rollout_start"] / 60, ready / 60, color="#dddddd", label="rollout")
     ax.set_xlabel("minutes")
     ax.set_ylabel("replica RSS (MiB)")
     ax.legend(fontsize=7)
