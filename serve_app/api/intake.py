@@ -120,20 +120,25 @@ def as_sent(error: ServeAppError, body: Any) -> ServeAppError:
     """`error` naming the field as the request sent it: engines and limits say `max_tokens`,
     `messages` or the constraint's kind whatever the route; the client sent `max_completion_tokens`,
     `prompt`, or `response_format.json_schema`."""
-    param, renamed = error.param, getattr(body, "SENT_AS", {}).get(error.param)
-    if renamed is not None:
-        pass
-    elif param == "max_tokens" and getattr(body, "max_completion_tokens", None) is not None \
-            and getattr(body, "max_tokens", None) is None:
-        renamed = "max_completion_tokens"
-    elif param in ("messages", "prompt"):
-        renamed = "prompt" if getattr(body, "prompt", None) is not None else "messages"
+    param, renamed = error.param, _own_name(error.param, body)
     if renamed is not None and renamed != param:
         return _renamed(error, renamed, error.message.replace(str(param), renamed, 1))
     source = body.constraint_source() if param in SOURCE_FIELD and hasattr(body, "constraint_source") else None
     if source and not error.message.startswith(source):
         return _renamed(error, source, f"{source}: {error.message}")
     return error
+
+
+def _own_name(param: str | None, body: Any) -> str | None:
+    """The body's name for the field an engine calls `param` (a route's SENT_AS table first)."""
+    if param in getattr(body, "SENT_AS", {}):
+        return str(body.SENT_AS[param])
+    if param == "max_tokens" and getattr(body, "max_completion_tokens", None) is not None \
+            and getattr(body, "max_tokens", None) is None:
+        return "max_completion_tokens"
+    if param in ("messages", "prompt"):
+        return "prompt" if getattr(body, "prompt", None) is not None else "messages"
+    return None
 
 
 def _renamed(error: ServeAppError, param: str, message: str) -> ServeAppError:

@@ -90,6 +90,7 @@ class EngineFront(ABC):
 
     def __init__(self) -> None:
         self.plans: BoundedCache[str, Plan | ServeAppError] = BoundedCache(MAX_PLANS)
+        self.least_chars: BoundedCache[str, int] = BoundedCache(MAX_PLANS)  # per constraint: a walk of its schema
 
     # -- what an engine provides ------------------------------------------------------------------
 
@@ -147,7 +148,8 @@ class EngineFront(ABC):
     def check_least_budget(self, constraint: AnyConstraint, max_new: int) -> None:
         """The budget against a bound counted without compiling or encoding (characters over the
         longest token): a refusal of a huge `const` or `minLength` takes milliseconds, not seconds."""
-        least = -(-least_chars(self.plan(constraint)) // max(1, self.shortest_encoder().longest))
+        chars = self.least_chars.get_or_build(constraint.cache_key(), lambda: least_chars(self.plan(constraint)))
+        least = -(-chars // max(1, self.shortest_encoder().longest))
         if max_new < least:
             raise too_small(constraint.type, max_new, f"at least {least}")
 
