@@ -44,15 +44,30 @@ def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], tools: list[dic
         raise InvalidRequestError("messages: a message holds one of the model's control tokens, and the chat "
                                   "template changes message text, so it cannot be kept plain text",
                                   param="messages", code="control_token")
-    ids, done = [], 0
-    for found in markers.finditer(text):
-        start, end = found.span()
-        if neutral[start:end] == text[start:end]:
-            continue  # the template's own marker
-        ids += _ids(tokenizer, text[done:start])  # the client's: its first character apart, so it cannot match
-        ids += _ids(tokenizer, text[start], plain=True) + _ids(tokenizer, text[start + 1:end], plain=True)
+    theirs = [m.span() for m in markers.finditer(text) if neutral[m.start():m.end()] != m.group()]
+    return _with_plain_spans(tokenizer, text, theirs)
+
+
+def _with_plain_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> list[int]:
+    """`text`'s tokens as the tokenizer gives them, except that each marker at `spans` becomes the
+    tokens of its text (first character apart, so it cannot match again). With offsets (a fast
+    tokenizer) everything else is tokenized exactly as before; else piecewise around the spans."""
+    def plain(start: int, end: int) -> list[int]:
+        return _ids(tokenizer, text[start], plain=True) + _ids(tokenizer, text[start + 1:end], plain=True)
+
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        wanted, out = set(spans), list[int]()
+        for token, where in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+            out += plain(*where) if tuple(where) in wanted else [token]
+            wanted.discard(tuple(where))
+        if not wanted:
+            return out
+    out, done = list[int](), 0
+    for start, end in spans:
+        out += _ids(tokenizer, text[done:start]) + plain(start, end)
         done = end
-    return ids + _ids(tokenizer, text[done:])
+    return out + _ids(tokenizer, text[done:])
 
 
 def _ids(tokenizer: Any, text: str, plain: bool = False) -> list[int]:
