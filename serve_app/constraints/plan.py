@@ -180,12 +180,17 @@ _OBJECT_WORDS = frozenset({"properties", "required", "patternProperties", "addit
                            "maxProperties", "propertyNames", "dependentRequired", "dependencies"})
 _OPENS = frozenset({"additionalProperties", "unevaluatedProperties", "$ref", "$dynamicRef", *_COMBINED,
                     *_ALTERNATIVES, "dependentRequired"})
+# Beside declared properties, these may stay when they name only declared ones (_names_only).
+_APPLICATORS = frozenset({"allOf", "anyOf", "oneOf", "not", "if", "then", "else"})
+_NAMING = frozenset({"patternProperties", "additionalProperties", "unevaluatedProperties", "propertyNames", "$ref",
+                     "$dynamicRef", "dependentSchemas", "dependencies", "dependentRequired"})
 
 
 class DeclaredOnly:
     """`additionalProperties: false` on every object subschema that declares properties, leaves
-    additionalProperties out and stands alone (not an allOf member or a $ref target used in one,
-    no applicator beside it, everything it requires declared, minProperties within reach): what
+    additionalProperties out and stands alone (not an allOf member or a $ref target used in one;
+    the applicators beside it and everything it requires name only declared properties;
+    minProperties within reach): what
     OpenAI's strict mode and xgrammar generate. The grammar's outputs are a subset of the valid
     ones; the output is still checked against the schema as sent."""
 
@@ -224,14 +229,30 @@ class DeclaredOnly:
 
     @staticmethod
     def _closable(node: dict[str, Any]) -> bool:
-        props, required = node.get("properties"), node.get("required", [])
-        if not isinstance(props, dict) or not props or _OPENS & node.keys() or not isinstance(required, list):
+        props = node.get("properties")
+        if not isinstance(props, dict) or not props or _OPENS - _APPLICATORS & node.keys():
             return False
         types = node.get("type", "object")
         if "object" not in (types if isinstance(types, list) else [types]):
             return False
-        least = node.get("minProperties", 0)
-        return all(name in props for name in required) and (not isinstance(least, int) or least <= len(props))
+        return _names_only(node, set(props))
+
+
+def _names_only(node: Any, declared: set[str]) -> bool:
+    """Whether `node` and the applicators beside it (anyOf branches, if/then/else, ...) name only
+    `declared` properties and ask for no more of them than there are: closing the object to them
+    then leaves every constraint satisfiable that was."""
+    if not isinstance(node, dict):
+        return True
+    required, least = node.get("required", []), node.get("minProperties", 0)
+    if _NAMING & node.keys() or not isinstance(required, list) or not set(required) <= declared:
+        return False
+    if not set(node.get("properties") or {}) <= declared or isinstance(least, int) and least > len(declared):
+        return False
+    members: list[Any] = []
+    for key in _APPLICATORS & node.keys():
+        members += node[key] if isinstance(node[key], list) else [node[key]]
+    return all(_names_only(member, declared) for member in members)
 
 
 def _children(node: dict[str, Any]) -> list[tuple[str, Any, str]]:

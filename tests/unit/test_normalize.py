@@ -802,8 +802,9 @@ def test_objects_that_leave_additional_properties_out_get_only_their_declared_on
     {"type": "object", "properties": {"a": {}}, "additionalProperties": True},
     {"type": "object", "properties": {"a": {}}, "patternProperties": {"^x": {}}, "required": ["a", "b"]},
     {"type": "object", "properties": {"a": {}}, "minProperties": 2},
-    {"type": "object", "properties": {"a": {}}, "if": {"required": ["a"]}, "then": {"required": ["a"]}},
-], ids=["says true", "requires an undeclared name", "minProperties past the declared", "an applicator beside"])
+    {"type": "object", "properties": {"a": {}}, "anyOf": [{"required": ["b"]}, {"required": ["a"]}]},
+], ids=["says true", "requires an undeclared name", "minProperties past the declared",
+        "an applicator naming another"])
 def test_objects_that_need_other_properties_stay_open(schema: dict[str, Any]) -> None:
     assert _target(schema)[0].get("additionalProperties") in (None, {}, True)  # (normalised: true is {})
 
@@ -823,6 +824,19 @@ def test_members_of_a_combination_stay_open_and_alternatives_are_closed() -> Non
     assert "additionalProperties" not in json.dumps(target)
     for instance in ({"id": 1, "name": "x"}, {"id": 1}):
         assert _valid(target, instance)
+    conditional = {"type": "object", "properties": {"tls": {"type": "boolean"}, "cert": {"type": "string"}},
+                   "required": ["tls"], "if": {"properties": {"tls": {"const": True}}}, "then": {"required": ["cert"]},
+                   "else": {"not": {"required": ["cert"]}}}
+    from serve_app.constraints import JsonSchemaConstraint, LimitsConfig, installed_backends, plan_constraint
+    from serve_app.constraints.registry import BackendDefaults
+
+    plan = plan_constraint(JsonSchemaConstraint.model_validate({"schema": conditional}), LimitsConfig(),
+                           BackendDefaults(), installed_backends())
+    checked = plan.check_schema or plan.target.json_schema  # type: ignore[union-attr]
+    assert checked["additionalProperties"] is False  # its applicators name only declared properties
+    for instance in ({"tls": True, "cert": "x"}, {"tls": False}, {"tls": True}, {"tls": False, "cert": "x"}):
+        assert _valid(checked, instance) == _valid(conditional, instance), instance
+    assert not _valid(checked, {"tls": False, "other": 1}) and _valid(conditional, {"tls": False, "other": 1})
     union = {"anyOf": [{"type": "object", "properties": {"cat": {"type": "string"}}, "required": ["cat"]},
                        {"type": "object", "properties": {"dog": {"type": "string"}}, "required": ["dog"]}]}
     target, _ = _target(union)
