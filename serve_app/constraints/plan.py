@@ -171,10 +171,11 @@ def _rejects_everything(schema: Any) -> bool:
 
 
 # Where a subschema stands alone (its properties are all an instance there may have, if it says so),
-# and where it is combined with others (allOf members, if/then/else, not): never closed there.
-_STANDALONE = ("properties", "patternProperties", "additionalProperties", "items", "prefixItems", "contains",
-               "propertyNames", "$defs", "definitions", "additionalItems")
-_COMBINED = ("allOf", "not", "if", "then", "else", "dependentSchemas", "dependencies")
+# and where it is combined with others (allOf members, if/then/else, not, contains): never closed there.
+_STANDALONE = ("properties", "additionalProperties", "items", "prefixItems", "propertyNames", "$defs", "definitions",
+               "additionalItems")
+# contains applies to items beside `items`; a key can match a pattern and be declared too.
+_COMBINED = ("allOf", "not", "if", "then", "else", "dependentSchemas", "dependencies", "contains", "patternProperties")
 _ALTERNATIVES = ("anyOf", "oneOf")
 _OBJECT_WORDS = frozenset({"properties", "required", "patternProperties", "additionalProperties", "minProperties",
                            "maxProperties", "propertyNames", "dependentRequired", "dependencies"})
@@ -220,6 +221,7 @@ class DeclaredOnly:
         out = dict(node)
         for key, child, where in _children(node):
             own = alone if key in _ALTERNATIVES and not _OBJECT_WORDS & node.keys() else key in _STANDALONE
+            own = own and not (key == "properties" and "patternProperties" in node)  # a pattern may match too
             rewritten = self._close(child, f"{ptr}/{key}/{where}".rstrip("/"), own)
             _put(out, key, where, rewritten)
         if alone and f"#{ptr}" not in self.shared and self._closable(node):

@@ -818,6 +818,8 @@ def test_a_schema_with_unevaluated_properties_anywhere_is_left_as_it_is() -> Non
 
 
 def test_members_of_a_combination_stay_open_and_alternatives_are_closed() -> None:
+    from serve_app.constraints.plan import DeclaredOnly
+
     combined = {"$defs": {"base": {"type": "object", "properties": {"id": {"type": "integer"}}}},
                 "type": "object", "allOf": [{"$ref": "#/$defs/base"}, {"properties": {"name": {"type": "string"}}}]}
     target, _ = _target(combined)
@@ -837,6 +839,11 @@ def test_members_of_a_combination_stay_open_and_alternatives_are_closed() -> Non
     for instance in ({"tls": True, "cert": "x"}, {"tls": False}, {"tls": True}, {"tls": False, "cert": "x"}):
         assert _valid(checked, instance) == _valid(conditional, instance), instance
     assert not _valid(checked, {"tls": False, "other": 1}) and _valid(conditional, {"tls": False, "other": 1})
+    team = {"type": "array", "items": {"type": "object", "properties": {"lead": {"type": "boolean"},
+                                                                       "name": {"type": "string"}}},
+            "contains": {"properties": {"lead": {"const": True}}}}  # contains applies beside items
+    assert "additionalProperties" not in _target(team)[0].get("contains", {})
+    assert DeclaredOnly(team).schema()[1] == ["#/items"]
     union = {"anyOf": [{"type": "object", "properties": {"cat": {"type": "string"}}, "required": ["cat"]},
                        {"type": "object", "properties": {"dog": {"type": "string"}}, "required": ["dog"]}]}
     target, _ = _target(union)
