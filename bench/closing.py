@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--undeclared-properties", action="store_true",
+                        help="objects may get undeclared properties (the grammar before declared-only)")
     parser.add_argument("--out", default=str(OUT / "closing.json"))
     args = parser.parse_args()
 
@@ -60,7 +62,8 @@ def main() -> None:
     cases = []
     for name, schema in load_schemas(args.corpus, args.max_bytes):
         try:
-            constraint = parse_constraint({"type": "json_schema", "schema": schema})
+            constraint = parse_constraint({"type": "json_schema", "schema": schema,
+                                           "undeclared_properties": args.undeclared_properties})
             compiled = engine.compile(constraint)
         except ServeAppError as error:
             print(f"skip {name}: {error.message[:90]}")
