@@ -191,9 +191,8 @@ class DeclaredOnly:
     """`additionalProperties: false` on every object subschema that declares properties, leaves
     additionalProperties out and stands alone (not an allOf member or a $ref target used in one;
     the applicators beside it and everything it requires name only declared properties;
-    minProperties within reach): what
-    OpenAI's strict mode and xgrammar generate. The grammar's outputs are a subset of the valid
-    ones; the output is still checked against the schema as sent."""
+    minProperties within reach): what OpenAI's strict mode and xgrammar generate. The grammar's
+    outputs are a subset of the valid ones; the output is still checked against the schema as sent."""
 
     def __init__(self, schema: dict[str, Any]) -> None:
         self.root = schema
@@ -232,7 +231,7 @@ class DeclaredOnly:
     @staticmethod
     def _closable(node: dict[str, Any]) -> bool:
         props = node.get("properties")
-        if not isinstance(props, dict) or not props or _OPENS - _APPLICATORS & node.keys():
+        if not isinstance(props, dict) or not props or (_OPENS - _APPLICATORS) & node.keys():
             return False
         types = node.get("type", "object")
         if "object" not in (types if isinstance(types, list) else [types]):
