@@ -167,8 +167,8 @@ def resolve_pointer(root: Any, ref: str) -> Any:
     if isinstance(base, str) and not ref.startswith("#") and ref.split("#", 1)[0] in (base, base.split("#", 1)[0]):
         ref = "#" + ref.split("#", 1)[1] if "#" in ref else "#"
     if not ref.startswith("#"):
-        raise ConstraintError(f"only $refs inside this document ('#/...', '#anchor') are supported, got {ref!r}",
-                              param="json_schema", code="unsupported_ref")
+        raise ConstraintError(f"only local $refs (inside this document: '#/...', '#anchor') are supported, got "
+                              f"{ref!r}", param="json_schema", code="unsupported_ref")
     if len(ref) > 1 and not ref.startswith("#/"):
         return _anchor(root, urllib.parse.unquote(ref[1:]), ref)
     node = root

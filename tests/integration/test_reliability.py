@@ -232,8 +232,9 @@ def test_request_metrics_are_labelled_by_route_template_not_by_path(serve_cluste
               for line in text.splitlines() if line.startswith("serve_app_requests_total{")}
     assert not any("nope" in r or "random" in r for r in routes), routes
     assert "unknown" in routes
-    assert routes <= {"unknown", "/v1/generate", "/v1/chat/completions", "/v1/completions", "/v1/models",
-                      "/v1/models/{model_id}", "/v1/replicas", "/healthz", "/health", "/readyz", "/metrics"}, routes
+    assert routes <= {"unknown", "/v1/generate", "/v1/chat/completions", "/v1/completions", "/v1/responses",
+                      "/v1/models", "/v1/models/{model_id}", "/v1/replicas", "/healthz", "/health", "/readyz",
+                      "/metrics"}, routes
 
 
 def test_a_non_ascii_bearer_token_is_a_401_not_a_500(serve_cluster):
