@@ -31,7 +31,8 @@ APP = {"models": [{
 BODY = {"model": "elastic", "prompt": "x", "max_tokens": 96, "constraint": {"type": "regex", "pattern": "[a-z]{1000}"}}
 
 
-def start_app() -> str:
+def start_app(app: dict[str, Any] = APP, name: str = "autoscale") -> str:
+    """A local Ray cluster (127.0.0.1) serving `app` as `name` on a free port, once ready."""
     import ray
     from ray import serve
 
@@ -43,7 +44,7 @@ def start_app() -> str:
         port = sock.getsockname()[1]
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(APP), name="autoscale", route_prefix="/")
+    serve.run(build_app(app), name=name, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(f"{url}/readyz", 600, poll_s=0.5)
     return url

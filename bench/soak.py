@@ -20,12 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from autoscale import start_app  # noqa: E402  (the same local cluster)
 
 HERE = Path(__file__).resolve().parent
 MAX_REQUESTS_PER_CLIENT = 100_000
@@ -134,23 +138,7 @@ def sample(url: str, t0: float, samples: list[dict[str, Any]], stop: threading.E
 
 
 def start() -> str:
-    import socket
-
-    import ray
-    from ray import serve
-
-    from serve_app.app import build_app
-    from serve_app.readiness import wait_until_ready
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(app("1")), name="soak", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ready(f"{url}/readyz", 600, poll_s=0.5)
-    return url
+    return start_app(app("1"), "soak")
 
 
 def rollout(done: dict[str, float], t0: float) -> None:
