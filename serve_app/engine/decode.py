@@ -75,6 +75,10 @@ class DecodeLoop:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._start_counting()
+
+    def _start_counting(self) -> None:
+        """What the loop counts for the replica's status and health."""
         self.steps = 0
         self.rows_stepped = 0  # sum of the batch size over decode steps (mean batch = this / steps)
         self.prefills = 0  # forward passes that prefilled newly admitted rows
