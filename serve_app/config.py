@@ -154,6 +154,33 @@ class VllmConfig(_Strict):
         "`gpus_per_replica` share when fractional, else 0.9)")
 
 
+class ReasoningConfig(_Strict):
+    """A reasoning section the model writes before its answer (`<think>...</think>`): its text is
+    returned as reasoning_content, and a request's constraint applies only after the end marker."""
+
+    enabled: Literal["auto"] | bool = Field(
+        "auto", description="auto: on when the chat template names both markers (a chat request whose prompt "
+        "already closed the section, e.g. enable_thinking: false, has none); true / false: always / never")
+    start: str = Field("<think>", min_length=1, max_length=64, description="the marker that opens it (removed "
+                       "from reasoning_content)")
+    end: str = Field("</think>", min_length=1, max_length=64, description="the marker that ends it")
+    max_tokens: int | None = Field(
+        None, ge=0, description="the thinking budget: after this many tokens the end marker is forced (a request's "
+        "max_reasoning_tokens overrides it); left out: as many as max_tokens leaves beside the answer's shortest "
+        "valid output, so a constrained answer always fits")
+
+
+class ToolCallConfig(_Strict):
+    """How an answer under tool_choice "auto" starts a call (docs/api.md, tool calls)."""
+
+    marker: str | None = Field(
+        "auto", max_length=64, description="the text that starts a call (e.g. <tool_call>); the call after it is "
+        "generated under the tools' schema. auto: <tool_call> when the chat template names it; null: a call is an "
+        "answer that starts with `{`")
+    constrained_auto: bool = Field(True, description="false: under tool_choice auto the model writes freely and a "
+                                   "call is only validated afterwards")
+
+
 class CacheConfig(_Strict):
     """Compiled constraints kept per replica (least recently used evicted first)."""
 
@@ -188,7 +215,7 @@ class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
     source: str = Field(
         description="local directory, hub id, a .gguf file, or builtin:<name> "
-        "(builtin:smollm2-135m-instruct, builtin:tiny-random-llama)"
+        "(builtin:smollm2-135m-instruct, builtin:tiny-random-llama, builtin:tiny-thinking-llama)"
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `source`")
     engine: Literal["transformers", "vllm"] = Field(
@@ -213,6 +240,8 @@ class ModelConfig(_Strict):
         "tails) are appended without sampling, and up to this many of a row's tokens go through one forward pass "
         "(0 = off: every token sampled)")
     health: HealthConfig = HealthConfig()
+    reasoning: ReasoningConfig = ReasoningConfig()
+    tool_calls: ToolCallConfig = ToolCallConfig()
     strict_by_default: bool = Field(
         True, description="a json_schema (or a tool) that leaves `strict` out is enforced exactly; false follows "
         "OpenAI's default (strict: false), where keywords no backend enforces are approximated and the output checked")

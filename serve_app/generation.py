@@ -132,6 +132,8 @@ class SamplingParams(_Model):
     presence_penalty: PresencePenalty | None = None
     no_repeat_ngram_size: NgramSize | None = None
     close_json: bool | None = None
+    # A reasoning model's thinking budget (the model's reasoning.max_tokens when left out).
+    max_reasoning_tokens: Annotated[int, Field(ge=0)] | None = None
 
     _stops = stops_validator()
 
@@ -145,6 +147,9 @@ class GenerationRequest(_Model):
     # from them by the API layer.
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    # The constraint is a tool call the answer may start (tool_choice "auto"): text before the
+    # call is free, the call is generated under the constraint (engine/prelude.py).
+    tool_call_auto: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
@@ -157,8 +162,9 @@ class GenerationRequest(_Model):
 
 class Usage(_Model):
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # reasoning tokens included, as OpenAI counts them
     total_tokens: int
+    reasoning_tokens: int = 0
 
 
 class GenerationResult(_Model):
@@ -176,6 +182,10 @@ class GenerationResult(_Model):
     checks: dict[str, Any] | None = None
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
+    reasoning: str | None = None  # a reasoning model's section before the answer (reasoning_content)
+    # tool_call_auto: the text before the call when the answer started one (None: it made no call;
+    # `text` is then the whole answer, unconstrained, and `valid` is None).
+    preamble: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     served_by: dict[str, str] = Field(default_factory=dict)  # replica id, version, config hash
 

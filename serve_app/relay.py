@@ -23,6 +23,8 @@ class StreamFormat(Protocol):
 
     def delta(self, index: int, text: str, logprobs: list[TokenLogprobs] | None = None) -> list[dict[str, Any]]: ...
 
+    def reasoning(self, index: int, text: str) -> list[dict[str, Any]]: ...
+
     def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> list[dict[str, Any]]: ...
 
 
@@ -64,6 +66,10 @@ async def relay(first: dict[str, Any], stream: Any, fmt: StreamFormat,
                 logprobs = event.get("logprobs")
                 entries = None if logprobs is None else [TokenLogprobs.model_validate(e) for e in logprobs]
                 for chunk in fmt.delta(event["index"], event["delta"], entries):
+                    yield sse(chunk)
+                continue
+            if "reasoning" in event:
+                for chunk in fmt.reasoning(event["index"], event["reasoning"]):
                     yield sse(chunk)
                 continue
             results[event["index"]] = GenerationResult.model_validate(event["done"])

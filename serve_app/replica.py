@@ -193,6 +193,8 @@ class ModelReplica:
             elif kind == "delta":
                 extra = {"logprobs": logprobs.pop(index)} if index in logprobs else {}
                 yield {"index": index, "delta": value, **extra}
+            elif kind == "reasoning":
+                yield {"index": index, "reasoning": value}
             elif kind == "error":
                 raise value
             else:

@@ -69,6 +69,9 @@ class RequestChecker:
             for constraint, source in tool_parameters(model.strict_by_default):
                 self.check_constraint(model, constraint, source)
             rows = body.generation_requests(strict_default=model.strict_by_default)
+            if not model.tool_calls.constrained_auto:  # calls under tool_choice "auto" validated afterwards only
+                rows = [row.model_copy(update={"constraint": None, "tool_call_auto": False})
+                        if row.tool_call_auto else row for row in rows]
         except ValidationError as error:
             raise from_validation_error(error) from None
         self.check_rows(model, rows, body.constraint_source())

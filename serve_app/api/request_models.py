@@ -108,6 +108,8 @@ class _OpenAIBase(_Penalties):
     guided_grammar: str | None = None
     # An extension: true lets objects whose schema leaves additionalProperties out get undeclared properties.
     undeclared_properties: bool | None = None
+    # An extension: a reasoning model's thinking budget, after which its end marker is forced.
+    max_reasoning_tokens: Annotated[int, Field(ge=0)] | None = None
 
     _stops = stops_validator()
 
@@ -191,7 +193,8 @@ class _OpenAIBase(_Penalties):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_new_tokens=self.max_completion_tokens or self.max_tokens,
                               temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                              seed=self.seed, stop=stops, logprobs=self.top_logprobs_asked(), **self.penalties())
+                              seed=self.seed, stop=stops, logprobs=self.top_logprobs_asked(),
+                              max_reasoning_tokens=self.max_reasoning_tokens, **self.penalties())
 
     @property
     def include_usage(self) -> bool:
@@ -258,9 +261,10 @@ class ChatCompletionRequest(_OpenAIBase):
     def tool_parameter_constraints(self, strict_default: bool = True) -> list[tuple[Constraint, str]]:
         """Each offered tool's parameters as a schema, with the field that names it: checked on
         their own first, so a refusal points into the tool, not into the combined schema. Under
-        "auto" nothing is enforced (the arguments are only validated): limits and meta-validation
-        apply, a keyword no backend enforces does not."""
-        forced = self.forced_tools()
+        "auto" beside another constraint (response_format) no call is generated under them (the
+        arguments are only validated): limits and meta-validation apply, a keyword no backend
+        enforces does not."""
+        forced = self.forced_tools() or self.enforced_auto_tools()
         strict = self._tools_strict(forced, strict_default) if forced else False
         names = {t.function.name for t in forced} if forced else None
         out: list[tuple[Constraint, str]] = []
@@ -274,10 +278,22 @@ class ChatCompletionRequest(_OpenAIBase):
     def top_logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def enforced_auto_tools(self) -> list[Tool] | None:
+        """Under tool_choice "auto" with no other constraint: the tools a call the answer starts is
+        generated under (engine/prelude.py)."""
+        return self.auto_tools() if not self.constrained() else None
+
     def generation_requests(self, strict_default: bool = True) -> list[GenerationRequest]:
         offered = [t.model_dump(exclude_none=True) for t in self.offered_tools()]
-        return _n_requests(self, {"messages": self.messages, "tools": offered or None,
+        rows = _n_requests(self, {"messages": self.messages, "tools": offered or None,
                                   "chat_template_kwargs": self.chat_template_kwargs}, strict_default)
+        auto = self.enforced_auto_tools()
+        if not auto:
+            return rows
+        call: Constraint = tooling.tool_constraint(auto, self._tools_strict(auto, strict_default))
+        if self.undeclared_properties is not None:
+            call = call.model_copy(update={"undeclared_properties": self.undeclared_properties})
+        return [row.model_copy(update={"constraint": call, "tool_call_auto": True}) for row in rows]
 
 
 class CompletionRequest(_OpenAIBase):
@@ -321,6 +337,7 @@ class NativeGenerateRequest(_Penalties):
     seed: Seed | None = None
     stop: StopList = Field(default_factory=list)
     stream: bool = False
+    max_reasoning_tokens: Annotated[int, Field(ge=0)] | None = None
 
     _stops = stops_validator()
 
@@ -341,4 +358,5 @@ class NativeGenerateRequest(_Penalties):
             prompt=self.prompt, messages=self.messages, constraint=self.constraint,
             sampling=SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
                                     top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
-                                    stop=self.stop, **self.penalties()))
+                                    stop=self.stop, max_reasoning_tokens=self.max_reasoning_tokens,
+                                    **self.penalties()))

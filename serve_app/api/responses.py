@@ -21,10 +21,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage_of(results: list[GenerationResult]) -> dict[str, int]:
+def usage_of(results: list[GenerationResult]) -> dict[str, Any]:
     prompt = results[0].usage.prompt_tokens if results else 0
     completion = sum(r.usage.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    reasoning = sum(r.usage.reasoning_tokens for r in results)
+    details = {"completion_tokens_details": {"reasoning_tokens": reasoning}} if reasoning else {}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, **details}
 
 
 def chat_completion_response(model: str, results: list[GenerationResult],
@@ -44,16 +46,21 @@ def chat_message(result: GenerationResult,
     request forced one (and the answer finished valid) or allowed one (and the text is a call of
     an offered tool whose arguments validate); otherwise the text as content."""
     text, finish_reason, valid = result.text, result.finish_reason, result.valid
-    call = None
+    reasoning = {"reasoning_content": result.reasoning} if result.reasoning is not None else {}
+    call, content = None, None
     if body is not None and body.forced_tools() and finish_reason == "stop" and valid:
         call = tooling.forced_call(text)
+    elif result.preamble is not None:  # "auto": the answer started a call, generated under the tools' schema
+        call = tooling.forced_call(text) if finish_reason == "stop" and valid else None
+        content = result.preamble if call is None or result.preamble.strip() else None
+        text = result.preamble + text
     elif body is not None and body.auto_tools() and not body.constrained():
         call, valid = tooling.detect_call(text, body.auto_tools() or [])
         if call is not None and not valid:
             call = None  # a malformed call stays text, flagged invalid
     if call is not None:
-        return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls", valid
-    return {"role": "assistant", "content": text}, finish_reason, valid
+        return {"role": "assistant", "content": content, "tool_calls": [call], **reasoning}, "tool_calls", valid
+    return {"role": "assistant", "content": text, **reasoning}, finish_reason, valid
 
 
 def chat_logprobs(entries: list[TokenLogprobs] | None) -> dict[str, Any] | None:
@@ -92,7 +99,7 @@ def native_response(model: str, result: GenerationResult, constraint: Constraint
         if not _finite(parsed):  # e.g. 1e999: valid JSON, but no float holds it (`text` has it exactly)
             parsed = None
     return {
-        "id": new_id("gen"), "model": model, "text": result.text, "parsed": parsed,
+        "id": new_id("gen"), "model": model, "text": result.text, "parsed": parsed, "reasoning": result.reasoning,
         "finish_reason": result.finish_reason, "valid": result.valid,
         # Honest truncation: output cut by max_tokens is never presented as valid or parsed.
         "truncated": result.finish_reason == "length", "closed_early": result.closed_early,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from functools import cached_property
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -96,6 +96,7 @@ class ResponsesRequest(_Request):
     metadata: dict[str, str] | None = Field(None, max_length=16)
     user: str | None = Field(None, max_length=256)
     undeclared_properties: bool | None = None  # an extension, as on the chat route
+    max_reasoning_tokens: Annotated[int, Field(ge=0)] | None = None  # an extension, as on the chat route
 
     # The fields an engine's error names, as this route calls them (api/intake.py's as_sent).
     SENT_AS: ClassVar[dict[str, str]] = {"max_tokens": "max_output_tokens", "messages": "input", "prompt": "input"}
@@ -115,7 +116,8 @@ class ResponsesRequest(_Request):
             "tools": [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                       for t in self.tools or []] or None,
             "tool_choice": self._tool_choice(), "parallel_tool_calls": self.parallel_tool_calls,
-            "response_format": self._response_format(), "undeclared_properties": self.undeclared_properties})
+            "response_format": self._response_format(), "undeclared_properties": self.undeclared_properties,
+            "max_reasoning_tokens": self.max_reasoning_tokens})
 
     def _messages(self) -> list[dict[str, Any]]:
         items = [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
@@ -178,8 +180,10 @@ def _text(content: str | list[dict[str, Any]]) -> str:
 
 def response_object(model: str, result: GenerationResult, body: ResponsesRequest,
                     ids: dict[str, str] | None = None) -> dict[str, Any]:
-    """The Response for one answer: a message item, or a function_call item where the answer is a
-    call (forced by tool_choice, or under "auto" a call of an offered tool that validates)."""
+    """The Response for one answer: a reasoning item where the model reasoned, then a message
+    item, a function_call item (a call forced by tool_choice, or under "auto" a call the answer
+    started, generated under the tools' schema, or text that is a valid call), or both (text the
+    answer wrote before its call)."""
     ids = ids or new_ids()
     message, _, valid = chat_message(result, body.chat)
     incomplete = result.finish_reason == "length"
@@ -187,16 +191,17 @@ def response_object(model: str, result: GenerationResult, body: ResponsesRequest
     return {
         **_settings(model, body, ids), "status": "incomplete" if incomplete else "completed",
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-        "output": [_output_item(message, ids)],
+        "output": output_items(message, ids),
         "usage": {"input_tokens": usage.prompt_tokens,
                   "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                  "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                  "output_tokens": usage.completion_tokens,
+                  "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
                   "total_tokens": usage.total_tokens},
         "valid": valid, "closed_early": result.closed_early}
 
 
 def new_ids() -> dict[str, str]:
-    return {"response": new_id("resp"), "message": new_id("msg"), "call": new_id("fc"),
+    return {"response": new_id("resp"), "message": new_id("msg"), "call": new_id("fc"), "reasoning": new_id("rs"),
             "created_at": str(int(time.time()))}
 
 
@@ -214,13 +219,28 @@ def _settings(model: str, body: ResponsesRequest, ids: dict[str, str]) -> dict[s
             "reasoning": {"effort": None, "summary": None}}
 
 
-def _output_item(message: dict[str, Any], ids: dict[str, str], status: str = "completed") -> dict[str, Any]:
+def output_items(message: dict[str, Any], ids: dict[str, str]) -> list[dict[str, Any]]:
+    items = []
+    if message.get("reasoning_content") is not None:
+        items.append(_reasoning_item(message["reasoning_content"], ids))
+    if message.get("content") is not None or not message.get("tool_calls"):
+        items.append(_message_item(message.get("content") or "", ids))
     if message.get("tool_calls"):
         call = message["tool_calls"][0]
-        return {"type": "function_call", "id": ids["call"], "call_id": call["id"], "name": call["function"]["name"],
-                "arguments": call["function"]["arguments"], "status": status}
+        items.append({"type": "function_call", "id": ids["call"], "call_id": call["id"],
+                      "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                      "status": "completed"})
+    return items
+
+
+def _reasoning_item(text: str, ids: dict[str, str], status: str = "completed") -> dict[str, Any]:
+    return {"type": "reasoning", "id": ids["reasoning"], "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}] if text else []}
+
+
+def _message_item(text: str, ids: dict[str, str], status: str = "completed") -> dict[str, Any]:
     return {"type": "message", "id": ids["message"], "role": "assistant", "status": status,
-            "content": [_text_part(message["content"] or "")]}
+            "content": [_text_part(text)]}
 
 
 def _text_part(text: str) -> dict[str, Any]:
@@ -228,15 +248,16 @@ def _text_part(text: str) -> dict[str, Any]:
 
 
 class ResponseEvents:
-    """The Responses event stream (relay.StreamFormat): response.created, then the message's text
-    as output_text deltas (held back and sent at the end where the answer may be a tool call, which
-    is sent whole, validated, as function_call_arguments events), then response.completed (or
-    response.incomplete) with the whole Response."""
+    """The Responses event stream (relay.StreamFormat): response.created; a reasoning item's text as
+    reasoning_text deltas; the message's text as output_text deltas (held back and sent at the end
+    where the answer may be a tool call, which is sent whole, validated, as function_call_arguments
+    events); then response.completed (or response.incomplete) with the whole Response."""
 
     def __init__(self, model: str, body: ResponsesRequest) -> None:
         self.model, self.body, self.ids, self.seq = model, body, new_ids(), 0
         self.hold = bool(body.chat.forced_tools() or (body.chat.auto_tools() and not body.chat.constrained()))
-        self.text, self.opened = "", False
+        self.opened: list[str] = []  # the item types opened so far, in output order
+        self.reasoning_text, self.closed_reasoning = "", False
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
@@ -247,40 +268,67 @@ class ResponseEvents:
                    "incomplete_details": None, "usage": None}
         return [self._event("created", response=pending), self._event("in_progress", response=pending)]
 
+    def reasoning(self, index: int, text: str) -> list[dict[str, Any]]:
+        self.reasoning_text += text
+        events = []
+        if "reasoning" not in self.opened:
+            self.opened.append("reasoning")
+            events.append(self._event("output_item.added", output_index=0,
+                                      item=_reasoning_item("", self.ids, "in_progress")))
+        return [*events, self._event("reasoning_text.delta", item_id=self.ids["reasoning"], output_index=0,
+                                     content_index=0, delta=text)]
+
     def delta(self, index: int, text: str, logprobs: list[TokenLogprobs] | None = None) -> list[dict[str, Any]]:
-        self.text += text
         if self.hold or not text:
             return []
-        return [*self._open(), self._event("output_text.delta", item_id=self.ids["message"], output_index=0,
-                                            content_index=0, delta=text, logprobs=[])]
+        events = [*self._close_reasoning(), *self._open_message()]
+        return [*events, self._event("output_text.delta", item_id=self.ids["message"], output_index=self._at("message"),
+                                     content_index=0, delta=text, logprobs=[])]
 
-    def _open(self) -> list[dict[str, Any]]:
-        if self.opened:
+    def _at(self, kind: str) -> int:
+        return self.opened.index(kind)
+
+    def _close_reasoning(self) -> list[dict[str, Any]]:
+        if "reasoning" not in self.opened or self.closed_reasoning:
             return []
-        self.opened = True
-        item = _output_item({"content": ""}, self.ids, "in_progress") | {"content": []}
-        return [self._event("output_item.added", output_index=0, item=item),
-                self._event("content_part.added", item_id=self.ids["message"], output_index=0, content_index=0,
-                            part=_text_part(""))]
+        self.closed_reasoning = True
+        text, item = self.reasoning_text, _reasoning_item(self.reasoning_text, self.ids)
+        return [self._event("reasoning_text.done", item_id=item["id"], output_index=0, content_index=0, text=text),
+                self._event("output_item.done", output_index=0, item=item)]
+
+    def _open_message(self) -> list[dict[str, Any]]:
+        if "message" in self.opened:
+            return []
+        self.opened.append("message")
+        item = _message_item("", self.ids, "in_progress") | {"content": []}
+        return [self._event("output_item.added", output_index=self._at("message"), item=item),
+                self._event("content_part.added", item_id=self.ids["message"], output_index=self._at("message"),
+                            content_index=0, part=_text_part(""))]
 
     def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> list[dict[str, Any]]:
         final = response_object(self.model, result, self.body, self.ids)
-        item = final["output"][0]
-        events = self._call(item) if item["type"] == "function_call" else self._message(item)
+        events = self._close_reasoning()
+        for item in final["output"]:
+            if item["type"] == "message":
+                events += self._message(item)
+            elif item["type"] == "function_call":
+                events += self._call(item)
         return [*events, self._event("completed" if final["status"] == "completed" else "incomplete", response=final)]
 
     def _message(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        text, where = item["content"][0]["text"], {"item_id": item["id"], "output_index": 0}
-        held = [self._event("output_text.delta", **where, content_index=0, delta=text, logprobs=[])] \
-            if self.hold and text else []
-        return [*self._open(), *held,
-                self._event("output_text.done", **where, content_index=0, text=text, logprobs=[]),
+        events = self._open_message()
+        text, where = item["content"][0]["text"], {"item_id": item["id"], "output_index": self._at("message")}
+        if self.hold and text:
+            events.append(self._event("output_text.delta", **where, content_index=0, delta=text, logprobs=[]))
+        return [*events, self._event("output_text.done", **where, content_index=0, text=text, logprobs=[]),
                 self._event("content_part.done", **where, content_index=0, part=_text_part(text)),
-                self._event("output_item.done", output_index=0, item=item)]
+                self._event("output_item.done", output_index=where["output_index"], item=item)]
 
     def _call(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        where, started = {"item_id": item["id"], "output_index": 0}, {**item, "arguments": "", "status": "in_progress"}
-        return [self._event("output_item.added", output_index=0, item=started),
+        self.opened.append("function_call")
+        at = self._at("function_call")
+        where, started = {"item_id": item["id"], "output_index": at}, {**item, "arguments": "", "status": "in_progress"}
+        return [self._event("output_item.added", output_index=at, item=started),
                 self._event("function_call_arguments.delta", **where, delta=item["arguments"]),
                 self._event("function_call_arguments.done", **where, name=item["name"], arguments=item["arguments"]),
-                self._event("output_item.done", output_index=0, item=item)]
+                self._event("output_item.done", output_index=at, item=item)]

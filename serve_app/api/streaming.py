@@ -72,20 +72,35 @@ class ChunkFormatter:
             self.sent_logprobs[index] = self.sent_logprobs.get(index, 0) + len(logprobs)
         return [self._chunk([self._choice(index, text, None, logprobs)])]
 
+    def reasoning(self, index: int, text: str) -> list[dict[str, Any]]:
+        """A reasoning model's section, as it comes (vLLM's `delta.reasoning_content`)."""
+        if not self.chat:
+            return []
+        return [self._chunk([{"index": index, "delta": {"reasoning_content": text}, "finish_reason": None,
+                              "logprobs": None}])]
+
     def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> list[dict[str, Any]]:
         """A choice's last chunks; after the last choice, the usage chunk when it was asked for."""
         chunks = []
         finish_reason: str = result.finish_reason
         valid = result.valid
         rest = (result.logprobs or [])[self.sent_logprobs.get(index, 0):] if result.logprobs is not None else None
-        if self.holding[index]:  # nothing of this answer was sent yet
-            message, finish_reason, valid = chat_message(result, self.body)
+        message, answer_reason, answer_valid = chat_message(result, self.body) if self.chat else ({}, None, None)
+        held = self.holding[index] or result.preamble is not None  # a started call is never streamed as text
+        if held and message:
+            finish_reason, valid = answer_reason or finish_reason, answer_valid
+            unsent = message.get("content") if self.holding[index] else result.text
             if message.get("tool_calls"):
+                if self.holding[index] and message.get("content"):  # text before the call
+                    chunks.append(self._chunk([self._choice(index, message["content"], None)]))
                 calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
                 chunks.append(self._chunk([{"index": index, "delta": {"tool_calls": calls}, "finish_reason": None,
                                             "logprobs": chat_logprobs(rest) if rest else None}]))
-            elif result.text:
-                chunks.append(self._chunk([self._choice(index, result.text, None, rest)]))
+            elif unsent:
+                chunks.append(self._chunk([self._choice(index, unsent, None, rest)]))
+            rest = None
+        elif self.holding[index] and result.text:  # completions
+            chunks.append(self._chunk([self._choice(index, result.text, None, rest)]))
             rest = None
         choice = {**self._choice(index, None, finish_reason, rest), "valid": valid,
                   "closed_early": result.closed_early}
@@ -106,6 +121,9 @@ class NativeEvents:
 
     def delta(self, index: int, text: str, logprobs: list[TokenLogprobs] | None = None) -> list[dict[str, Any]]:
         return [{"delta": text}]
+
+    def reasoning(self, index: int, text: str) -> list[dict[str, Any]]:
+        return [{"reasoning": text}]
 
     def finish(self, index: int, result: GenerationResult, done: list[GenerationResult]) -> list[dict[str, Any]]:
         return [{"done": native_response(self.model, result, self.constraint, time.perf_counter() - self.started)}]

@@ -2,7 +2,8 @@
 
 Before the token is appended, each policy may replace it or end the row; after it, each may end
 the row. The decode loop only schedules; these decide. The order matters and is the one
-`row_policies` builds: cancellation, closing (may force the completion's tokens), checks (may
+`row_policies` builds: cancellation, a prelude (free text before the constraint applies, e.g. a
+reasoning section: engine/prelude.py), closing (may force the completion's tokens), checks (may
 refuse the token: the loop then samples again without it), the constraint (the matcher must
 accept the token), end of sequence; then closing again (the completion is written out), the
 checks' scan, stop strings, the token budget.
@@ -151,9 +152,11 @@ class Budget(RowPolicy):
 
 
 def row_policies(eos_ids: set[int], decode: Callable[[list[int]], str]) -> list[RowPolicy]:
+    from serve_app.engine.prelude import PreludePolicy  # it builds on this module
+
     closing = Closing(eos_ids, decode)
-    return [Cancellation(), closing, Checks(eos_ids, decode), MatcherPolicy(eos_ids), EndOfSequence(eos_ids),
-            StopStrings(), Budget()]
+    return [Cancellation(), PreludePolicy(eos_ids), closing, Checks(eos_ids, decode), MatcherPolicy(eos_ids),
+            EndOfSequence(eos_ids), StopStrings(), Budget()]
 
 
 def advance_row(step: TokenStep, policies: list[RowPolicy], decode: Callable[[list[int]], str]) -> str | None:

@@ -29,6 +29,7 @@ from serve_app.constraints.json_completion import JsonCloser
 from serve_app.constraints.row_checks import RowChecker
 from serve_app.engine.backends import Matcher
 from serve_app.engine.chat import chat_prompt_ids
+from serve_app.engine.prelude import PreludeMaker, park
 from serve_app.engine.row_closing import RowCloser, ShortestEncoder
 from serve_app.engine.stream import Row, RowOutput, Stream
 from serve_app.errors import InvalidRequestError, LimitExceededError, ServeAppError
@@ -87,6 +88,8 @@ class EngineFront(ABC):
     tokenizer: Any
     context_length: int | None
     installed: tuple[str, ...]  # the backends plans may name (the cascade's, or vLLM's)
+    eos_ids: set[int]
+    runs_preludes = True  # our row policies run every token (engine/prelude.py: reasoning, calls)
 
     def __init__(self) -> None:
         self.plans: BoundedCache[str, Plan | ServeAppError] = BoundedCache(MAX_PLANS)
@@ -138,12 +141,36 @@ class EngineFront(ABC):
         check_max_new_tokens(max_new, self.config.limits, self.config.name)
         ids = self.prompt_ids(request)
         self.check_prompt(len(ids), max_new)
-        if request.constraint is not None:
-            self.check_least_budget(request.constraint, max_new)
-        enforcement = self.enforce(request.constraint) if request.constraint is not None else None
-        if enforcement is not None:
-            check_budget(enforcement, max_new)
-        return PreparedRow(request, self.new_row(request, ids, max_new, enforcement), enforcement)
+        constraint = self.applied_constraint(request)
+        try:
+            enforcement = self.enforce_within(constraint, max_new) if constraint is not None else None
+        except InvalidRequestError as error:
+            if not (request.tool_call_auto and error.code == "max_tokens_too_small"):
+                raise
+            enforcement = None  # no call fits: the answer is text (a call in it is only validated)
+        row = self.new_row(request, ids, max_new, enforcement)
+        if self.runs_preludes:
+            preludes = self.preludes.make(request, ids, max_new, enforcement.min_tokens if enforcement else None,
+                                          enforcement is not None)
+            park(row, preludes, self.preludes)
+        return PreparedRow(request, row, enforcement)
+
+    def enforce_within(self, constraint: AnyConstraint, max_new: int) -> Enforcement:
+        self.check_least_budget(constraint, max_new)
+        enforcement = self.enforce(constraint)
+        check_budget(enforcement, max_new)
+        return enforcement
+
+    def applied_constraint(self, request: GenerationRequest) -> AnyConstraint | None:
+        """The request's constraint as this engine applies it: a call the answer may start (tool_choice
+        "auto") is left to validation where calls are not generated under their schema."""
+        if request.tool_call_auto and not (self.config.tool_calls.constrained_auto and self.runs_preludes):
+            return None
+        return request.constraint
+
+    @cached_property
+    def preludes(self) -> PreludeMaker:
+        return PreludeMaker(self.tokenizer, self.config, self.eos_ids)
 
     def check_least_budget(self, constraint: AnyConstraint, max_new: int) -> None:
         """The budget against a bound counted without compiling or encoding (characters over the
@@ -200,12 +227,15 @@ class EngineFront(ABC):
     def result(self, submission: Submission, out: RowOutput) -> GenerationResult:
         request, row = submission.prepared.request, submission.prepared.row
         enforcement = submission.prepared.enforcement
-        prompt_tokens, completion_tokens = len(row.prompt_ids), len(out.token_ids)
+        completion_tokens = len(out.token_ids) + out.prelude_tokens
+        prompt_tokens = len(row.prompt_ids) - out.prelude_tokens  # a prelude's tokens joined the context
+        applied = None if out.unconstrained or enforcement is None else request.constraint
         return GenerationResult(
             text=out.text, finish_reason=out.finish_reason,
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                        total_tokens=prompt_tokens + completion_tokens),
-            valid=is_valid(request.constraint, out), closed_early=out.closed_early,
+                        total_tokens=prompt_tokens + completion_tokens, reasoning_tokens=out.reasoning_tokens),
+            valid=is_valid(applied, out), closed_early=out.closed_early, reasoning=out.reasoning,
+            preamble=out.preamble if request.tool_call_auto else None,
             backend=enforcement.backend if enforcement is not None else None,
             approximated=list(enforcement.approximated) if enforcement is not None else [],
             rewrites=list(enforcement.plan.rewrites) if enforcement is not None else [],

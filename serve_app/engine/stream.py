@@ -14,11 +14,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serve_app.constraints.row_checks import RowChecker
 from serve_app.engine.backends import Matcher
 from serve_app.engine.row_closing import RowCloser
+
+if TYPE_CHECKING:
+    from serve_app.engine.prelude import Parked, Prelude
 
 # Decoded text that ends in U+FFFD is an incomplete UTF-8 sequence: hold it back from streams.
 _PARTIAL = "\ufffd"
@@ -42,6 +45,11 @@ class Row:
     min_p: float = 0.0
     logprobs: int | None = None  # None: none; k: the chosen token's and the top k alternatives
     checker: RowChecker | None = None  # keywords checked while generating (may take tokens back)
+    # Free text before the constraint applies (a reasoning section, text before a tool call), in
+    # order; the constraint's matcher, closer and checker wait in `parked` (engine/prelude.py).
+    preludes: list[Prelude] = field(default_factory=list)
+    parked: Parked | None = None
+    quiet: bool = False  # the answer is not streamed as text (a tool call: sent whole at the end)
 
     @cached_property
     def prompt_token_set(self) -> frozenset[int]:
@@ -64,6 +72,12 @@ class RowOutput:
     closed_early: bool = False  # the closer forced the shortest valid completion near the budget
     # Per token when the row asked: (token, logprob, [(alternative, logprob), ...]).
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    # What the preludes wrote (engine/prelude.py): their tokens left `token_ids` when they ended.
+    reasoning: str | None = None
+    preamble: str | None = None  # the text before a tool call the answer started
+    prelude_tokens: int = 0
+    reasoning_tokens: int = 0
+    unconstrained: bool = False  # the constraint never applied (no call was started)
 
 
 class Stream:
@@ -104,7 +118,15 @@ class Stream:
 
     def emit_text(self, final: bool) -> None:
         """Emit new text, holding back what a stop string or a partial character may change."""
-        if not final and not self.deltas:
+        if self.row.preludes:
+            from serve_app.engine.prelude import emit_prelude, settle
+
+            if final:
+                settle(self)
+            else:
+                emit_prelude(self)
+                return
+        if self.row.quiet or (not final and not self.deltas):
             return
         text = self.output.text
         hold = 0 if final else max((len(s) - 1 for s in self.row.stop if s), default=0)
@@ -121,6 +143,10 @@ class Stream:
                 self.emit("logprobs", entries)
             self.emit("delta", text[self._sent:end])
             self._sent = end
+
+    def sent(self, chars: int) -> None:
+        """`chars` characters of the text in `output.text` are out (a prelude's text, once it ended)."""
+        self._sent, self._sent_logprobs = chars, 0
 
     def result(self, timeout: float | None = None) -> RowOutput:
         if not self.done.wait(timeout):

@@ -145,6 +145,11 @@ class VllmEngine(CompilingFront):
         self.forget_refusals()
         self.enforcements.clear()
 
+    @property
+    def runs_preludes(self) -> bool:  # type: ignore[override]
+        """Reasoning sections and calls under tool_choice "auto" need our policies in vLLM's sampler."""
+        return self.steered is not None
+
     # -- constraints -----------------------------------------------------------------------------
 
     def enforce(self, constraint: AnyConstraint) -> Enforcement:
@@ -283,7 +288,7 @@ class VllmEngine(CompilingFront):
 
     def _steering(self, stream: Stream) -> Steering | None:
         """A constrained row's steering, where this engine steers."""
-        if self.steered is None or stream.row.matcher is None:
+        if self.steered is None or (stream.row.matcher is None and not stream.row.preludes):
             return None
         return new_steering(stream, self.decode, self.eos_ids, self.compiler.vocab_size, self.eos)
 

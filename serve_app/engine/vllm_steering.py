@@ -79,7 +79,7 @@ class Steering:
         """The sampled token through the row's policies (working: its masked logits, for a check's
         retry): the token vLLM takes (EOS where the request ends here)."""
         stream = self.stream
-        before = len(stream.output.token_ids)
+        before, preludes = len(stream.output.token_ids), stream.output.prelude_tokens
         try:
             verdict = advance_checked(TokenStep(stream, token, logprobs=logprobs), self.policies, self.decode,
                                       working, self.generator, self._take_back)
@@ -91,7 +91,9 @@ class Steering:
         if verdict == CLOSED:
             stream.output.accepted = stream.output.closed_early = True
             verdict = "stop"
-        appended = stream.output.token_ids[before:]
+        # A prelude that ended on this token moved its tokens into the context (engine/prelude.py).
+        appended = stream.row.prompt_ids[-1:] if stream.output.prelude_tokens != preludes \
+            else stream.output.token_ids[before:]
         if verdict is not None:
             self.verdict, self.ending = verdict, True
         return self._sent(appended[-1] if appended else self.eos)

@@ -231,3 +231,46 @@ def test_responses_refusals_name_the_responses_field(oa, extra, param):
     with pytest.raises(openai.BadRequestError) as raised:
         oa.responses.create(model="tiny", input="hi", **extra)
     assert raised.value.body["param"] == param
+
+
+# -- reasoning models and tool_choice "auto" ---------------------------------------------------
+
+
+def test_a_reasoning_models_answer_is_constrained_after_its_section(oa):
+    completion = oa.chat.completions.parse(model="thinker", messages=USER, response_format=User, max_tokens=96,
+                                           temperature=1.0, seed=0, extra_body={"max_reasoning_tokens": 8})
+    [choice] = completion.choices
+    assert isinstance(choice.message.parsed, User)
+    assert choice.message.model_extra["reasoning_content"]  # the tiny model's gibberish, sampled
+    assert 1 <= completion.usage.completion_tokens_details.reasoning_tokens <= 9
+
+
+def test_a_reasoning_stream_sends_the_section_then_the_answer(oa):
+    chunks = list(oa.chat.completions.create(model="thinker", messages=USER, stream=True, max_tokens=96,
+                                             response_format={"type": "json_schema", "json_schema": {
+                                                 "name": "user", "schema": User.model_json_schema()}},
+                                             temperature=1.0, seed=0, extra_body={"max_reasoning_tokens": 8}))
+    kinds = [("reasoning" if (c.choices[0].delta.model_extra or {}).get("reasoning_content") else "content")
+             for c in chunks if c.choices and (c.choices[0].delta.content or c.choices[0].delta.model_extra)]
+    assert "reasoning" in kinds and kinds.index("content") > kinds.index("reasoning")
+    assert "reasoning" not in kinds[kinds.index("content"):]
+    User.model_validate_json("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+
+
+def test_a_prompt_that_turns_thinking_off_has_no_section(oa):
+    completion = oa.chat.completions.create(model="thinker", messages=USER, max_tokens=96,
+                                            response_format={"type": "json_object"},
+                                            extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert "reasoning_content" not in (completion.choices[0].message.model_extra or {})
+    json.loads(completion.choices[0].message.content)
+
+
+def test_responses_from_a_reasoning_model_carry_a_reasoning_item(oa):
+    response = oa.responses.parse(model="thinker", input="Invent a user.", text_format=User, max_output_tokens=96,
+                                  temperature=1.0, extra_body={"max_reasoning_tokens": 8, "seed": 0})
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert isinstance(response.output_parsed, User) and response.usage.output_tokens_details.reasoning_tokens > 0
+    with oa.responses.stream(model="thinker", input="Invent a user.", text_format=User, max_output_tokens=96,
+                             temperature=1.0, extra_body={"max_reasoning_tokens": 8, "seed": 0}) as stream:
+        kinds = [event.type for event in stream]
+    assert kinds.index("response.reasoning_text.delta") < kinds.index("response.output_text.done")

@@ -30,9 +30,9 @@ def test_health_readiness_and_models(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "replicas": {"tiny": 2, "tiny-small": 1, "guarded": 1}}
+    assert ready.json() == {"ready": True, "replicas": {"tiny": 2, "tiny-small": 1, "thinker": 1, "guarded": 1}}
     models = client.get("/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-small", "guarded"]
+    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-small", "thinker", "guarded"]
 
 
 def test_openai_client_json_schema_returns_valid_json(serve_cluster):
@@ -225,7 +225,7 @@ BAD_INPUTS = [
     ("empty messages", "/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
     ("missing model", "/v1/chat/completions", {"messages": USER}, 400, "model: Field required"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": USER}, 404,
-     "known models: tiny, tiny-small, guarded"),
+     "known models: tiny, tiny-small, thinker, guarded"),
     ("invalid JSON Schema", "/v1/chat/completions",
      {"model": "tiny", "messages": USER, "response_format": {"type": "json_schema", "json_schema": {
          "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strng"}}}}}}, 400,
