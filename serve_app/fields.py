@@ -14,6 +14,10 @@ TopP = Annotated[float, Field(gt=0, le=1)]
 TopK = Annotated[int, Field(ge=-1, le=1_000_000)]  # -1 or 0: off (vLLM's convention)
 MinP = Annotated[float, Field(ge=0, le=1)]
 TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # OpenAI's bound
+# OpenAI's logit_bias: token ids (as strings in JSON) to a bias from -100 (banned) to 100 (chosen
+# wherever the constraint allows it).
+LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]],
+                      Field(max_length=1024)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # signed 64-bit, as OpenAI's API
 RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
 FrequencyPenalty = Annotated[float, Field(ge=-2, le=2)]

@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from serve_app.constraints import Constraint
 from serve_app.fields import (
     FrequencyPenalty,
+    LogitBias,
     MaxTokens,
     MinP,
     NgramSize,
@@ -134,6 +135,7 @@ class SamplingParams(_Model):
     close_json: bool | None = None
     # A reasoning model's thinking budget (the model's reasoning.max_tokens when left out).
     max_reasoning_tokens: Annotated[int, Field(ge=0)] | None = None
+    logit_bias: LogitBias | None = None  # added to the logits before the constraint's mask
 
     _stops = stops_validator()
 

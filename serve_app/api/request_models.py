@@ -17,6 +17,7 @@ from serve_app.constraints import SOURCE_FIELD, Constraint, JsonSchemaConstraint
 from serve_app.errors import ConstraintError, InvalidRequestError
 from serve_app.fields import (
     FrequencyPenalty,
+    LogitBias,
     MaxTokens,
     MinP,
     NgramSize,
@@ -110,6 +111,7 @@ class _OpenAIBase(_Penalties):
     undeclared_properties: bool | None = None
     # An extension: a reasoning model's thinking budget, after which its end marker is forced.
     max_reasoning_tokens: Annotated[int, Field(ge=0)] | None = None
+    logit_bias: LogitBias | None = None
 
     _stops = stops_validator()
 
@@ -194,7 +196,8 @@ class _OpenAIBase(_Penalties):
         return SamplingParams(max_new_tokens=self.max_completion_tokens or self.max_tokens,
                               temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                               seed=self.seed, stop=stops, logprobs=self.top_logprobs_asked(),
-                              max_reasoning_tokens=self.max_reasoning_tokens, **self.penalties())
+                              max_reasoning_tokens=self.max_reasoning_tokens, logit_bias=self.logit_bias,
+                              **self.penalties())
 
     @property
     def include_usage(self) -> bool:
@@ -338,6 +341,7 @@ class NativeGenerateRequest(_Penalties):
     stop: StopList = Field(default_factory=list)
     stream: bool = False
     max_reasoning_tokens: Annotated[int, Field(ge=0)] | None = None
+    logit_bias: LogitBias | None = None
 
     _stops = stops_validator()
 
@@ -359,4 +363,4 @@ class NativeGenerateRequest(_Penalties):
             sampling=SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
                                     top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
                                     stop=self.stop, max_reasoning_tokens=self.max_reasoning_tokens,
-                                    **self.penalties()))
+                                    logit_bias=self.logit_bias, **self.penalties()))

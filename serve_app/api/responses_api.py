@@ -18,7 +18,7 @@ from serve_app.api.responses import chat_message, new_id
 from serve_app.api.tools import MAX_TOOLS
 from serve_app.constraints import Constraint
 from serve_app.errors import InvalidRequestError
-from serve_app.fields import MaxTokens, Seed, Temperature, TopP
+from serve_app.fields import LogitBias, MaxTokens, Seed, Temperature, TopP
 from serve_app.generation import GenerationRequest, GenerationResult, TokenLogprobs
 
 
@@ -97,6 +97,7 @@ class ResponsesRequest(_Request):
     user: str | None = Field(None, max_length=256)
     undeclared_properties: bool | None = None  # an extension, as on the chat route
     max_reasoning_tokens: Annotated[int, Field(ge=0)] | None = None  # an extension, as on the chat route
+    logit_bias: LogitBias | None = None  # an extension, as on the chat route
 
     # The fields an engine's error names, as this route calls them (api/intake.py's as_sent).
     SENT_AS: ClassVar[dict[str, str]] = {"max_tokens": "max_output_tokens", "messages": "input", "prompt": "input"}
@@ -117,7 +118,7 @@ class ResponsesRequest(_Request):
                       for t in self.tools or []] or None,
             "tool_choice": self._tool_choice(), "parallel_tool_calls": self.parallel_tool_calls,
             "response_format": self._response_format(), "undeclared_properties": self.undeclared_properties,
-            "max_reasoning_tokens": self.max_reasoning_tokens})
+            "max_reasoning_tokens": self.max_reasoning_tokens, "logit_bias": self.logit_bias})
 
     def _messages(self) -> list[dict[str, Any]]:
         items = [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input

@@ -203,7 +203,19 @@ class EngineFront(ABC):
                    repetition_penalty=pick["repetition_penalty"], frequency_penalty=pick["frequency_penalty"],
                    presence_penalty=pick["presence_penalty"], no_repeat_ngram_size=pick["no_repeat_ngram_size"],
                    top_k=max(0, pick["top_k"]), min_p=pick["min_p"], logprobs=request.sampling.logprobs,
-                   checker=RowChecker(checks) if checks is not None else None)
+                   checker=RowChecker(checks) if checks is not None else None,
+                   logit_bias=self.logit_bias(request.sampling.logit_bias))
+
+    def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """A request's logit_bias by token id; a token the model does not have is a 400."""
+        if not bias:
+            return None
+        size = len(self.tokenizer)
+        unknown = sorted(int(token) for token in bias if int(token) >= size)
+        if unknown:
+            raise InvalidRequestError(f"logit_bias: token {unknown[0]} is not in the model's vocabulary ({size} "
+                                      "tokens)", param="logit_bias", code="invalid_value")
+        return {int(token): value for token, value in bias.items()}
 
     # -- running -----------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""From a batch's logits to one token per row: penalties, the constraint bitmask, the n-gram
+"""From a batch's logits to one token per row: penalties and logit_bias, the constraint bitmask, the n-gram
 ban, then greedy or seeded sampling. In that order: penalties reorder allowed tokens and never
 allow one; the ban never leaves a row with nothing allowed."""
 
@@ -19,6 +19,7 @@ def next_tokens(logits: torch.Tensor, streams: list[Stream], bitmask: torch.Tens
     if logits.shape[-1] > vocab_size:  # padded embedding rows are not real tokens
         logits[:, vocab_size:] = -torch.inf
     apply_penalties(logits, streams)
+    apply_logit_bias(logits, streams)
     if bitmask is not None:
         apply_bitmask(logits, bitmask.to(logits.device))
     apply_check_bans(logits, streams)
@@ -106,6 +107,16 @@ def apply_penalties(logits: torch.Tensor, streams: list[Stream]) -> None:
             ids, counts = torch.unique(torch.tensor(generated, dtype=torch.long), return_counts=True)
             keep = ids < width
             logits[i, ids[keep]] -= row.frequency_penalty * counts[keep].to(logits.dtype) + row.presence_penalty
+
+
+def apply_logit_bias(logits: torch.Tensor, streams: list[Stream]) -> None:
+    """Each row's logit_bias, added in place (before the mask: a bias never allows a token)."""
+    for i, stream in enumerate(streams):
+        bias = stream.row.logit_bias
+        if bias:
+            ids = torch.tensor(list(bias), dtype=torch.long)
+            keep = ids < logits.shape[-1]
+            logits[i, ids[keep]] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)[keep]
 
 
 def apply_check_bans(logits: torch.Tensor, streams: list[Stream]) -> None:

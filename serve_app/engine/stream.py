@@ -45,6 +45,7 @@ class Row:
     min_p: float = 0.0
     logprobs: int | None = None  # None: none; k: the chosen token's and the top k alternatives
     checker: RowChecker | None = None  # keywords checked while generating (may take tokens back)
+    logit_bias: dict[int, float] | None = None  # added to the logits before the constraint's mask
     # Free text before the constraint applies (a reasoning section, text before a tool call), in
     # order; the constraint's matcher, closer and checker wait in `parked` (engine/prelude.py).
     preludes: list[Prelude] = field(default_factory=list)

@@ -81,7 +81,7 @@ def sampling(prepared: PreparedRow) -> Any:
         max_tokens=row.max_new_tokens, temperature=row.temperature, top_p=row.top_p, top_k=row.top_k,
         min_p=row.min_p, seed=row.seed, stop=row.stop or None, repetition_penalty=row.repetition_penalty,
         frequency_penalty=row.frequency_penalty, presence_penalty=row.presence_penalty,
-        logprobs=row.logprobs, structured_outputs=structured)
+        logprobs=row.logprobs, structured_outputs=structured, logit_bias=row.logit_bias)
 
 
 def logprob_entry(token: int, ranked: dict[int, Any], top: int) -> tuple[int, float, list[tuple[int, float]]]:

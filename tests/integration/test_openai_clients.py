@@ -274,3 +274,37 @@ def test_responses_from_a_reasoning_model_carry_a_reasoning_item(oa):
                              temperature=1.0, extra_body={"max_reasoning_tokens": 8, "seed": 0}) as stream:
         kinds = [event.type for event in stream]
     assert kinds.index("response.reasoning_text.delta") < kinds.index("response.output_text.done")
+
+
+@pytest.fixture(scope="module")
+def opening(tiny_model_dir):
+    """The tiny tokenizer's `{"`: biased up, the model opens its answer with a call."""
+    from transformers import AutoTokenizer
+
+    [token] = AutoTokenizer.from_pretrained(tiny_model_dir).encode('{"', add_special_tokens=False)
+    return {str(token): 100}
+
+
+def test_under_tool_choice_auto_a_started_call_is_generated_under_the_schema(oa, opening):
+    tools = [openai.pydantic_function_tool(Weather)]
+    completion = oa.chat.completions.create(model="tiny", messages=USER, tools=tools, max_tokens=64,
+                                            logit_bias=opening)
+    [choice] = completion.choices
+    assert choice.finish_reason == "tool_calls" and choice.model_extra["valid"] is True
+    Weather.model_validate_json(choice.message.tool_calls[0].function.arguments)
+    with oa.chat.completions.stream(model="tiny", messages=USER, tools=tools, max_tokens=64,
+                                    logit_bias=opening) as stream:
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.tool_calls[0].function.parsed_arguments, Weather)
+    plain = oa.chat.completions.create(model="tiny", messages=USER, tools=tools, max_tokens=16,
+                                       logit_bias={token: -100 for token in opening})
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].model_extra["valid"] is None
+
+
+def test_responses_under_tool_choice_auto_answer_a_valid_function_call(oa, opening):
+    tools = [{"type": "function", "name": "get_weather", "parameters": Weather.model_json_schema(), "strict": True}]
+    response = oa.responses.create(model="tiny", input="Weather in Paris?", tools=tools, max_output_tokens=64,
+                                   extra_body={"logit_bias": opening})
+    [call] = response.output
+    assert call.type == "function_call" and response.model_extra["valid"] is True
+    Weather.model_validate_json(call.arguments)

@@ -223,3 +223,23 @@ def test_inside_vllms_sampler_the_section_is_split_off_and_the_answer_constraine
     stream.output.finish_reason = steering.verdict
     result = thinker.result(Submission(prepared, stream), stream.output)
     assert result.valid is True and result.reasoning is not None and 1 <= result.usage.reasoning_tokens <= 7
+
+
+def test_logit_bias_steers_the_first_token_and_never_allows_what_the_constraint_forbids(tiny_engine):
+    [opening] = ids(tiny_engine, '{"')
+    call = _auto(tiny_engine, max_tokens=48, logit_bias={str(opening): 100})
+    [result] = tiny_engine.generate([call])
+    assert result.preamble == "" and result.valid is True and result.finish_reason == "stop"
+    assert json.loads(result.text)["name"] == "get_weather"
+    [result] = tiny_engine.generate([_auto(tiny_engine, max_tokens=16, logit_bias={str(opening): -100})])
+    assert result.preamble is None and result.valid is None
+    choice = parse_constraint({"type": "choice", "choices": ["yes", "no"]})
+    [result] = tiny_engine.generate([GenerationRequest(prompt="Is it?", constraint=choice, sampling=SamplingParams(
+        max_new_tokens=4, logit_bias={str(opening): 100}))])
+    assert result.text in ("yes", "no") and result.valid is True
+
+
+def test_a_logit_bias_for_a_token_the_model_lacks_is_a_400(tiny_engine):
+    with pytest.raises(InvalidRequestError, match="not in the model's vocabulary") as raised:
+        tiny_engine.prepare(GenerationRequest(prompt="hi", sampling=SamplingParams(logit_bias={"999999": 1})))
+    assert raised.value.param == "logit_bias"
