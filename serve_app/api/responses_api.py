@@ -93,6 +93,9 @@ class ResponsesRequest(_Request):
     store: bool | None = None
     previous_response_id: str | None = None
     truncation: Literal["disabled"] | None = None
+    # What to add to the answer: a reasoning section is always in clear text, so there is no
+    # encrypted content to add; other includables are a 400 naming them.
+    include: list[Literal["reasoning.encrypted_content"]] | None = Field(None, max_length=8)
     metadata: dict[str, str] | None = Field(None, max_length=16)
     user: str | None = Field(None, max_length=256)
     undeclared_properties: bool | None = None  # an extension, as on the chat route

@@ -226,7 +226,8 @@ def test_responses_function_tool_calls_are_valid_calls(oa):
 
 @pytest.mark.parametrize("extra,param", [({"store": True}, "store"), ({"previous_response_id": "resp_1"},
                                                                       "previous_response_id"),
-                                         ({"max_output_tokens": 100_000}, "max_output_tokens")])
+                                         ({"max_output_tokens": 100_000}, "max_output_tokens"),
+                                         ({"include": ["message.output_text.logprobs"]}, "include.0")])
 def test_responses_refusals_name_the_responses_field(oa, extra, param):
     with pytest.raises(openai.BadRequestError) as raised:
         oa.responses.create(model="tiny", input="hi", **extra)
@@ -308,3 +309,27 @@ def test_responses_under_tool_choice_auto_answer_a_valid_function_call(oa, openi
     [call] = response.output
     assert call.type == "function_call" and response.model_extra["valid"] is True
     Weather.model_validate_json(call.arguments)
+
+
+def test_an_openai_agents_agent_on_the_responses_api(base, opening):
+    """openai-agents (its Responses model pointed at the app): a structured final output, and a
+    function tool the agent calls under tool_choice "auto"."""
+    import agents
+
+    agents.set_tracing_disabled(True)  # its traces would go to OpenAI's servers
+    model = agents.OpenAIResponsesModel("tiny", openai.AsyncOpenAI(base_url=base, api_key=API_KEY))
+    settings = agents.ModelSettings(max_tokens=96)
+    writer = agents.Agent(name="writer", instructions="Invent a user.", model=model, output_type=User,
+                          model_settings=settings)
+    assert isinstance(agents.Runner.run_sync(writer, "Invent a user.").final_output, User)
+    asked = []
+
+    @agents.function_tool
+    def get_weather(city: str, celsius: bool) -> str:
+        asked.append(city)
+        return "sunny"
+
+    forecaster = agents.Agent(name="forecaster", model=model, tools=[get_weather],
+                              tool_use_behavior="stop_on_first_tool",
+                              model_settings=agents.ModelSettings(max_tokens=64, extra_body={"logit_bias": opening}))
+    assert agents.Runner.run_sync(forecaster, "Weather in Paris?").final_output == "sunny" and len(asked) == 1
