@@ -141,11 +141,14 @@ class _OpenAIBase(_Penalties):
         """The request field the constraint came from, for errors that name it."""
         if self.response_format is not None and self.response_format.type == "json_schema":
             return "response_format.json_schema"
-        if self.forced_tools():
+        if self.forced_tools() or self.enforced_auto_tools():
             return "tools"
         return next((f for f, v in self._guided().items() if v != ""), None)
 
     def forced_tools(self) -> list[Tool] | None:
+        return None
+
+    def enforced_auto_tools(self) -> list[Tool] | None:
         return None
 
     def constrained(self) -> bool:

@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 # With the distance unknown (e.g. inside a string with a pattern), keep this many tokens spare
 # beyond the last known distance before closing.
 UNKNOWN_SLACK = 24
+# A character takes at most this many more byte tokens once its first byte is out (UTF-8).
+MAX_CONTINUATION_BYTES = 3
 
 
 class RowCloser:
@@ -33,6 +35,7 @@ class RowCloser:
         self.forced: list[int] = []
         self.closed_early = False
         self.gave_up = self.plan is None
+        self.partial = 0  # tokens since the output last ended on a whole character
 
     def choose(self, token: int, text_after: str, remaining: int,
                accepts: Callable[[list[int]], bool]) -> int | None:
@@ -47,14 +50,20 @@ class RowCloser:
             stack = closer.feed(self.stack, text_after[len(self.text):])
         else:
             stack = closer.feed(closer.start, text_after)
-        # A token can end inside a multi-byte character (decoded as U+FFFD): nothing closes that.
-        plan = None if text_after.endswith("\ufffd") else closer.completion(stack)
+        # A token can end inside a multi-byte character (decoded as U+FFFD): nothing closes that
+        # until the character is whole, and its completion is then about the one before it. A
+        # character is begun only with room to finish it and close.
+        partial = text_after.endswith("\ufffd")
+        plan = None if partial else closer.completion(stack)
         plan_tokens = closer.encode(plan) if plan is not None else None
         if plan_tokens is not None and len(plan_tokens) <= remaining - 1:
             keep = True
+        elif partial:
+            keep = remaining - 1 >= self.last_known + max(0, MAX_CONTINUATION_BYTES - self.partial)
         else:
             keep = plan_tokens is None and remaining - 1 >= self.last_known + UNKNOWN_SLACK
         if keep:
+            self.partial = self.partial + 1 if partial else 0
             self.stack, self.text, self.plan, self.plan_tokens = stack, text_after, plan, plan_tokens
             if plan_tokens is not None:
                 self.last_known = len(plan_tokens)
@@ -69,6 +78,7 @@ class RowCloser:
         closer = self.closer
         self.stack = closer.feed(closer.start, text) if text else closer.start
         self.text = text
+        self.partial = 1 if text.endswith("\ufffd") else 0
         self.plan = None if text.endswith("\ufffd") else closer.completion(self.stack)
         self.plan_tokens = closer.encode(self.plan) if self.plan is not None else None
         if self.plan_tokens is not None:

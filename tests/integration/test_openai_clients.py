@@ -156,11 +156,12 @@ def test_a_tool_with_a_bad_schema_is_a_400_naming_the_tool(oa):
     ("tiny", {"type": "object", "unevaluatedProperties": False, "allOf": [{"properties": {"a": {"type": "integer"}}}]}),
     ("tiny-small", {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(40)}}),
 ], ids=["unenforceable keyword", "over max_schema_bytes"])
-def test_a_tool_refused_by_keyword_or_size_names_the_tool_in_param_and_message(oa, model, parameters):
+@pytest.mark.parametrize("choice", ["required", "auto"])  # "auto": a call is generated under the schema too
+def test_a_tool_refused_by_keyword_or_size_names_the_tool_in_param_and_message(oa, model, parameters, choice):
     tools = [{"type": "function", "function": {"name": "ok", "parameters": {"type": "object"}}},
              {"type": "function", "function": {"name": "bad", "parameters": parameters}}]
     with pytest.raises(openai.BadRequestError) as raised:
-        oa.chat.completions.create(model=model, messages=USER, tools=tools, tool_choice="required")
+        oa.chat.completions.create(model=model, messages=USER, tools=tools, tool_choice=choice)
     assert raised.value.body["param"] == "tools.1.function.parameters"
     assert raised.value.body["message"].startswith("tools.1.function.parameters: ")
 

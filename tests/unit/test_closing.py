@@ -257,3 +257,24 @@ def test_a_fraction_ending_in_zero_closes_with_a_last_nonzero_digit():
     assert closer.completion(closer.feed(closer.start, '{"r":0.30')) == "1}"
     assert closer.completion(closer.feed(closer.start, '{"r":0.35')) == "}"
     assert closer.completion(closer.feed(closer.start, '{"r":1.0')) == "}"  # 1.01 would pass the maximum
+
+
+def test_a_character_spelled_in_bytes_at_the_budgets_edge_is_finished_and_then_closed(tiny_engine):
+    """A character begun with room to finish it is finished (it once gave up there: the output ran
+    to `length`); one begun without that room is not: the output closes before it."""
+    from serve_app.engine.row_closing import MAX_CONTINUATION_BYTES, UNKNOWN_SLACK, RowCloser
+
+    story = parse_constraint({"type": "json_schema", "schema": {
+        "type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}})
+    closer = tiny_engine.enforce(story).closer
+    accept = lambda tokens: True  # noqa: E731 - the matcher's answer here: any completion
+    row = RowCloser(closer)
+    assert row.choose(1, '{"story":"a', 100, accept) == 1
+    edge = row.last_known + UNKNOWN_SLACK + 1  # the last remaining count the old slack allowed
+    for step, text in enumerate(['{"story":"a\ufffd', '{"story":"a\ufffd', '{"story":"a\ufffd']):
+        assert row.choose(1, text, edge - step, accept) == 1 and not row.gave_up
+    assert row.choose(1, '{"story":"a€', edge - 3, accept) == 1 and row.plan == '"}'
+    late = RowCloser(closer)
+    late.choose(1, '{"story":"a', 100, accept)
+    forced = late.choose(1, '{"story":"a\ufffd', late.last_known + MAX_CONTINUATION_BYTES, accept)
+    assert late.closed_early and not late.gave_up and forced != 1
