@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -55,6 +56,21 @@ def test_openai_completions_with_vllm_guided_choice(serve_cluster):
     assert completion.object == "text_completion"
     assert completion.choices[0].text in {"red", "green", "blue"}
     assert completion.choices[0].finish_reason == "stop"
+
+
+def test_response_format_and_structured_outputs_on_completions_and_chat(serve_cluster):
+    """vLLM accepts both on both routes; so do we."""
+    oa = openai.OpenAI(base_url=f"{serve_cluster}/v1", api_key=API_KEY)
+    person = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"],
+              "additionalProperties": False}
+    fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": person}}}
+    text = oa.completions.create(model="tiny", prompt="Age:", max_tokens=32, extra_body=fmt).choices[0].text
+    assert set(json.loads(text)) == {"age"}
+    digits = {"structured_outputs": {"regex": "[0-9]{3}"}}
+    assert re.fullmatch("[0-9]{3}", oa.completions.create(model="tiny", prompt="N:", max_tokens=8,
+                                                          extra_body=digits).choices[0].text)
+    chat = oa.chat.completions.create(model="tiny", messages=USER, max_tokens=8, extra_body=digits)
+    assert re.fullmatch("[0-9]{3}", chat.choices[0].message.content)
 
 
 def test_n_choices_each_satisfy_the_constraint(client):
