@@ -259,6 +259,19 @@ def test_a_reasoning_stream_sends_the_section_then_the_answer(oa):
     User.model_validate_json("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
 
 
+def test_the_native_route_streams_reasoning_events_then_the_answer(client):
+    body = {"model": "thinker", "messages": USER, "max_tokens": 64, "temperature": 1.0, "seed": 0,
+            "max_reasoning_tokens": 8, "stream": True,
+            "constraint": {"type": "json_schema", "schema": Weather.model_json_schema()}}
+    with client.stream("POST", "/v1/generate", json=body) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    kinds = [next(iter(event)) for event in events]
+    assert kinds[0] == "reasoning" and kinds[-1] == "done" and "reasoning" not in kinds[kinds.index("delta"):]
+    done = events[-1]["done"]
+    assert done["reasoning"] == "".join(e["reasoning"] for e in events if "reasoning" in e)
+    assert done["valid"] is True and done["text"] == "".join(e["delta"] for e in events if "delta" in e)
+
+
 def test_a_prompt_that_turns_thinking_off_has_no_section(oa):
     completion = oa.chat.completions.create(model="thinker", messages=USER, max_tokens=96,
                                             response_format={"type": "json_object"},
