@@ -64,9 +64,9 @@ class RequestChecker:
     def _prepare(self, body: Any) -> Intake:
         model = self.model(body.model)
         try:
-            tool_parameters: Callable[[bool], list[tuple[AnyConstraint, str]]] = getattr(
-                body, "tool_parameter_constraints", lambda _: [])
-            for constraint, source in tool_parameters(model.strict_by_default):
+            tool_parameters: Callable[[bool, bool], list[tuple[AnyConstraint, str]]] = getattr(
+                body, "tool_parameter_constraints", lambda *_: [])
+            for constraint, source in tool_parameters(model.strict_by_default, model.tool_calls.constrained_auto):
                 self.check_constraint(model, constraint, source)
             rows = body.generation_requests(strict_default=model.strict_by_default)
             if not model.tool_calls.constrained_auto:  # calls under tool_choice "auto" validated afterwards only

@@ -264,13 +264,14 @@ class ChatCompletionRequest(_OpenAIBase):
             return None
         return tooling.tool_constraint(forced, self._tools_strict(forced, strict_default))
 
-    def tool_parameter_constraints(self, strict_default: bool = True) -> list[tuple[Constraint, str]]:
+    def tool_parameter_constraints(self, strict_default: bool = True,
+                                   constrained_auto: bool = True) -> list[tuple[Constraint, str]]:
         """Each offered tool's parameters as a schema, with the field that names it: checked on
         their own first, so a refusal points into the tool, not into the combined schema. Under
-        "auto" beside another constraint (response_format) no call is generated under them (the
-        arguments are only validated): limits and meta-validation apply, a keyword no backend
-        enforces does not."""
-        forced = self.forced_tools() or self.enforced_auto_tools()
+        "auto" beside another constraint (response_format), or where the model's
+        `tool_calls.constrained_auto` is false, no call is generated under them (the arguments are
+        only validated): limits and meta-validation apply, a keyword no backend enforces does not."""
+        forced = self.forced_tools() or (self.enforced_auto_tools() if constrained_auto else None)
         strict = self._tools_strict(forced, strict_default) if forced else False
         names = {t.function.name for t in forced} if forced else None
         out: list[tuple[Constraint, str]] = []

@@ -158,9 +158,10 @@ class ResponsesRequest(_Request):
     def generation_requests(self, strict_default: bool = True) -> list[GenerationRequest]:
         return self.chat.generation_requests(strict_default)
 
-    def tool_parameter_constraints(self, strict_default: bool = True) -> list[tuple[Constraint, str]]:
+    def tool_parameter_constraints(self, strict_default: bool = True,
+                                   constrained_auto: bool = True) -> list[tuple[Constraint, str]]:
         return [(c, source.replace(".function.", ".")) for c, source in
-                self.chat.tool_parameter_constraints(strict_default)]
+                self.chat.tool_parameter_constraints(strict_default, constrained_auto)]
 
     def constraint_source(self) -> str | None:
         source = self.chat.constraint_source()

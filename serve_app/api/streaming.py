@@ -99,9 +99,6 @@ class ChunkFormatter:
             elif unsent:
                 chunks.append(self._chunk([self._choice(index, unsent, None, rest)]))
             rest = None
-        elif self.holding[index] and result.text:  # completions
-            chunks.append(self._chunk([self._choice(index, result.text, None, rest)]))
-            rest = None
         choice = {**self._choice(index, None, finish_reason, rest), "valid": valid,
                   "closed_early": result.closed_early}
         chunks.append(self._chunk([choice]))

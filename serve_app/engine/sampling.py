@@ -1,6 +1,6 @@
-"""From a batch's logits to one token per row: penalties and logit_bias, the constraint bitmask, the n-gram
-ban, then greedy or seeded sampling. In that order: penalties reorder allowed tokens and never
-allow one; the ban never leaves a row with nothing allowed."""
+"""From a batch's logits to one token per row: penalties and logit_bias, the constraint bitmask,
+the n-gram ban, then greedy or seeded sampling. In that order: penalties and biases reorder
+allowed tokens and never allow one; the ban never leaves a row with nothing allowed."""
 
 from __future__ import annotations
 
@@ -112,11 +112,10 @@ def apply_penalties(logits: torch.Tensor, streams: list[Stream]) -> None:
 def apply_logit_bias(logits: torch.Tensor, streams: list[Stream]) -> None:
     """Each row's logit_bias, added in place (before the mask: a bias never allows a token)."""
     for i, stream in enumerate(streams):
-        bias = stream.row.logit_bias
-        if bias:
-            ids = torch.tensor(list(bias), dtype=torch.long)
-            keep = ids < logits.shape[-1]
-            logits[i, ids[keep]] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)[keep]
+        items = [(token, value) for token, value in (stream.row.logit_bias or {}).items() if token < logits.shape[-1]]
+        if items:
+            ids = torch.tensor([token for token, _ in items], dtype=torch.long, device=logits.device)
+            logits[i, ids] += torch.tensor([value for _, value in items], dtype=logits.dtype, device=logits.device)
 
 
 def apply_check_bans(logits: torch.Tensor, streams: list[Stream]) -> None:

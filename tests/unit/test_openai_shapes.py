@@ -371,3 +371,18 @@ def test_a_responses_request_means_the_chat_request_and_its_answer_reads_as_a_re
     adapter = TypeAdapter(ResponseStreamEvent)
     assert [adapter.validate_python(e).sequence_number for e in stream] == list(range(len(stream)))
     assert stream[-1]["response"]["output"][0]["content"][0]["text"] == '{"a": 1}'
+
+
+def test_a_call_under_tool_choice_auto_is_generated_under_the_tools_schema_unless_told_otherwise():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                 "tools": tools})
+    [row] = body.generation_requests()
+    assert row.tool_call_auto and row.constraint.json_schema["properties"]["name"] == {"const": "f"}
+    assert body.constraint_source() == "tools"
+    assert [c.strict for c, _ in body.tool_parameter_constraints()] == [True]
+    assert [c.strict for c, _ in body.tool_parameter_constraints(True, constrained_auto=False)] == [False]
+    formatted = ChatCompletionRequest.model_validate({**body.model_dump(exclude_none=True),
+                                                      "response_format": {"type": "json_object"}})
+    [row] = formatted.generation_requests()
+    assert not row.tool_call_auto and row.constraint.json_schema == {"type": "object"}
