@@ -243,3 +243,11 @@ def test_a_logit_bias_for_a_token_the_model_lacks_is_a_400(tiny_engine):
     with pytest.raises(InvalidRequestError, match="not in the model's vocabulary") as raised:
         tiny_engine.prepare(GenerationRequest(prompt="hi", sampling=SamplingParams(logit_bias={"999999": 1})))
     assert raised.value.param == "logit_bias"
+
+
+def test_the_loop_generates_a_call_after_the_models_marker(thinker):
+    [marker] = ids(thinker, "<tool_call>")
+    row = _auto(thinker, max_tokens=64, logit_bias={str(marker): 100}, max_reasoning_tokens=2)
+    [result] = thinker.generate([row])
+    assert result.reasoning is not None and result.usage.reasoning_tokens <= 3
+    assert result.preamble == "" and result.valid is True and json.loads(result.text)["name"] == "get_weather"
