@@ -416,7 +416,8 @@ class JsonCloser(JsonScanner):
             return [v[len(chars):] for v in values if isinstance(v, str) and v.startswith(chars)]
         example = FORMATS.get(s.get("format", ""))
         if example is not None:  # fixed layouts (dates, uuids) line up with the example's tail
-            return [example[len(chars):], "", "a", ".aa", "a.aa", "@a.aa", "0", ".0"]
+            return [example[len(chars):], "", "a", ".aa", "a.aa", "@a.aa", "0", ".0",
+                    *FORMAT_TAILS.get(s["format"], ())]
         need = max(0, int(s.get("minLength", 0)) - len(chars))
         rests = [c * need for c in "a0A"]
         if isinstance(s.get("pattern"), str):
@@ -425,6 +426,15 @@ class JsonCloser(JsonScanner):
             if example is not None:  # the example's tail: fits when the output followed its layout
                 rests += [example[len(chars):], example] if len(example) > len(chars) else [example]
         return rests
+
+
+# What finishes a value of a format written its own way (an offset, a fraction, an address cut
+# between groups, a duration's next unit), where the example's tail does not line up.
+_CLOCK = ("Z", "0Z", "00Z", ":00Z", "0:00Z", "00:00", "0:00", ":00", "00")
+FORMAT_TAILS: dict[str, tuple[str, ...]] = {
+    "time": _CLOCK, "date-time": _CLOCK, "duration": ("D", "Y", "M", "W", "H", "S", "0S", "T0S", "0D"),
+    "ipv4": (".0.0.0", ".0.0", ".0", "0.0.0", "0.0"), "ipv6": ("::", "::1", ":1", "1", ":"), "uri": (":a", ":"),
+}
 
 
 def _declared(branches: tuple[dict[str, Any], ...]) -> set[str]:

@@ -278,3 +278,35 @@ def test_a_character_spelled_in_bytes_at_the_budgets_edge_is_finished_and_then_c
     late.choose(1, '{"story":"a', 100, accept)
     forced = late.choose(1, '{"story":"a\ufffd', late.last_known + MAX_CONTINUATION_BYTES, accept)
     assert late.closed_early and not late.gave_up and forced != 1
+
+
+FORMAT_INSTANCES = {
+    "date": ["2024-02-29"], "time": ["08:30:06Z", "08:30:06.25+02:00", "23:59:59-05:30"],
+    "date-time": ["2024-02-29T08:30:06Z", "2024-02-29T08:30:06.5-05:30"],
+    "duration": ["P1Y2M3DT4H5M6S", "PT36H", "P3W"], "email": ["ab.c@ex-ample.com"],
+    "hostname": ["a-b.example.com", "xn--bcher-kva.example"], "ipv4": ["192.168.10.1"],
+    "ipv6": ["2001:db8::8a2e:370:7334", "fe80::1"], "uri": ["https://ex.com/a/b?q=1#f", "urn:isbn:0451450523"],
+    "uuid": ["123e4567-e89b-12d3-a456-426614174000"],
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMAT_INSTANCES))
+def test_every_prefix_of_a_formatted_string_closes_alone_and_under_max_properties(fmt):
+    """Every format the grammar enforces (llguidance's set), each written several ways: a value cut
+    anywhere (inside an offset, a fraction, between address groups, before a duration's unit) has
+    a completion, also inside an object at its maxProperties."""
+    from serve_app.constraints.keywords import SUPPORTED_FORMATS
+
+    assert set(FORMAT_INSTANCES) == SUPPORTED_FORMATS["llguidance"]
+    cases = [({"type": "string", "format": fmt}, value) for value in FORMAT_INSTANCES[fmt]]
+    cases += [({"type": "object", "maxProperties": 2, "additionalProperties": {"type": "string", "format": fmt}},
+               {"k": value, "m": value}) for value in FORMAT_INSTANCES[fmt]]
+    for schema, instance in cases:
+        closer = JsonCloser(schema, _encode, ENFORCED_FORMATS)
+        check = jsonschema.Draft202012Validator(schema, format_checker=ENFORCED_FORMATS)  # the output check's formats
+        text = json.dumps(instance, separators=(",", ":"))
+        assert check.is_valid(instance)
+        for cut in range(len(text) + 1):
+            completion = closer.completion(closer.feed(closer.start, text[:cut]))
+            assert completion is not None, (text[:cut], schema)
+            assert check.is_valid(json.loads(text[:cut] + completion)), (text[:cut], completion)
