@@ -29,6 +29,7 @@ from serve_app.constraints.schema_facts import (
     admits_nothing,
     admitted_types,
     disjoint_schemas,
+    evaluated_properties,
     excluded_values,
     finite_domain,
     is_name_list,
@@ -405,16 +406,27 @@ class _Rewriter:
         return node if len(kept) == len(members) else {**rest, "allOf": kept}
 
     def unevaluated(self, node: dict[str, Any], ptr: str) -> dict[str, Any]:
-        """unevaluatedX is additionalX where no in-place applicator evaluates anything."""
-        if _IN_PLACE & node.keys():
+        """unevaluatedX is additionalX where no in-place applicator evaluates anything; beside `allOf`
+        members (they always apply), unevaluatedProperties is additionalProperties over every property
+        they and the node declare."""
+        in_place = _IN_PLACE & node.keys()
+        members = evaluated_properties(node.get("allOf", [])) if in_place <= {"allOf", "not"} else None
+        if in_place and (members is None or "unevaluatedProperties" not in node):
             return node
+        names, patterns, everything = members or (set(), set(), False)
         node = dict(node)
         if "unevaluatedProperties" in node:
             value = node.pop("unevaluatedProperties")
-            covered = "additionalProperties" in node
-            node.setdefault("additionalProperties", value)
+            covered = everything or "additionalProperties" in node
+            if not covered:
+                node["properties"] = {**{name: {} for name in sorted(names)}, **node.get("properties", {})}
+                node["patternProperties"] = {**{p: {} for p in sorted(patterns)}, **node.get("patternProperties", {})}
+                node = {k: v for k, v in node.items() if v != {} or k not in ("properties", "patternProperties")}
+                node["additionalProperties"] = value
             self.note("unevaluatedProperties", ptr, "dropped (additionalProperties evaluates every property)"
-                      if covered else "-> additionalProperties")
+                      if covered else "-> additionalProperties" + (" (with what allOf declares)" if in_place else ""))
+        if in_place:
+            return node
         if "unevaluatedItems" in node and "contains" not in node:  # (contains evaluates the items it matches)
             rest = "additionalItems" if isinstance(node.get("items"), list) else "items"  # after a tuple form
             covered = rest in node

@@ -204,3 +204,34 @@ def _distinct(values: list[Any]) -> int:
         if not any(json_equal(value, seen) for seen in kept):
             kept.append(value)
     return len(kept)
+
+
+# In-place applicators whose annotations depend on the instance (which branch holds, whether a
+# property is there): what they evaluate is not known before generating.
+_CONDITIONAL = frozenset({"anyOf", "oneOf", "if", "then", "else", "dependentSchemas", "$ref", "$dynamicRef",
+                          "$recursiveRef"})
+
+
+def evaluated_properties(members: list[Any]) -> tuple[set[str], set[str], bool] | None:
+    """What `allOf` members (which always apply) evaluate in every object they accept: (names of
+    their `properties`, their `patternProperties`, whether one evaluates every property through
+    `additionalProperties` or `unevaluatedProperties`); None where that depends on the instance.
+    `not` evaluates nothing (its annotations are dropped)."""
+    names: set[str] = set()
+    patterns: set[str] = set()
+    everything = False
+    for member in members:
+        if not isinstance(member, dict):
+            continue
+        if _CONDITIONAL & member.keys():
+            return None
+        names.update(member.get("properties", {}) if isinstance(member.get("properties"), dict) else ())
+        patterns.update(member.get("patternProperties", {}) if isinstance(member.get("patternProperties"), dict)
+                        else ())
+        everything = everything or "additionalProperties" in member or "unevaluatedProperties" in member
+        nested = member.get("allOf")
+        inner = evaluated_properties(nested) if isinstance(nested, list) else (set(), set(), False)
+        if inner is None:
+            return None
+        names, patterns, everything = names | inner[0], patterns | inner[1], everything or inner[2]
+    return names, patterns, everything

@@ -117,7 +117,7 @@ def test_precompile_fills_the_cache(tiny_engine):
 
 
 def test_unsupported_keyword_is_rejected_not_dropped(tiny_engine):
-    schema = {"type": "object", "allOf": [{"properties": {"a": {}}}], "unevaluatedProperties": False}
+    schema = {"type": "object", "anyOf": [{"properties": {"a": {}}}], "unevaluatedProperties": False}
     with pytest.raises(ConstraintError, match="'unevaluatedProperties' at #/"):
         tiny_engine.generate([request({"type": "json_schema", "schema": schema})])
 

@@ -300,9 +300,20 @@ def test_unevaluated_keywords_become_additional_ones_without_in_place_applicator
         "type": "array", "items": {"type": "integer"}}
 
 
+def test_beside_allof_unevaluated_properties_is_additional_properties_over_what_allof_declares() -> None:
+    schema = {"allOf": [{"properties": {"a": {"type": "string"}}}], "properties": {"b": {"type": "string"}},
+              "unevaluatedProperties": False}
+    assert _norm(schema) == {"allOf": [{"properties": {"a": {"type": "string"}}}], "additionalProperties": False,
+                             "properties": {"a": {}, "b": {"type": "string"}}}
+
+
+def test_beside_an_allof_member_with_a_conditional_applicator_unevaluated_properties_stays() -> None:
+    schema = {"allOf": [{"anyOf": [{"properties": {"a": {}}}, {"required": ["b"]}]}, {"properties": {"c": {}}}],
+              "unevaluatedProperties": False}
+    assert "unevaluatedProperties" in _norm(schema)
+
+
 @pytest.mark.parametrize("schema", [
-    {"allOf": [{"properties": {"a": {"type": "string"}}}], "properties": {"b": {"type": "string"}},
-     "unevaluatedProperties": False},
     {"anyOf": [{"properties": {"a": {"type": "string"}}}, {"required": ["b"]}], "unevaluatedProperties": False},
     {"contains": {"type": "string"}, "unevaluatedItems": False},
 ])
@@ -358,10 +369,12 @@ def test_allof_with_one_branch_merges_unless_keywords_clash_or_read_each_other()
     assert _norm(reads) == reads
     scoped = {"properties": {"a": {"type": "string"}}, "allOf": [{"unevaluatedProperties": False}]}
     assert _norm(scoped) == {"properties": {"a": {"type": "string"}}, "allOf": [{"additionalProperties": False}]}
-    # merged, the anyOf next to it would start counting "a" as evaluated
+    # within its member, unevaluatedProperties evaluates everything `not` leaves (all of it): the
+    # member is additionalProperties: false, which merges without reading the anyOf beside it
     beside = {"anyOf": [{"properties": {"a": {}}}],
               "allOf": [{"not": {"required": ["x"]}, "unevaluatedProperties": False}]}
-    assert _norm(beside) == beside
+    assert _norm(beside) == {"anyOf": [{"properties": {"a": {}}}], "not": {"required": ["x"]},
+                             "additionalProperties": False}
 
 
 def test_not_over_what_has_a_complement_is_rewritten_and_what_has_none_stays() -> None:
@@ -562,6 +575,16 @@ CASES = [
         {"tags": ["a", 1], "z": True}),
     Case("unevaluated_scope", {"anyOf": [{"properties": {"a": {}}}, {"required": ["b"]}],
                                "allOf": [{"not": {"required": ["x"]}, "unevaluatedProperties": False}]}, {}),
+    # OpenAPI 3.1's shape: a base by $ref (or allOf), own properties, nothing else.
+    Case("unevaluated_beside_allof", {"$defs": {"base": {"properties": {"id": {"type": "integer"}},
+                                                         "patternProperties": {"^x-": {"type": "string"}}}},
+                                      "type": "object", "$ref": "#/$defs/base", "properties": {"a": {"type": "string"}},
+                                      "allOf": [{"properties": {"b": {"enum": [1, 2]}}, "allOf": [{"not": {
+                                          "properties": {"zz": {}}, "required": ["zz"]}}]}],
+                                      "unevaluatedProperties": {"type": "boolean"}},
+         {"id": 1, "a": "s", "b": 2, "x-y": "t", "c": True}),
+    Case("unevaluated_beside_allof_covered", {"allOf": [{"properties": {"a": {}}, "additionalProperties": {
+        "type": "integer"}}], "unevaluatedProperties": False}, {"a": "s", "b": 1}),
     Case("nullable_linked_list", {"$defs": {"node": {"type": "object", "required": ["v"], "properties": {
         "v": {"type": "integer"}, "next": {"oneOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}}}},
         "$ref": "#/$defs/node"}, {"v": 1, "next": {"v": 2, "next": None}}),
