@@ -409,7 +409,7 @@ class _Rewriter:
         """unevaluatedX is additionalX where no in-place applicator evaluates anything; beside `allOf`
         members (they always apply), unevaluatedProperties is additionalProperties over every property
         they and the node declare."""
-        in_place = _IN_PLACE & node.keys()
+        in_place = (_IN_PLACE | {"$dynamicRef", "$recursiveRef"}) & node.keys()
         members = evaluated_properties(node.get("allOf", [])) if in_place <= {"allOf", "not"} else None
         if in_place and (members is None or "unevaluatedProperties" not in node):
             return node

@@ -130,7 +130,7 @@ HARDENING_MATRIX = [
      400, "schema"),
     # (An unknown format such as "credit-card" is an annotation, as JSON Schema says: accepted.)
     ("keyword no backend enforces", {"model": "tiny", "prompt": "x", "constraint": {
-        "type": "json_schema", "schema": {"type": "object", "allOf": [{"properties": {"a": {}}}],
+        "type": "json_schema", "schema": {"type": "object", "anyOf": [{"properties": {"a": {}}}],
                                           "unevaluatedProperties": False}}}, 400, "'unevaluatedProperties' at #/"),
     # (A backend that is not installed is a 400 too: tests/unit; here every backend may be, with the vllm extra.)
     ("backend that cannot compile the kind", {"model": "tiny", "prompt": "x", "constraint": {

@@ -154,7 +154,7 @@ def test_keywords_no_grammar_has_are_checked_while_generating_and_reported(clien
 
 
 def test_strict_false_accepts_an_approximation_says_so_and_still_checks_the_output(client):
-    names = {"type": "object", "allOf": [{"properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}],
+    names = {"type": "object", "anyOf": [{"properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}],
              "unevaluatedProperties": False}
     strict = client.post("/v1/chat/completions", json={
         "model": "tiny", "messages": USER, "max_tokens": 24,
@@ -250,7 +250,7 @@ BAD_INPUTS = [
      {"model": "tiny-small", "messages": USER, "guided_json": BIG_SCHEMA}, 400, "max_schema_bytes"),
     ("unsupported keyword", "/v1/generate",
      {"model": "tiny", "prompt": "x", "constraint": {"type": "json_schema", "schema": {
-         "type": "object", "properties": {"a": {"type": "object", "allOf": [{"properties": {"b": {}}}],
+         "type": "object", "properties": {"a": {"type": "object", "anyOf": [{"properties": {"b": {}}}],
                                                 "unevaluatedProperties": False}}}}}, 400,
      "unsupported JSON Schema keyword 'unevaluatedProperties' at #/properties/a"),
     ("invalid regex", "/v1/chat/completions", {"model": "tiny", "messages": USER, "guided_regex": "(a"}, 400,
