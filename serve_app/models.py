@@ -160,7 +160,9 @@ def _build_tiny_llama(out_dir: Path) -> None:
 
 
 def _build_tiny_thinking(out_dir: Path) -> None:
-    """The tiny Llama with <think>, </think>, <tool_call> and </tool_call> as tokens of their own."""
+    """The tiny Llama with <think>, </think>, <tool_call> and </tool_call> as tokens of their own
+    (their embeddings drawn from a fixed seed: every machine builds the same model)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tiny = prepare(TINY)
@@ -168,6 +170,7 @@ def _build_tiny_thinking(out_dir: Path) -> None:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>", "<tool_call>", "</tool_call>"]})
     tokenizer.chat_template = THINKING_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(tiny)
+    torch.manual_seed(0)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
