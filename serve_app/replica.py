@@ -25,6 +25,7 @@ from serve_app.registry import HEARTBEAT_S, get_registry
 from serve_app.status import ReplicaStatus
 
 if TYPE_CHECKING:
+    from serve_app.engine.protocol import Engine
     from serve_app.engine.requests import PreparedRow, Submission
 
 logger = logging.getLogger(__name__)
@@ -41,23 +42,28 @@ def actor_options(model: ModelConfig) -> dict[str, Any]:
     return options
 
 
+def placed_engine(config: ModelConfig) -> tuple[Engine, list[str]]:
+    """The engine for the GPUs Ray assigned to this actor (none: CPU), and their ids: a serving
+    replica and a batch job's engine actor are placed and loaded the same way."""
+    import ray
+
+    from serve_app.engine.factory import create_engine
+    from serve_app.engine.placement import detect_gpus
+
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    return create_engine(config, detect_gpus(gpu_ids, assumed_bytes=LOGICAL_GPU_BYTES)), gpu_ids
+
+
 def deployment_name(model_name: str) -> str:
     return f"model-{model_name}"
 
 
 class ModelReplica:
     def __init__(self, model_config: dict[str, Any]) -> None:
-        import ray
-
-        from serve_app.engine.factory import create_engine
-        from serve_app.engine.placement import detect_gpus
-
         under_serve_logger()
         started = time.perf_counter()
         self.config = ModelConfig.model_validate(model_config)
-        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        gpus = detect_gpus(self.gpu_ids, assumed_bytes=LOGICAL_GPU_BYTES)
-        self.engine = create_engine(self.config, gpus)
+        self.engine, self.gpu_ids = placed_engine(self.config)
         self._preparing = 0  # rows being validated/compiled, not yet in the decode loop
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id

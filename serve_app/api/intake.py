@@ -55,7 +55,13 @@ class RequestChecker:
         self.verdicts: BoundedCache[str, ServeAppError | str] = BoundedCache(MAX_VERDICTS)
 
     def prepare(self, raw: bytes, body_type: type[_Body]) -> Intake:
-        body = self.parse(raw, body_type)
+        return self.prepare_body(self.parse(raw, body_type))
+
+    def prepare_value(self, data: Any, body_type: type[_Body]) -> Intake:
+        """`prepare` for a body already parsed from JSON (a batch line's `body`)."""
+        return self.prepare_body(self.validate(data, body_type))
+
+    def prepare_body(self, body: Any) -> Intake:
         try:
             return self._prepare(body)
         except ServeAppError as error:
@@ -78,7 +84,9 @@ class RequestChecker:
         return Intake(model, body, rows)
 
     def parse(self, raw: bytes, body_type: type[_Body]) -> _Body:
-        data = load_json(raw, self.config.server.max_json_depth)
+        return self.validate(load_json(raw, self.config.server.max_json_depth), body_type)
+
+    def validate(self, data: Any, body_type: type[_Body]) -> _Body:
         if not isinstance(data, dict):
             raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
         depth = self.config.server.max_json_depth
