@@ -6,6 +6,8 @@
     serve-app deploy CONFIG --address URL [--wait]  build, then PUT it to the dashboard as `serve deploy` does
     serve-app status --address URL [--json] [--api-key KEY]  apps, deployments, replicas: placement, fallback
     serve-app submit CONFIG --address URL           run `python -m serve_app.job CONFIG` as a Ray job
+    serve-app batch CONFIG | --model ... --input IN --output OUT   bulk generation over a file, on Ray Data
+    serve-app submit CONFIG --address URL --batch --input IN --output OUT   the same as a Ray job
     serve-app configs                               the configs shipped with the package, usable by name
     serve-app kuberay CONFIG                        print a KubeRay RayService manifest
 
@@ -20,6 +22,7 @@ import json
 import os
 import sys
 
+from serve_app.bulk.job import add_batch_options
 from serve_app.config import ConfigError, read_yaml
 from serve_app.ops import CliError, one_line
 from serve_app.ops.dashboard import DEFAULT_DASHBOARD, collect_status, default_api_key, deploy_config, wait_running
@@ -81,7 +84,32 @@ def status(args: argparse.Namespace) -> int:
 
 
 def submit(args: argparse.Namespace) -> int:
-    return submit_job(args.config, args.address, args.working_dir, wait=not args.no_wait)
+    extra = batch_argv(args) if args.batch else None
+    return submit_job(args.config, args.address, args.working_dir, wait=not args.no_wait, batch=extra)
+
+
+def batch(args: argparse.Namespace) -> int:
+    from serve_app.bulk.job import run_command
+    from serve_app.config import load_config, parse_config
+    from serve_app.serve import model_application
+
+    config = parse_config(model_application(args)["args"]) if args.model else load_config(config_of(args))
+    return run_command(args, config)
+
+
+def batch_argv(args: argparse.Namespace) -> list[str]:
+    """`submit --batch`: the batch options as `python -m serve_app.bulk.job` takes them on the cluster."""
+    if not args.input or not args.output:
+        raise CliError("--batch needs --input and --output")
+    if not os.path.isabs(args.output):
+        raise CliError("--output: give an absolute path on the cluster's head node (a relative one would be "
+                       "written inside the job's uploaded copy of the working dir)")
+    argv = []
+    for option in ("input", "output", "prompt_column", "id_column", "schema", "system", "max_tokens", "served_model"):
+        value = getattr(args, option)
+        if value is not None:
+            argv += [f"--{option.replace('_', '-')}", str(value)]
+    return argv
 
 
 def configs(args: argparse.Namespace) -> int:
@@ -114,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="serve-app", description=__doc__.split("\n", 1)[0])
     root.add_argument("--version", action="version", version=f"serve-app {package_version()} (ray {ray_version()})")
     commands = root.add_subparsers(dest="command", required=True)
-    for add in (_run, _build, _deploy, _status, _submit, _configs, _kuberay):
+    for add in (_run, _build, _deploy, _status, _submit, _batch, _configs, _kuberay):
         add(commands)
     return root
 
@@ -164,7 +192,21 @@ def _submit(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--working-dir", default=".", help="uploaded with the job; must hold CONFIG (a shipped config "
                      "travels alone)")
     sub.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sub.add_argument("--batch", action="store_true", help="run `serve-app batch CONFIG` with the options below "
+                     "as the job (input read, output written on the head node)")
+    add_batch_options(sub, required=False)
     sub.set_defaults(handler=submit)
+
+
+def _batch(commands: argparse._SubParsersAction) -> None:
+    from serve_app.serve import add_model_options
+
+    sub = commands.add_parser("batch", help="answer every request of a file (OpenAI batch format or a table) "
+                              "on Ray Data; a rerun skips what OUT holds")
+    sub.add_argument("config", nargs="?")
+    add_model_options(sub)
+    add_batch_options(sub)
+    sub.set_defaults(handler=batch)
 
 
 def _configs(commands: argparse._SubParsersAction) -> None:

@@ -26,7 +26,10 @@ UPLOAD_EXCLUDES = [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cac
                    ".aws", ".ssh", ".gnupg", ".docker", ".kube", "*credentials*.json", "*.tfstate", "*.tfvars"]
 
 
-def job_request(config: str, working_dir: str) -> tuple[str, dict[str, Any]]:
+BATCH_ENTRYPOINT = "serve_app.bulk.job"  # `python -m serve_app.bulk.job CONFIG --input IN --output OUT`
+
+
+def job_request(config: str, working_dir: str, batch: list[str] | None = None) -> tuple[str, dict[str, Any]]:
     """The entrypoint and runtime_env: the working dir travels with the job (uploaded to the head).
     A shipped config (`serve-app configs`) outside the working dir travels alone, in a folder of
     its own: the cluster's own serve_app (its image) serves it."""
@@ -42,7 +45,8 @@ def job_request(config: str, working_dir: str) -> tuple[str, dict[str, Any]]:
         relative = Path(path.name)
         (root / relative).write_text(path.read_text())
     # `python` is the cluster's interpreter, not ours: the job runs on the head node.
-    entrypoint = f"python -m {ENTRYPOINT} {shlex.quote(relative.as_posix())}"
+    module, extra = (ENTRYPOINT, []) if batch is None else (BATCH_ENTRYPOINT, batch)
+    entrypoint = shlex.join(["python", "-m", module, relative.as_posix(), *extra])
     return entrypoint, {"working_dir": str(root), "excludes": UPLOAD_EXCLUDES}
 
 
@@ -51,13 +55,13 @@ async def follow_logs(client: Any, job_id: str) -> None:
         print(chunk, end="", flush=True)
 
 
-def submit_job(config: str, address: str, working_dir: str, wait: bool = True) -> int:
+def submit_job(config: str, address: str, working_dir: str, wait: bool = True, batch: list[str] | None = None) -> int:
     """Submit the job (a bad config fails here, not minutes later on the cluster), print its id,
     and with `wait` follow its logs; the exit code says whether it succeeded."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     serve_config(read_yaml(config))
-    entrypoint, runtime_env = job_request(config, working_dir)
+    entrypoint, runtime_env = job_request(config, working_dir, batch)
     print(f"uploading {runtime_env['working_dir']} (without virtualenvs, .git, caches, .env files, keys and "
           f"certificates) to run `{entrypoint}`", file=sys.stderr, flush=True)
     use_local_token()

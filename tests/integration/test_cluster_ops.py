@@ -356,3 +356,30 @@ def test_submitted_job_deploys_the_app_until_ready(head: Head, tmp_path: Path) -
     status = cli("status", "--address", head.dashboard, env=head.env)
     assert status.returncode == 0 and f"app {APP}: RUNNING" in status.stdout, status.stdout + status.stderr
     assert sum(line.strip().startswith("replica ") for line in status.stdout.splitlines()) == 2
+
+
+def test_a_batch_submitted_as_a_job_answers_every_line_on_the_head(head: Head, tmp_path: Path) -> None:
+    import json
+
+    workdir = tmp_path / "batch"  # the config and the input travel with the job; the output is written on the head
+    workdir.mkdir(parents=True)
+    model = {"name": "tiny", "source": "builtin:tiny-random-llama", "placement": {"num_cpus": 0.5},
+             "limits": {"max_new_tokens": 16}, "sampling": {"temperature": 0}}
+    write_config(workdir, "batch.yaml", {"models": [model]})
+    lines = [json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/generate", "body": {
+        "model": "tiny", "prompt": f"item {i}", "constraint": {"type": "choice", "choices": ["red", "blue"]}}})
+        for i in range(6)]
+    (workdir / "requests.jsonl").write_text("\n".join([*lines, '{"custom_id": "bad", "url": "/v1/generate"}']) + "\n")
+    out = tmp_path / "results.jsonl"
+    job = cli("submit", "batch.yaml", "--address", head.dashboard, "--working-dir", ".", "--batch",
+              "--input", "requests.jsonl", "--output", str(out), env=head.env, cwd=workdir, timeout=READY_TIMEOUT_S)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert job.stdout.splitlines()[0].startswith("raysubmit_") and "SUCCEEDED" in job.stderr
+    assert "batch done: 7 lines written" in job.stdout + job.stderr  # the job's own summary, in its logs
+    results = {r["custom_id"]: r["response"] for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(results) == sorted([*(f"c{i}" for i in range(6)), "bad"])
+    assert all(results[f"c{i}"]["body"]["valid"] is True for i in range(6))
+    assert results["bad"]["status_code"] == 400 and results["bad"]["body"]["error"]["param"] == "body"
+    relative = cli("submit", "batch.yaml", "--address", head.dashboard, "--batch", "--input", "requests.jsonl",
+                   "--output", "results.jsonl", env=head.env, cwd=workdir)
+    assert relative.returncode != 0 and "absolute path" in relative.stderr
