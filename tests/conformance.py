@@ -145,5 +145,37 @@ def applicators() -> Iterator[Case]:
     yield Case("$ref", tree, ({"v": 1}, {"v": 1, "kids": [{"v": 2, "kids": []}]}), ({"v": 1, "kids": [{"w": 2}]},))
 
 
+def references() -> Iterator[Case]:
+    """Embedded resources, relative ids and dynamic references: what a validator resolves them to."""
+    nested = {"$id": "https://example.com/root.json", "type": "object",
+              "properties": {"a": {"$ref": "item.json"}, "b": {"$ref": "item.json#/$defs/n"}},
+              "required": ["a", "b"],
+              "$defs": {"item": {"$id": "item.json", "type": "string", "maxLength": 3,
+                                 "$defs": {"n": {"type": "integer", "minimum": 0}}}}}
+    yield Case("$id", nested, ({"a": "abc", "b": 1},), ({"a": "abcd", "b": 1}, {"a": "x", "b": -1}))
+    tree = {"$id": "https://example.com/tree", "$dynamicAnchor": "node", "type": "object",
+            "properties": {"data": {"type": "integer"},
+                           "children": {"type": "array", "items": {"$dynamicRef": "#node"}}}}
+    strict = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "https://example.com/strict-tree",
+              "$dynamicAnchor": "node", "$ref": "tree", "unevaluatedProperties": False,
+              "$defs": {"tree": tree}}
+    # Strict at every level: the children's $dynamicRef reaches the strict root, not the plain tree.
+    yield Case("$dynamicRef", strict, ({"data": 1, "children": [{"data": 2, "children": []}]}, {"data": 1}),
+               ({"data": 1, "children": [{"data": 2, "extra": 1}]}, {"data": "x"}, {"extra": 1}))
+    recursive = {"$schema": "https://json-schema.org/draft/2019-09/schema", "$id": "https://example.com/r",
+                 "$recursiveAnchor": True, "type": "object", "required": ["v"],
+                 "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$recursiveRef": "#"}}}}
+    # Twelve definitions, each reaching three others: inlined path by path it passes any limit
+    # (3**12 paths); kept as references it is twelve subschemas.
+    mutual = {"$defs": {f"n{i}": obj({"v": {"type": "integer"}, **{f"to{j}": {"$ref": f"#/$defs/n{(i + j + 1) % 12}"}
+                                                                      for j in range(3)}}, ["v"]) for i in range(12)},
+              "$ref": "#/$defs/n0"}
+    yield Case("$ref", mutual, ({"v": 1, "to0": {"v": 2, "to2": {"v": 3}}}, {"v": 0}),
+               ({"v": 1, "to0": {"v": "x"}}, {"to0": {"v": 1}}, {"v": 1, "to1": {"w": 2}}))
+    lone = {"$dynamicAnchor": "meta", "type": "object", "properties": {"v": {"type": "integer"}}, "required": ["v"]}
+    yield Case("$dynamicAnchor", lone, ({"v": 1},), ({"v": "x"}, {}))
+    yield Case("$recursiveRef", recursive, ({"v": 1, "kids": [{"v": 2}]},), ({"v": 1, "kids": [{"v": "x"}]}, {}))
+
+
 def cases() -> list[Case]:
-    return [*strings(), *formats(), *numbers(), *arrays(), *objects(), *applicators()]
+    return [*strings(), *formats(), *numbers(), *arrays(), *objects(), *applicators(), *references()]

@@ -70,6 +70,9 @@ class _LeastChars:
     def __init__(self, root: dict[str, Any]) -> None:
         self.root = root
         self.busy: set[int] = set()  # subschemas being counted: a recursive $ref counts 1 there
+        # Each $ref's target counted once: a count made while an ancestor was busy is lower, still a
+        # lower bound, and definitions reached along many paths (mutual recursion) are not walked again.
+        self.by_ref: dict[str, int] = {}
 
     def of(self, schema: Any, depth: int) -> int:
         if not isinstance(schema, dict) or id(schema) in self.busy or depth > _MAX_COUNT_DEPTH:
@@ -82,9 +85,12 @@ class _LeastChars:
 
     def _count(self, s: dict[str, Any], depth: int) -> int:
         least = 1
-        if isinstance(s.get("$ref"), str):
+        ref = s.get("$ref")
+        if isinstance(ref, str):
             try:
-                least = self.of(resolve_pointer(self.root, s["$ref"]), depth + 1)
+                if ref not in self.by_ref:
+                    self.by_ref[ref] = self.of(resolve_pointer(self.root, ref), depth + 1)
+                least = self.by_ref[ref]
             except ConstraintError:
                 return 1
         if "const" in s:

@@ -67,6 +67,9 @@ SUPPORTED_FORMATS: dict[str, frozenset[str]] = {
 # each key, `maxProperties` as each key starts, too).
 CHECKED_KEYWORDS = ("not", "oneOf", "uniqueItems", "if", "then", "else", "contains", "minContains", "maxContains",
                     "dependentRequired", "dependencies", "dependentSchemas", "propertyNames")
+# No backend has them; normalisation turns them into keywords that backends have where the schema's
+# shape allows it (refs.py: dynamic references; normalize.py: unevaluated*), and refuses them otherwise.
+REWRITTEN = ("$dynamicRef", "$recursiveRef", "unevaluatedProperties", "unevaluatedItems")
 # Checked where the grammar cannot have them: llguidance enforces these only when every declared
 # property is required.
 COUNT_KEYWORDS = ("minProperties", "maxProperties")
@@ -194,9 +197,12 @@ def _anchor(root: Any, name: str, ref: str) -> Any:
 def schema_size(schema: Any, max_nodes: int) -> tuple[int, int]:
     """(deepest nesting, subschemas after inlining local $refs), counting stops past `max_nodes`.
 
-    A $ref already being expanded on the current path (recursion) counts once; a "$ref bomb"
-    (definitions that each reference the next twice) grows exponentially and hits the cap."""
+    A $ref already being expanded on the current path (recursion) counts once, and so does, in the
+    whole schema, a $ref that can reach itself: normalisation keeps those as references for the
+    backend rather than inlining them. A "$ref bomb" (definitions that each reference the next
+    twice, no cycle: everything must be inlined) grows exponentially and hits the cap."""
     nodes, depth = 0, 0
+    cyclic, expanded = recursive_refs(schema), set()
     stack: list[tuple[Any, int, frozenset[str]]] = [(schema, 1, frozenset())]
     while stack and nodes <= max_nodes:
         node, level, active = stack.pop()
@@ -204,10 +210,53 @@ def schema_size(schema: Any, max_nodes: int) -> tuple[int, int]:
             continue
         nodes, depth = nodes + 1, max(depth, level)
         ref = node.get("$ref")
-        if isinstance(ref, str) and ref not in active:
+        if isinstance(ref, str) and ref not in active and not (ref in cyclic and ref in expanded):
+            expanded.add(ref)
             stack.append((resolve_pointer(schema, ref), level + 1, active | {ref}))
         stack.extend((child, level + 1, active) for _, child in child_entries(node, definitions=False))
     return depth, nodes
+
+
+# Distinct $refs past which `recursive_refs` does not look for cycles (every $ref then counts as
+# inlined: the stricter count).
+MAX_CYCLE_REFS = 1024
+
+
+def recursive_refs(schema: Any) -> frozenset[str]:
+    """The local $refs whose target can reach the same $ref again (through other $refs)."""
+    if not isinstance(schema, dict):
+        return frozenset()
+    refs = {n["$ref"] for _, n in iter_subschemas(schema) if isinstance(n.get("$ref"), str)}
+    if len(refs) > MAX_CYCLE_REFS:
+        return frozenset()
+    graph: dict[str, set[str]] = {}
+    for ref in refs:
+        try:
+            target = resolve_pointer(schema, ref)
+        except ConstraintError:
+            continue
+        graph[ref] = {n["$ref"] for n in _applied(target) if isinstance(n.get("$ref"), str)}
+    return frozenset(ref for ref in graph if ref in _reachable(graph, graph[ref]))
+
+
+def _applied(node: Any) -> Iterator[dict[str, Any]]:
+    """`node` and its subschemas, definitions left out (what applies to an instance of it)."""
+    stack = [node]
+    while stack:
+        sub = stack.pop()
+        if isinstance(sub, dict):
+            yield sub
+            stack.extend(child for _, child in child_entries(sub, definitions=False))
+
+
+def _reachable(graph: dict[str, set[str]], start: set[str]) -> set[str]:
+    seen, stack = set(start), list(start)
+    while stack:
+        for nxt in graph.get(stack.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
 
 
 def unsupported_keywords(schema: dict[str, Any], backend: str) -> list[tuple[str, str]]:
@@ -246,8 +295,8 @@ def keyword_table_markdown() -> str:
     backends = list(SUPPORTED)
     lines = ["| keyword | " + " | ".join(backends) + " |", "|---|" + "---|" * len(backends)]
     for key in sorted(VALIDATION_KEYWORDS, key=str.lower):
-        cells = ["checked" if key in CHECKED_KEYWORDS else "yes" if key in SUPPORTED[b] else "rejected"
-                 for b in backends]
+        cells = ["checked" if key in CHECKED_KEYWORDS else "rewritten" if key in REWRITTEN else
+                 "yes" if key in SUPPORTED[b] else "rejected" for b in backends]
         lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
     for b in backends:
         lines.append(f"\n`format` values enforced by {b}: " + ", ".join(sorted(SUPPORTED_FORMATS[b])))

@@ -22,6 +22,7 @@ from serve_app.constraints.kinds import (
     RegexConstraint,
     build_constraint,
 )
+from serve_app.constraints.refs import rebased
 from serve_app.errors import ConstraintError, LimitExceededError
 
 
@@ -99,12 +100,13 @@ def check_limits(constraint: AnyConstraint, limits: LimitsConfig) -> None:
 
 
 def _check_schema_limits(constraint: JsonSchemaConstraint, limits: LimitsConfig) -> None:
-    depth, nodes = schema_size(constraint.json_schema, limits.max_ref_expansion)
+    schema = rebased(constraint.json_schema)  # what planning sees: references as root pointers
+    depth, nodes = schema_size(schema, limits.max_ref_expansion)
     _check_limit(constraint, limits, "max_schema_depth", depth)
     _check_limit(constraint, limits, "max_ref_expansion", nodes)
-    deepest = max((group_depth(p) for p in schema_patterns(constraint.json_schema)), default=0)
+    deepest = max((group_depth(p) for p in schema_patterns(schema)), default=0)
     _check_limit(constraint, limits, "max_group_depth", deepest)
-    check_refs(constraint.json_schema)
+    check_refs(schema)
 
 
 def group_depth(text: str, grammar: bool = False) -> int:

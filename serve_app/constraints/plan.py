@@ -26,6 +26,7 @@ from serve_app.constraints.keywords import FORMATS, unsupported_keywords
 from serve_app.constraints.kinds import AnyConstraint, JsonSchemaConstraint
 from serve_app.constraints.limits import LimitsConfig, check_constraint
 from serve_app.constraints.normalize import normalize_schema
+from serve_app.constraints.refs import rebased
 from serve_app.constraints.registry import KINDS, BackendDefaults
 from serve_app.constraints.schema_facts import is_never
 from serve_app.errors import ConstraintError, InvalidRequestError
@@ -77,7 +78,8 @@ def _plan(constraint: AnyConstraint, limits: LimitsConfig, defaults: BackendDefa
         return Plan(constraint, constraint, tuple(order), key)
     undeclared = defaults.undeclared_properties if constraint.undeclared_properties is None \
         else constraint.undeclared_properties
-    schema_plan = plan_schema(constraint.json_schema, order, limits.max_ref_expansion, declared_only=not undeclared)
+    schema_plan = plan_schema(rebased(constraint.json_schema), order, limits.max_ref_expansion,
+                              declared_only=not undeclared)
     lenient = not constraint.strict and LENIENT_BACKEND in installed
     if not schema_plan.exact and not lenient:
         raise schema_plan.rejection(constraint.strict)

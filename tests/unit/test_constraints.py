@@ -102,7 +102,8 @@ def test_keyword_table_lists_every_backend():
     table = keyword_table_markdown()
     assert "| keyword | llguidance | outlines_core | xgrammar |" in table
     assert "| `uniqueItems` | checked | checked | checked |" in table
-    assert "| `unevaluatedProperties` | rejected | rejected | rejected |" in table
+    assert "| `unevaluatedProperties` | rewritten | rewritten | rewritten |" in table
+    assert "| `multipleOf` | yes | rejected | rejected |" in table
 
 
 def test_checking_against_a_self_referencing_schema_is_bounded_and_never_raises():

@@ -149,3 +149,19 @@ def test_a_stuck_decode_loop_fails_the_health_check_and_recovers_when_it_moves(t
     finally:
         release.set()
         engine.close()
+
+
+def test_definitions_that_reach_each_other_count_once_each_and_a_bomb_still_hits_the_cap():
+    from serve_app.constraints.keywords import recursive_refs
+
+    mutual = {"$defs": {f"n{i}": {"type": "object", "properties": {
+        f"to{j}": {"$ref": f"#/$defs/n{(i + j + 1) % 12}"} for j in range(3)}} for i in range(12)},
+        "$ref": "#/$defs/n0"}
+    assert recursive_refs(mutual) == {f"#/$defs/n{i}" for i in range(12)}
+    _, nodes = schema_size(mutual, 10_000)
+    assert nodes < 100  # 3**12 paths when every path is inlined
+    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"$ref": f"#/$defs/d{i + 1}"}]} for i in range(40)}
+    defs["d40"] = {"type": "string"}
+    bomb = {"$defs": defs, "$ref": "#/$defs/d0"}
+    assert recursive_refs(bomb) == frozenset()  # no cycle: all of it must be inlined
+    assert schema_size(bomb, 1000)[1] == 1001

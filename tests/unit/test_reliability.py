@@ -101,10 +101,14 @@ def test_unreferenced_definitions_nested_deep_are_walked_without_recursion():
                                                             "pattern": "(" * 80 + ")" * 80}})
 
 
-def test_a_ref_under_a_nested_id_is_refused_and_fragment_ids_are_not():
+def test_a_ref_under_a_nested_id_resolves_against_it_and_fragment_ids_move_no_base():
+    # Under "$id": "sub.json", "#/$defs/t" means sub.json's own $defs (constraints/refs.py): it has none.
     nested = {"$defs": {"t": {"type": "string"}}, "properties": {"a": {"$id": "sub.json", "$ref": "#/$defs/t"}}}
-    with pytest.raises(ConstraintError, match=r"\$ref at #/properties/a is under a nested \$id"):
+    with pytest.raises(ConstraintError, match=r"unresolvable \$ref '#/\$defs/t' at #/properties/a \(against the "
+                                              r"base sub.json\)"):
         parse_constraint({"type": "json_schema", "schema": nested})
+    inside = {"properties": {"a": {"$id": "sub.json", "$defs": {"t": {"type": "string"}}, "$ref": "#/$defs/t"}}}
+    parse_constraint({"type": "json_schema", "schema": inside})
     fragment = {"$schema": "http://json-schema.org/draft-07/schema#", "definitions": {"t": {"type": "string"}},
                 "properties": {"a": {"$id": "#/properties/a", "$ref": "#/definitions/t"}}}
     parse_constraint({"type": "json_schema", "schema": fragment})
