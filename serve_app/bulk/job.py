@@ -158,10 +158,10 @@ def run(config: AppConfig, source: Source, out_path: str) -> int:
             output.write(list(batch["answer"]))
             summary.add(batch)
     except KeyboardInterrupt:
-        output.close()
         print(summary.text(interrupted=True), file=sys.stderr, flush=True)
         return 130
-    output.close()
+    finally:
+        output.close()  # whatever ended the run, what arrived is on disk (a Parquet part included)
     print(summary.text(), file=sys.stderr, flush=True)
     return 0
 
