@@ -39,7 +39,8 @@ class LimitsConfig(BaseModel):
     max_schema_bytes: int = Field(512 * 1024, ge=16, description="a JSON Schema's size, as compact JSON")
     max_schema_depth: int = Field(32, ge=1, description="nesting of subschemas")
     max_ref_expansion: int = Field(
-        10_000, ge=1, description="subschemas after inlining local $refs (recursion counted once)")
+        10_000, ge=1, description="subschemas after inlining local $refs (a recursive $ref, one whose definitions "
+        "reach it again, counted once: it stays a reference)")
     max_regex_length: int = Field(4096, ge=1, description="characters of a regex")
     max_grammar_bytes: int = Field(64 * 1024, ge=16, description="a Lark grammar's size")
     max_group_depth: int = Field(
