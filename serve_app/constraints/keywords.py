@@ -217,9 +217,9 @@ def schema_size(schema: Any, max_nodes: int) -> tuple[int, int]:
     return depth, nodes
 
 
-# Distinct $refs past which `recursive_refs` does not look for cycles (every $ref then counts as
-# inlined: the stricter count).
-MAX_CYCLE_REFS = 1024
+# Subschemas `recursive_refs` visits at most, over all the $refs' targets: past it (a hostile
+# schema of many $refs to large targets) no $ref counts as recursive, the stricter count.
+MAX_CYCLE_VISITS = 200_000
 
 
 def recursive_refs(schema: Any) -> frozenset[str]:
@@ -227,24 +227,27 @@ def recursive_refs(schema: Any) -> frozenset[str]:
     if not isinstance(schema, dict):
         return frozenset()
     refs = {n["$ref"] for _, n in iter_subschemas(schema) if isinstance(n.get("$ref"), str)}
-    if len(refs) > MAX_CYCLE_REFS:
-        return frozenset()
     graph: dict[str, set[str]] = {}
+    budget = [MAX_CYCLE_VISITS]
     for ref in refs:
         try:
             target = resolve_pointer(schema, ref)
         except ConstraintError:
             continue
-        graph[ref] = {n["$ref"] for n in _applied(target) if isinstance(n.get("$ref"), str)}
+        graph[ref] = {n["$ref"] for n in _applied(target, budget) if isinstance(n.get("$ref"), str)}
+        if budget[0] <= 0:
+            return frozenset()
     return frozenset(ref for ref in graph if ref in _reachable(graph, graph[ref]))
 
 
-def _applied(node: Any) -> Iterator[dict[str, Any]]:
-    """`node` and its subschemas, definitions left out (what applies to an instance of it)."""
+def _applied(node: Any, budget: list[int]) -> Iterator[dict[str, Any]]:
+    """`node` and its subschemas, definitions left out (what applies to an instance of it), while
+    `budget` (visits, shared) lasts."""
     stack = [node]
-    while stack:
+    while stack and budget[0] > 0:
         sub = stack.pop()
         if isinstance(sub, dict):
+            budget[0] -= 1
             yield sub
             stack.extend(child for _, child in child_entries(sub, definitions=False))
 

@@ -165,3 +165,15 @@ def test_definitions_that_reach_each_other_count_once_each_and_a_bomb_still_hits
     bomb = {"$defs": defs, "$ref": "#/$defs/d0"}
     assert recursive_refs(bomb) == frozenset()  # no cycle: all of it must be inlined
     assert schema_size(bomb, 1000)[1] == 1001
+
+
+def test_looking_for_recursion_stops_at_its_visit_budget(monkeypatch):
+    from serve_app.constraints import keywords
+
+    mutual = {"$defs": {f"n{i}": {"type": "object", "properties": {
+        f"to{j}": {"$ref": f"#/$defs/n{(i + j + 1) % 12}"} for j in range(3)}} for i in range(12)},
+        "$ref": "#/$defs/n0"}
+    assert len(keywords.recursive_refs(mutual)) == 12
+    monkeypatch.setattr(keywords, "MAX_CYCLE_VISITS", 20)  # 12 targets of 4 subschemas each: past it
+    assert keywords.recursive_refs(mutual) == frozenset()  # then every $ref counts as inlined
+    assert keywords.schema_size(mutual, 1000)[1] == 1001
