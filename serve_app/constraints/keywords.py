@@ -147,8 +147,9 @@ def schema_patterns(schema: Any) -> Iterator[str]:
 
 def check_refs(schema: Any) -> None:
     """Local $refs resolve against the root here; under a nested `$id` (a new base URI) they
-    would resolve against that subschema instead, so such a $ref is refused rather than enforced
-    with a different meaning than a validator gives it."""
+    would resolve against that subschema instead. refs.rebased rewrites such schemas first (the
+    nested `$id`s go); one that still has them here is refused rather than enforced with a
+    different meaning than a validator gives it."""
     stack: list[tuple[str, Any, bool]] = [("", schema, False)]
     while stack:
         where, node, rebased = stack.pop()

@@ -115,11 +115,16 @@ def test_a_non_finite_number_in_a_schema_is_a_400(client, literal):
     assert_4xx(raw_post(client, "/v1/generate", text), 400)
 
 
-def test_a_ref_under_a_nested_id_is_a_400_naming_it(client):
+def test_a_ref_under_a_nested_id_resolves_against_that_resource(client):
+    # "#/$defs/t" under "$id": "sub.json" means http://example.com/sub.json's own $defs: it has none.
     schema = {"$id": "http://example.com/root.json", "$defs": {"t": {"type": "string"}}, "type": "object",
               "properties": {"a": {"$id": "sub.json", "$ref": "#/$defs/t"}}, "required": ["a"]}
     body = {"model": "tiny", "prompt": "x", "max_tokens": 16, "constraint": {"type": "json_schema", "schema": schema}}
-    assert_4xx(client.post("/v1/generate", json=body), 400, "nested $id", "#/properties/a")
+    assert_4xx(client.post("/v1/generate", json=body), 400, "unresolvable $ref '#/$defs/t' at #/properties/a",
+               "http://example.com/sub.json")
+    schema["properties"]["a"]["$defs"] = {"t": {"enum": ["x"]}}  # now it does: the answer follows it
+    answer = client.post("/v1/generate", json=body).json()
+    assert (answer["text"], answer["valid"]) == ('{"a":"x"}', True), answer
 
 
 @pytest.mark.parametrize("imported", ["nosuchmod.X", "os.path", ".relative.X", "/etc/passwd"])
