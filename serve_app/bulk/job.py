@@ -77,10 +77,17 @@ class EngineActor:
         return {name: [r[name] for r in rows] for name in ("key", "answer", "status", "valid", "tokens")}
 
 
-def pool_size(model: ModelConfig) -> int | tuple[int, int]:
+def engine_pool(model: ModelConfig) -> Any:
+    """The engine actors: as many as the model's replica bounds (at least one), each answering
+    BATCHES_PER_ACTOR batches at once in threads (the engine takes rows from several threads; Ray
+    Data runs one call at a time unless told otherwise)."""
+    import ray
+
     bounds = model.autoscaling
-    return bounds.max_replicas if bounds.min_replicas == bounds.max_replicas else \
-        (max(1, bounds.min_replicas), bounds.max_replicas)
+    sizes = {"size": bounds.max_replicas} if bounds.min_replicas == bounds.max_replicas else \
+        {"min_size": max(1, bounds.min_replicas), "max_size": bounds.max_replicas}
+    return ray.data.ActorPoolStrategy(**sizes, max_concurrent_calls_per_actor=BATCHES_PER_ACTOR,
+                                      enable_true_multi_threading=True)
 
 
 def missing_gpus(config: AppConfig, gpus: float) -> str | None:
@@ -94,17 +101,17 @@ def missing_gpus(config: AppConfig, gpus: float) -> str | None:
 def pipeline(config: AppConfig, source: Source, done: set[str]) -> Any:
     """The dataset of answers (nothing runs until it is iterated)."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from ray.util.placement_group import NODE_ID_LABEL_KEY
 
     from serve_app.replica import actor_options
 
     chunks = source.chunks()
     names = [m.name for m in config.models]
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    here = {NODE_ID_LABEL_KEY: ray.get_runtime_context().get_node_id()}
     reader: Any = read_items  # Ray's stub wants a one-argument function; the rest are fn_kwargs
     items = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 4096))).map_batches(
         reader, fn_kwargs={"source": source, "done": [ray.put(done)], "models": names}, batch_size=1,
-        num_cpus=READER_CPUS, scheduling_strategy=here)
+        num_cpus=READER_CPUS, label_selector=here)
     branches = []
     for model in config.models:
         mine = items if len(names) == 1 else items.filter(lambda row, name=model.name: row["model"] == name)
@@ -114,8 +121,7 @@ def pipeline(config: AppConfig, source: Source, done: set[str]) -> Any:
         branches.append(mine.map_batches(
             EngineActor, fn_constructor_kwargs={"config": config.model_dump(mode="json", by_alias=True),
                                                 "model": model.name},
-            batch_size=model.limits.max_batch_size, concurrency=pool_size(model),
-            max_concurrency=BATCHES_PER_ACTOR, **actor_options(model)))
+            batch_size=model.limits.max_batch_size, compute=engine_pool(model), **actor_options(model)))
     return branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
 
 
