@@ -125,6 +125,30 @@ def objects() -> Iterator[Case]:
     yield Case("unevaluatedProperties", {"type": "object", "allOf": [{"properties": {"a": {"type": "integer"}}}],
                                          "properties": {"b": {"type": "string"}}, "unevaluatedProperties": False},
                ({"a": 1}, {"b": "x"}, {}), ({"a": 1, "c": 2}, {"a": "x"}))
+    yield from unevaluated()
+
+
+def unevaluated() -> Iterator[Case]:
+    """unevaluated* where what is evaluated depends on which branches hold: checked while generating."""
+    a, b = {"a": {"type": "integer"}}, {"b": {"type": "string"}}
+    for applicator in ("anyOf", "oneOf"):
+        yield Case("unevaluatedProperties", {"type": "object", applicator: [obj(a), obj(b)],
+                                             "unevaluatedProperties": False},
+                   ({"a": 1}, {"b": "x"}), ({"a": 1, "c": 2}, {"a": "x", "b": "y"}, {"c": 1}))
+    yield Case("unevaluatedProperties", {"type": "object", "properties": {"kind": {"enum": ["x", "y"]}},
+                                         "required": ["kind"], "if": {"properties": {"kind": {"const": "x"}}},
+                                         "then": obj({"xv": {"type": "integer"}}),
+                                         "else": obj({"yv": {"type": "boolean"}}), "unevaluatedProperties": False},
+               ({"kind": "x", "xv": 1}, {"kind": "y", "yv": True}),
+               ({"kind": "x", "yv": True}, {"kind": "y", "xv": 1}, {"kind": "x", "xv": 1, "z": 0}))
+    yield Case("unevaluatedProperties", {"type": "object", "properties": {"a": {"type": "integer"}},
+                                         "dependentSchemas": {"a": {"properties": {"b": {"type": "integer"}}}},
+                                         "unevaluatedProperties": {"type": "string"}},
+               ({"a": 1, "b": 2}, {"b": "x"}, {}), ({"b": 2}, {"a": 1, "c": 3}))
+    pairs = {"prefixItems": [{"type": "string"}, {"type": "string"}]}
+    yield Case("unevaluatedItems", {"type": "array", "anyOf": [{"prefixItems": [{"type": "integer"}]}, pairs],
+                                    "unevaluatedItems": False},
+               ([1], ["x", "y"], []), ([1, 2], ["x", "y", "z"]))
 
 
 def applicators() -> Iterator[Case]:

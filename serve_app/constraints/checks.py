@@ -20,10 +20,12 @@ generation still decides `valid`. No torch import: the router plans with this.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from serve_app.cache import BoundedCache
+from serve_app.constraints.evaluated import UNEVALUATED, EvaluatedKeys, grammar_closed, reaches_unevaluated
 from serve_app.constraints.keywords import (
     CHECKED_KEYWORDS,
     COUNT_KEYWORDS,
@@ -31,6 +33,7 @@ from serve_app.constraints.keywords import (
     map_subschemas,
     resolve_pointer,
 )
+from serve_app.constraints.normalize import exact_complement
 from serve_app.constraints.validation import ENFORCED_FORMATS, PATTERN_TIMEOUT_S, regex_search, safe_validator
 from serve_app.errors import ConstraintError
 
@@ -73,8 +76,15 @@ def split_checks(schema: dict[str, Any]) -> Split:
                     sites.append(f"{key} at #{ptr or '/'}")
                 continue
             out[key] = map_subschemas(key, value, ptr, strip)
-        if isinstance(node.get("oneOf"), list):  # an instance matches at least one branch: the grammar's part
-            branches = [strip(b, f"{ptr}/oneOf/{i}") for i, b in enumerate(node["oneOf"])]
+        alternatives = []  # (the branches as sent, as the grammar has them): at least one holds
+        if isinstance(node.get("oneOf"), list):
+            alternatives.append((node["oneOf"], [strip(b, f"{ptr}/oneOf/{i}") for i, b in enumerate(node["oneOf"])]))
+        if {"if", "then", "else"} <= node.keys():
+            alternatives.append(_then_or_else(node, ptr, strip, sites))
+        if "unevaluatedProperties" in node:
+            rest = strip(node["unevaluatedProperties"], f"{ptr}/unevaluatedProperties")
+            out, alternatives = grammar_closed(out, node, schema, rest, alternatives)
+        for _, branches in alternatives:
             if "anyOf" in out:
                 out["allOf"] = [*out.get("allOf", []), {"anyOf": branches}]
             else:
@@ -82,6 +92,22 @@ def split_checks(schema: dict[str, Any]) -> Split:
         return out
 
     return Split(strip(schema, ""), tuple(dict.fromkeys(sites)))
+
+
+def _then_or_else(node: dict[str, Any], ptr: str, strip: Callable[[Any, str], Any],
+                  sites: list[str]) -> tuple[list[Any], list[Any]]:
+    """Whatever `if` says, `if and then` or `else` holds (`not-if and else` where `if` has an exact
+    complement): the grammar's part of if/then/else, as sent and as the grammar has it."""
+    given = node["if"] if isinstance(node["if"], dict) else {}
+    known = len(sites)
+    condition = strip(given, f"{ptr}/if")
+    del sites[known:]  # (checked as part of `if`)
+    sent = [{"allOf": [given, node["then"]]}, node["else"]]
+    branches = [{"allOf": [condition, strip(node["then"], f"{ptr}/then")]}, strip(node["else"], f"{ptr}/else")]
+    complement = exact_complement(given, node) if given else None
+    if complement is not None:
+        sent[1], branches[1] = {"allOf": [complement, node["else"]]}, {"allOf": [complement, branches[1]]}
+    return sent, branches
 
 
 class Location(NamedTuple):
@@ -103,7 +129,7 @@ class ValueChecks:
         self.sites = sites
         self._validator = safe_validator(schema, PATTERN_TIMEOUT_S, ENFORCED_FORMATS)
         # Keyed by id(): each entry holds its subschema, which keeps the id from being reused.
-        self._fragments: BoundedCache[int, tuple[Any, Any]] = BoundedCache(_CACHED_LOCATIONS)
+        self._fragments: BoundedCache[tuple[int, bool], tuple[Any, Any]] = BoundedCache(_CACHED_LOCATIONS)
         self._locations: BoundedCache[tuple[Any, ...], Location] = BoundedCache(_CACHED_LOCATIONS)
         self._tuple_items = max((len(sub[k]) for _, sub in iter_subschemas(schema) for k in ("prefixItems", "items")
                                  if isinstance(sub.get(k), list)), default=0)
@@ -114,17 +140,21 @@ class ValueChecks:
         found = self._locations.get(path)
         if found is not None:
             return found
-        schemas = self._expand([self.root])
+        schemas = self._expand([(self.root, False)])
         for segment in path:
             schemas = self._expand(self._child(schemas, segment))
-        checks, names, unique, most = [], [], False, None
-        for node in schemas:
+        checks: list[Any] = []
+        names: list[Any] = []
+        unique, most = False, None
+        for node, conditional in schemas:
             unique = unique or node.get("uniqueItems") is True
-            validator = self._fragment(node)
+            validator = self._fragment(node, conditional)
             if validator is not None:
                 checks.append(validator)
             if isinstance(node.get("propertyNames"), (dict, bool)):
                 names.append(self._validator.evolve(schema=node["propertyNames"]))
+            if not conditional and node.get("unevaluatedProperties") is False:
+                names.append(EvaluatedKeys(node, self.root))
             limit = node.get("maxProperties")
             if isinstance(limit, int) and not isinstance(limit, bool):
                 most = limit if most is None else min(most, limit)
@@ -132,64 +162,79 @@ class ValueChecks:
         self._locations.put(path, found)
         return found
 
-    def _fragment(self, node: dict[str, Any]) -> Any:
-        known = self._fragments.get(id(node))
+    def _fragment(self, node: dict[str, Any], conditional: bool) -> Any:
+        known = self._fragments.get((id(node), conditional))
         if known is not None and known[0] is node:
             return known[1]
         keys = [k for k in (*CHECKED_KEYWORDS, *COUNT_KEYWORDS)
-                if k in node and k not in ("uniqueItems", "propertyNames")]
+                if k in node and k not in ("uniqueItems", "propertyNames", *UNEVALUATED)]
+        if not conditional:
+            keys += self._evaluating(node)
         if "if" not in node:
             keys = [k for k in keys if k not in ("then", "else")]
-        fragment = {k: node[k] for k in keys}
+        fragment = {k: node[k] for k in dict.fromkeys(keys)}
         validator = self._validator.evolve(schema=fragment) if fragment else None
-        self._fragments.put(id(node), (node, validator))
+        self._fragments.put((id(node), conditional), (node, validator))
         return validator
 
-    def _expand(self, schemas: list[Any]) -> list[dict[str, Any]]:
-        """The subschemas that apply in place: through $ref, allOf/anyOf/oneOf, then/else, dependent schemas."""
-        out: list[dict[str, Any]] = []
-        stack, seen = list(reversed(schemas)), set()
-        while stack and len(out) < MAX_APPLICABLE:
-            node = stack.pop()
-            if not isinstance(node, dict) or id(node) in seen:
+    def _evaluating(self, node: dict[str, Any]) -> list[str]:
+        """The keywords of a subschema that applies whatever the branches which decide an
+        `unevaluated*` at or below it: all of them where it has one (what it evaluates depends on
+        every applicator), else each conditional applicator holding one (validated whole: inside a
+        branch, `unevaluated*` counts only where that branch holds, which only the whole says)."""
+        if any(key in node for key in UNEVALUATED):
+            return list(node)
+        return [key for key in ("anyOf", "oneOf", "if", "then", "else", "dependentSchemas")
+                if key in node and reaches_unevaluated(node[key], self.root)]
+
+    def _expand(self, schemas: list[tuple[Any, bool]]) -> list[tuple[dict[str, Any], bool]]:
+        """The subschemas that apply in place: through $ref, allOf/anyOf/oneOf, then/else, dependent
+        schemas; each with whether it applies only where a branch holds (`conditional`: reached
+        through anyOf/oneOf, then/else, a dependent schema, or from such a subschema)."""
+        found: dict[int, tuple[dict[str, Any], bool]] = {}
+        stack = list(reversed(schemas))
+        while stack and len(found) < MAX_APPLICABLE:
+            node, conditional = stack.pop()
+            if not isinstance(node, dict) or (id(node) in found and (conditional or not found[id(node)][1])):
                 continue
-            seen.add(id(node))
-            out.append(node)
+            found[id(node)] = (node, conditional)  # (reached again unconditionally: said so, and walked again)
             ref = node.get("$ref")
             if isinstance(ref, str):
                 with contextlib.suppress(ConstraintError):
-                    stack.append(resolve_pointer(self.root, ref))
-            for key in ("allOf", "anyOf", "oneOf"):
+                    stack.append((resolve_pointer(self.root, ref), conditional))
+            if isinstance(node.get("allOf"), list):
+                stack.extend((member, conditional) for member in reversed(node["allOf"]))
+            for key in ("anyOf", "oneOf"):
                 if isinstance(node.get(key), list):
-                    stack.extend(reversed(node[key]))
-            stack.extend(node[key] for key in ("then", "else") if key in node)
+                    stack.extend((member, True) for member in reversed(node[key]))
+            stack.extend((node[key], True) for key in ("then", "else") if key in node)
             for key in ("dependentSchemas", "dependencies"):
                 if isinstance(node.get(key), dict):
-                    stack.extend(v for v in node[key].values() if isinstance(v, dict))
-        return out
+                    stack.extend((v, True) for v in node[key].values() if isinstance(v, dict))
+        return list(found.values())
 
-    def _child(self, schemas: list[dict[str, Any]], segment: Any) -> list[Any]:
-        out: list[Any] = []
-        for node in schemas:
+    def _child(self, schemas: list[tuple[dict[str, Any], bool]], segment: Any) -> list[tuple[Any, bool]]:
+        out: list[tuple[Any, bool]] = []
+        for node, conditional in schemas:
             if isinstance(segment, str):
                 matched = False
                 properties = node.get("properties")
                 if isinstance(properties, dict) and segment in properties:
-                    out.append(properties[segment])
+                    out.append((properties[segment], conditional))
                     matched = True
                 patterns = node.get("patternProperties")
                 for pattern, sub in (patterns.items() if isinstance(patterns, dict) else ()):
                     if regex_search(pattern, segment, PATTERN_TIMEOUT_S):
-                        out.append(sub)
+                        out.append((sub, conditional))
                         matched = True
                 if not matched and isinstance(node.get("additionalProperties"), dict):
-                    out.append(node["additionalProperties"])
+                    out.append((node["additionalProperties"], conditional))
                 continue
             prefix, items = node.get("prefixItems"), node.get("items")
             if isinstance(items, list):  # draft-04..2019 tuple form
                 prefix, items = items, node.get("additionalItems")
             if isinstance(prefix, list) and segment < len(prefix):
-                out.append(prefix[segment])
+                out.append((prefix[segment], conditional))
             elif isinstance(items, dict):
-                out.append(items)
+                out.append((items, conditional))
         return out

@@ -66,9 +66,11 @@ SUPPORTED_FORMATS: dict[str, frozenset[str]] = {
 # generating, at the close of the value they apply to (checks.py; `propertyNames` at the close of
 # each key, `maxProperties` as each key starts, too).
 CHECKED_KEYWORDS = ("not", "oneOf", "uniqueItems", "if", "then", "else", "contains", "minContains", "maxContains",
-                    "dependentRequired", "dependencies", "dependentSchemas", "propertyNames")
+                    "dependentRequired", "dependencies", "dependentSchemas", "propertyNames",
+                    "unevaluatedProperties", "unevaluatedItems")
 # No backend has them; normalisation turns them into keywords that backends have where the schema's
-# shape allows it (refs.py: dynamic references; normalize.py: unevaluated*), and refuses them otherwise.
+# shape allows it (refs.py: dynamic references; normalize.py: unevaluated*); dynamic references are
+# refused otherwise, unevaluated* checked (evaluated.py).
 REWRITTEN = ("$dynamicRef", "$recursiveRef", "unevaluatedProperties", "unevaluatedItems")
 # Checked where the grammar cannot have them: llguidance enforces these only when every declared
 # property is required.
@@ -299,7 +301,8 @@ def keyword_table_markdown() -> str:
     backends = list(SUPPORTED)
     lines = ["| keyword | " + " | ".join(backends) + " |", "|---|" + "---|" * len(backends)]
     for key in sorted(VALIDATION_KEYWORDS, key=str.lower):
-        cells = ["checked" if key in CHECKED_KEYWORDS else "rewritten" if key in REWRITTEN else
+        cells = ["rewritten, else checked" if key in CHECKED_KEYWORDS and key in REWRITTEN else
+                 "checked" if key in CHECKED_KEYWORDS else "rewritten" if key in REWRITTEN else
                  "yes" if key in SUPPORTED[b] else "rejected" for b in backends]
         lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
     for b in backends:

@@ -490,3 +490,11 @@ def _requires_the_impossible(node: dict[str, Any]) -> bool:
             or not isinstance(required, list):
         return False
     return any(isinstance(name, str) and name in properties and is_never(properties[name]) for name in required)
+
+
+def exact_complement(sub: Any, beside: dict[str, Any]) -> Any:
+    """What `sub` rejects next to `beside` (a property `beside` requires, `sub` requires too), or None."""
+    props, needed = sub.get("properties") if isinstance(sub, dict) else None, beside.get("required") or []
+    if isinstance(props, dict) and "required" not in sub and is_name_list(needed) and props.keys() <= {*needed}:
+        sub = {**sub, "required": list(props)}
+    return _Rewriter({}, 2020, frozenset(), 0).complement(sub, beside)  # (in draft 2020-12's spelling)

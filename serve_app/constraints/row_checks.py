@@ -97,7 +97,8 @@ class CheckScan(JsonScanner):
         if names:
             self.checker.stats.evaluated += 1
             if not all(_passes(validator, key) for validator in names):
-                self._fail(Violation(f"propertyNames: {key!r} at {pointer(watch.path)}", watch.start_token,
+                self._fail(Violation(f"a key refused (propertyNames, unevaluatedProperties): {key!r} at "
+                                     f"{pointer(watch.path)}", watch.start_token,
                                      watch.starts))
         return frame
 

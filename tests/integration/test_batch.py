@@ -60,8 +60,7 @@ MIXED = {
     "responses": ("/v1/responses", {"model": "tiny", "input": "a person", "max_output_tokens": 48, "text": {
         "format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}}),
     "refused": ("/v1/chat/completions", chat("x", response_format={"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object", "anyOf": [{"properties": {"a": {}}}],
-                                "unevaluatedProperties": False}}})),
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}}})),
     "too-big-schema": ("/v1/chat/completions", chat("x", "tiny-small", response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": {
             "type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(20)}}}})),

@@ -129,9 +129,10 @@ HARDENING_MATRIX = [
     ("schema not an object", {"model": "tiny", "prompt": "x", "constraint": {"type": "json_schema", "schema": []}},
      400, "schema"),
     # (An unknown format such as "credit-card" is an annotation, as JSON Schema says: accepted.)
-    ("keyword no backend enforces", {"model": "tiny", "prompt": "x", "constraint": {
-        "type": "json_schema", "schema": {"type": "object", "anyOf": [{"properties": {"a": {}}}],
-                                          "unevaluatedProperties": False}}}, 400, "'unevaluatedProperties' at #/"),
+    ("keyword the named backend lacks", {"model": "tiny", "prompt": "x", "constraint": {
+        "type": "json_schema", "backend": "outlines_core", "schema": {
+            "type": "object", "properties": {"a": {"type": "integer", "minimum": 1}}}}}, 400,
+     "'minimum' at #/properties/a"),
     # (A backend that is not installed is a 400 too: tests/unit; here every backend may be, with the vllm extra.)
     ("backend that cannot compile the kind", {"model": "tiny", "prompt": "x", "constraint": {
         "type": "grammar", "grammar": 'start: "a"', "backend": "outlines_core"}}, 400,

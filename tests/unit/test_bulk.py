@@ -181,7 +181,7 @@ def http_error(answerer: Answerer, body: dict[str, Any], body_type: type[Any]) -
 
 def test_answers_and_refusals_match_the_http_route(answerer: Answerer) -> None:
     refused_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "object", "anyOf": [{"properties": {"a": {}}}], "unevaluatedProperties": False}}}
+        "type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}}}
     bodies = {
         "person": chat(response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}),
         "regex": {"model": "tiny", "prompt": "x", "max_tokens": 8, "structured_outputs": {"regex": "[ab]{3}"}},
