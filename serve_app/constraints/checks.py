@@ -62,6 +62,31 @@ def _checked(key: str, node: dict[str, Any]) -> bool:
     return key in CHECKED_KEYWORDS and not (key == "uniqueItems" and node[key] is not True)
 
 
+# Keywords through which other subschemas say what a typeless one holds.
+_APPLIES_OTHERS = frozenset({"$ref", "allOf", "anyOf", "oneOf"})
+_SHAPES = frozenset({"properties", "patternProperties", "additionalProperties", "items", "prefixItems"})
+
+
+def may_repeat_keys(schema: dict[str, Any]) -> bool:
+    """Whether the grammar may write an object whose names are not all declared ones, spelled as
+    declared: an object open to other names, or an array item or value any JSON may fill. There a
+    name may repeat, or spell a declared one with escapes: the checks refuse both (row_checks.py)."""
+    for _, node in iter_subschemas(schema):
+        declared = node.get("type")
+        types = {declared} if isinstance(declared, str) else set(declared) if isinstance(declared, list) else None
+        if "enum" in node or "const" in node or (types is None and _APPLIES_OTHERS & node.keys()
+                                                   and not _SHAPES & node.keys()):
+            continue  # (its values are listed, or its branches say)
+        if (types is None or "object" in types) and (
+                node.get("additionalProperties") is not False or node.get("patternProperties")):
+            return True
+        items = node.get("items")
+        if (types is None or "array" in types) and items is not False and (
+                items is None or isinstance(items, list) and node.get("additionalItems") is not False):
+            return True
+    return False
+
+
 def split_checks(schema: dict[str, Any]) -> Split:
     """The schema without its checked keywords (`oneOf` as `anyOf`), and where they were."""
     sites: list[str] = []
@@ -115,6 +140,7 @@ class Location(NamedTuple):
     unique: bool  # an array whose items must differ
     names: tuple[Any, ...] = ()  # validators of propertyNames: each key of an object here
     max_properties: int | None = None  # the fewest maxProperties that applies here
+    declared: frozenset[str] = frozenset()  # property names the subschemas here declare
 
     @property
     def watched(self) -> bool:
@@ -145,8 +171,9 @@ class ValueChecks:
             schemas = self._expand(self._child(schemas, segment))
         checks: list[Any] = []
         names: list[Any] = []
-        unique, most = False, None
+        unique, most, declared = False, None, set[str]()
         for node, conditional in schemas:
+            declared.update(node["properties"] if isinstance(node.get("properties"), dict) else ())
             unique = unique or node.get("uniqueItems") is True
             validator = self._fragment(node, conditional)
             if validator is not None:
@@ -158,7 +185,7 @@ class ValueChecks:
             limit = node.get("maxProperties")
             if isinstance(limit, int) and not isinstance(limit, bool):
                 most = limit if most is None else min(most, limit)
-        found = Location(tuple(checks), unique, tuple(names), most)
+        found = Location(tuple(checks), unique, tuple(names), most, frozenset(declared))
         self._locations.put(path, found)
         return found
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve_app.constraints.checks import has_checked_keywords, split_checks
+from serve_app.constraints.checks import has_checked_keywords, may_repeat_keys, split_checks
 from serve_app.constraints.drafts import walk_schema
 from serve_app.constraints.keywords import FORMATS, unsupported_keywords
 from serve_app.constraints.kinds import AnyConstraint, JsonSchemaConstraint
@@ -151,6 +151,8 @@ def plan_schema(schema: dict[str, Any], order: Sequence[str], max_nodes: int = 1
     if has_checked_keywords(planned):
         split = split_checks(planned)  # (`then` without `if` is an annotation: dropped, not checked)
         grammar, checks, checked = split.grammar, split.sites, planned if split.sites else None
+    if checked is None and may_repeat_keys(grammar):  # (no keyword to check; each object's names are)
+        checked = planned
     exact: list[str] = []
     missing: dict[str, list[tuple[str, str]]] = {}
     for backend in order:

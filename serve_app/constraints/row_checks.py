@@ -42,6 +42,7 @@ class Watch(NamedTuple):
     seen: tuple[str, ...] | None  # canonical items so far, in an array with uniqueItems
     watched: bool  # checked when it closes (or an item of a uniqueItems array)
     starts: tuple[int, ...] = ()  # the output token where each key or item begins
+    key_at: int = -1  # the character where the latest key begins (its quote)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class CheckScan(JsonScanner):
             self.checker.stats.evaluated += 1
             self._fail(Violation(f"maxProperties: a property past {most} at {pointer(watch.path)}",
                                  watch.start_token, watch.starts))
-        return frame._replace(data=watch._replace(starts=watch.starts + (self._next_token(at + 1),)))
+        return frame._replace(data=watch._replace(starts=watch.starts + (self._next_token(at + 1),), key_at=at))
 
     def item_begun(self, frame: Frame, ch: str, at: int) -> Frame:
         """An item is written again from its first character (inside a string's quote)."""
@@ -93,6 +94,8 @@ class CheckScan(JsonScanner):
 
     def key_closed(self, frame: Frame, key: str, at: int) -> Frame:
         watch: Watch = frame.data
+        if at >= self.check_from:
+            self._check_spelling(frame, key, at)
         names = self.checker.checks.at(watch.path).names if watch.watched and at >= self.check_from else ()
         if names:
             self.checker.stats.evaluated += 1
@@ -101,6 +104,18 @@ class CheckScan(JsonScanner):
                                      f"{pointer(watch.path)}", watch.start_token,
                                      watch.starts))
         return frame
+
+    def _check_spelling(self, frame: Frame, key: str, at: int) -> None:
+        """A key an object already has, or a declared name spelled with escapes (an open object's grammar
+        allows any name, in any spelling: the value would escape the declared property's subschema), is
+        refused as its closing quote comes; written again from its opening quote."""
+        watch: Watch = frame.data
+        repeated = key in frame.keys
+        escaped = "\\" in self.text[watch.key_at:at]
+        if not repeated and not (escaped and key in self.checker.checks.at(watch.path).declared):
+            return
+        what = "a key the object already has" if repeated else "a declared property's name spelled with escapes"
+        self._fail(Violation(f"{what}: {key!r} at {pointer(watch.path)}", self.checker.token_of(watch.key_at)))
 
     def value_closed(self, parent: Frame | None, value: Frame | Scalar, end: int, at: int) -> Frame | None:
         path = value.data.path if isinstance(value, Frame) else \
@@ -258,6 +273,8 @@ class RowChecker:
         state = self.states[-1]
         frames = state.frames
         starts = [frames[max(0, d - 1)].data.start_token for d, f in enumerate(frames) if f.data.watched]
+        if state.scalar is not None and state.scalar.kind == "key":  # its spelling is checked as it closes
+            starts.append(self.token_of(state.scalar.start))
         if state.scalar is not None and state.scalar.kind != "key" and self._scalar_watched(state):
             starts.append(frames[-1].data.start_token if frames else state.scalar.data)
         return min(starts, default=len(self.states) - 1)

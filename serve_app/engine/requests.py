@@ -252,7 +252,8 @@ class EngineFront(ABC):
             approximated=list(enforcement.approximated) if enforcement is not None else [],
             rewrites=list(enforcement.plan.rewrites) if enforcement is not None else [],
             checks=({"keywords": listed(enforcement.checks.sites), **row.checker.stats.as_dict()}
-                    if row.checker is not None and enforcement is not None and enforcement.checks else None),
+                    if row.checker is not None and enforcement is not None and enforcement.checks
+                    and (enforcement.checks.sites or row.checker.stats.violations) else None),
             token_ids=out.token_ids,
             logprobs=self.logprobs(out.logprobs) if row.logprobs is not None else None,
             timings={"total_s": out.total_s, "first_token_s": out.first_token_s or 0.0,

@@ -227,3 +227,32 @@ def test_a_check_whose_regex_cannot_finish_refuses_instead_of_stalling_the_loop(
     violation, _ = scan(schema, '{"s":"' + "a" * 40 + '!"}', chunk=100)
     assert violation is not None
     assert scan(schema, '{"s":"b"}', chunk=100)[0] is None
+
+
+@pytest.mark.parametrize(("schema", "may"), [
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": False}, False),
+    ({"type": "array", "items": {"type": "string"}}, False),
+    ({"type": "object", "properties": {"a": {"enum": [{"k": 1}]}}, "additionalProperties": False}, False),
+    ({"anyOf": [{"type": "string"}, {"$ref": "#/$defs/n"}], "$defs": {"n": {"type": "integer"}}}, False),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": False}, True),  # any JSON under a
+    ({"type": "object", "additionalProperties": {"type": "integer"}}, True),
+    ({"type": "object", "patternProperties": {"^x": {}}, "additionalProperties": False}, True),
+    ({"type": "array", "prefixItems": [{"type": "integer"}]}, True),  # items after it: any JSON
+])
+def test_rows_are_scanned_for_repeated_names_where_the_grammar_may_write_any(schema, may):
+    from serve_app.constraints.checks import may_repeat_keys
+
+    assert may_repeat_keys(schema) is may
+    plan = plan_schema(schema, ORDER)
+    assert (plan.checked is not None) is may and plan.checks == ()
+
+
+def test_an_open_key_is_held_back_from_a_stream_until_it_closes():
+    checker = RowChecker(ValueChecks({"type": "object", "additionalProperties": {"type": "integer"}}, ()))
+    for token in ('{"x"', ':1', ',"x'):
+        assert checker.trial(checker.text + token) is None
+        checker.commit(checker.text + token)
+    assert checker.settled_chars() == len('{"x":1')  # the repeated name's quote may be written again
+    violation = checker.trial(checker.text + '":')
+    assert violation is not None and "a key the object already has: 'x'" in violation.what
+    assert violation.start_token == 2

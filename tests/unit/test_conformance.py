@@ -101,3 +101,26 @@ def test_valid_instances_are_accepted_and_invalid_ones_refused_while_written(eng
         assert outcome[0] in ("masked", "checked"), (case.schema, spelled(value), outcome)
     for value in case.flagged:
         assert feed(engine, case.schema, spelled(value)) == ("accepted", False), (case.schema, spelled(value))
+
+
+OPEN = {"type": "object", "properties": {"ab": {"type": "integer"}}, "additionalProperties": {"type": "string"}}
+
+
+@pytest.mark.parametrize(("schema", "text"), [
+    ({"type": "object", "additionalProperties": {"type": "integer"}}, '{"x":1,"x":2}'),
+    ({"type": "object", "patternProperties": {"^x": {"type": "integer"}}, "additionalProperties": False},
+     '{"x1":1,"x1":2}'),
+    ({}, '{"x":[{"k":1,"k":1}]}'),
+    (OPEN, '{"a\\u0062":"s"}'),
+    (OPEN, '{"ab":1,"a\\u0062":"s"}'),
+], ids=["repeated", "repeated pattern", "repeated in free JSON", "escaped declared", "escaped repeat"])
+def test_a_repeated_name_or_a_declared_one_spelled_with_escapes_is_refused_while_written(
+        engine: Any, schema: dict[str, Any], text: str) -> None:
+    """Open objects let the grammar write any name: the checks refuse what a parser would read as a
+    repeated key, or as a declared property whose value escaped its subschema."""
+    assert feed(engine, schema, text)[0] == "checked"
+
+
+def test_names_spelled_plainly_or_escaped_but_undeclared_are_accepted(engine: Any) -> None:
+    assert feed(engine, OPEN, '{"ab":1,"c":"s"}') == ("accepted", True)
+    assert feed(engine, OPEN, '{"ab":1,"\\u00e9":"s"}') == ("accepted", True)
