@@ -88,14 +88,21 @@ class JsonSchemaConstraint(_Base):
         return safe_validator(self.json_schema, REGEX_CHECK_TIMEOUT_S, ENFORCED_FORMATS)
 
     def is_satisfied_by(self, text: str) -> bool:
-        try:
-            value = json.loads(text)
+        try:  # (a repeated key reads differently in different parsers: not valid)
+            value = json.loads(text, object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError):  # nested past the parser's stack: not checkable, not valid
             return False
         try:
             return self._validator.is_valid(value)
         except Exception:  # noqa: BLE001 - a check that cannot finish (checking.Undecided too) never proves validity
             return False
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a repeated key")
+    return found
 
 
 class RegexConstraint(_Base):

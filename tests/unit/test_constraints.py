@@ -151,3 +151,11 @@ def test_a_generated_time_is_valid(tiny_engine):
         max_new_tokens=48, temperature=1.0, seed=seed)) for seed in range(4)])
     finished = [r for r in results if r.finish_reason == "stop"]
     assert finished and all(r.valid for r in finished)
+
+
+def test_an_output_with_a_repeated_key_is_never_valid():
+    """Parsers disagree on which value a repeated key keeps (Python's the last, others the first)."""
+    constraint = parse_constraint({"type": "json_schema", "schema": {"type": "object"}})
+    assert constraint.is_satisfied_by('{"a":1,"b":{"c":1}}')
+    assert not constraint.is_satisfied_by('{"a":1,"a":2}')
+    assert not constraint.is_satisfied_by('{"k":{"x":1,"x":1}}')
