@@ -108,6 +108,11 @@ def objects() -> Iterator[Case]:
                ({"a": 1}, {"a": 1, "b": "x"}), ({"a": 1, "b": 2},))
     yield Case("patternProperties", {"type": "object", "patternProperties": {"^n_": {"type": "integer"}},
                                      "additionalProperties": False}, ({}, {"n_a": 1}), ({"n_a": "x"}, {"m": 1}))
+    # Regexes that overlap: a name matching both satisfies both subschemas (checked while generating).
+    yield Case("patternProperties", {"type": "object", "patternProperties": {"^a": {"type": "integer"},
+                                                                             "b$": {"minimum": 5}},
+                                     "additionalProperties": False},
+               ({"ab": 7}, {"a": 1}, {"b": 9}, {"b": "x"}), ({"ab": 3}, {"ab": "x"}, {"b": 3}, {"c": 1}))
     yield Case("propertyNames", {"type": "object", "propertyNames": {"maxLength": 2},
                                  "additionalProperties": {"type": "integer"}}, ({"ab": 1},), ({"abc": 1},))
     for n in (1, 2):

@@ -256,3 +256,29 @@ def test_an_open_key_is_held_back_from_a_stream_until_it_closes():
     violation = checker.trial(checker.text + '":')
     assert violation is not None and "a key the object already has: 'x'" in violation.what
     assert violation.start_token == 2
+
+
+@pytest.mark.parametrize(("patterns", "overlap"), [
+    ({"^a": {}, "^ab": {}}, True),
+    ({"^a": {}, "b$": {}}, True),
+    ({"x": {}, "^y": {}}, True),  # (search semantics: "yx" matches both)
+    ({"^x-": {}, "^y-": {}}, False),
+    ({"^[a-z]+$": {}, "^[0-9]+$": {}}, False),
+    ({"^[^/]+$": {}, "/": {}}, False),
+    ({"^a": {}}, False),
+    ({"(?=a)": {}, "^a": {}}, False),  # not decided here: llguidance decides (it refuses lookarounds)
+])
+def test_overlapping_pattern_properties_are_found(patterns, overlap):
+    from serve_app.constraints.checks import overlapping_patterns
+
+    assert overlapping_patterns(patterns) is overlap
+
+
+def test_overlapping_pattern_properties_leave_one_regex_in_the_grammar_and_a_check():
+    schema = {"type": "object", "patternProperties": {"^a": {"type": "integer"}, "b$": {"minimum": 5}},
+              "additionalProperties": False}
+    plan = plan_schema(schema, ORDER)
+    assert plan.exact[0] == "llguidance" and plan.checks == ("patternProperties at #/",)
+    assert plan.schema["patternProperties"] == {"(?:^a)|(?:b$)": {"anyOf": [{"type": "integer"}, {"minimum": 5}]}}
+    assert scan(schema, '{"ab":3}', final=True)[0] is not None
+    assert scan(schema, '{"ab":7}', final=True)[0] is None
