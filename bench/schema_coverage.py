@@ -19,7 +19,9 @@ outputs that validate with jsonschema.
 Reads bench/data/schema_corpus.json (see schema_corpus.md; not in git), or any corpus in that
 format with --corpus, such as bench/data/keyword_sample.json (in git: 30 hand-written schemas
 using the keywords checked while generating, the sample docs/benchmarks.md compares the engines
-on); writes bench/out/schema_coverage.json.
+on), or bench/data/frontier_sample.json (in git: 10 hand-written schemas in the shapes served
+since the schema-frontier work: unevaluated* beside branches, overlapping patternProperties,
+dynamic references, open maps); writes bench/out/schema_coverage.json.
 """
 
 from __future__ import annotations

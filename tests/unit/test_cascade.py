@@ -181,6 +181,20 @@ def test_every_schema_of_the_keyword_sample_compiles_exactly_with_checks_while_g
     assert checked >= 20
 
 
+FRONTIER_SAMPLE = CORPUS.parent / "frontier_sample.json"
+
+
+def test_every_schema_of_the_frontier_sample_compiles_exactly(tiny_engine):
+    """The committed sample of shapes served since the schema-frontier work (docs/benchmarks.md):
+    unevaluated* beside branches, overlapping patternProperties, dynamic references, open maps."""
+    entries = json.loads(FRONTIER_SAMPLE.read_text())
+    assert len(entries) == 10
+    for entry in entries:
+        jsonschema.Draft202012Validator.check_schema(entry["schema"])
+        compiled = tiny_engine.compile(parse_constraint({"type": "json_schema", "schema": entry["schema"]}))
+        assert compiled.backend == "llguidance" and not compiled.approximated, entry["id"]
+
+
 def test_a_backend_that_is_not_installed_is_a_400_naming_what_is():
     constraint = parse_constraint({"type": "regex", "pattern": "a", "backend": "xgrammar"})
     with pytest.raises(ConstraintError, match="backend 'xgrammar' is not installed here; installed: llguidance") as e:
