@@ -42,6 +42,10 @@ def strings() -> Iterator[Case]:
     for pattern, good, bad in (("^[a-c]{2}[0-9]$", ("ab1", "cc9"), ("ab", "abd", "ab12")),
                                ("^x+-y$", ("x-y", "xxx-y"), ("-y", "x-yy"))):
         yield Case("pattern", {"type": "string", "pattern": pattern}, good, bad)
+    # Lookarounds, word boundaries, backreferences: the grammar has the rest, the check the whole.
+    yield Case("pattern", {"type": "string", "pattern": "^(?!.*--)[a-z-]{2,6}$"}, ("ab", "a-b-c"), ("a--b", "A"))
+    yield Case("pattern", {"type": "string", "pattern": "\\bcat\\b"}, ("cat", "a cat"), ("cats", "concat"))
+    yield Case("pattern", {"type": "string", "pattern": "^([a-z])-\\1$"}, ("a-a",), ("a-b",))
     # Python's re has no \p{...}: jsonschema cannot label it here (the regex module checks it in the service).
     yield Case("pattern", {"type": "string", "pattern": "^\\p{Lu}\\d$"}, ("A1", "Q7"), ("a1", "AA"), labelled=False)
     yield Case("enum", {"enum": ["red", "green", 3, None]}, ("red", 3, None), ("blue", 4, "Red"))

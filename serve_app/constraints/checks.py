@@ -20,7 +20,6 @@ generation still decides `valid`. No torch import: the router plans with this.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -35,6 +34,7 @@ from serve_app.constraints.keywords import (
     resolve_pointer,
 )
 from serve_app.constraints.normalize import exact_complement
+from serve_app.constraints.patterns import GRAMMARLESS_REGEX, grammar_pattern, overlapping_patterns
 from serve_app.constraints.validation import ENFORCED_FORMATS, PATTERN_TIMEOUT_S, regex_search, safe_validator
 from serve_app.errors import ConstraintError
 
@@ -62,44 +62,9 @@ def _checked(key: str, node: dict[str, Any]) -> bool:
         return isinstance(properties, dict) and bool(properties) and not set(properties) <= listed
     if key == "patternProperties":
         return overlapping_patterns(node[key])
+    if key == "pattern":
+        return isinstance(node[key], str) and GRAMMARLESS_REGEX.search(node[key]) is not None
     return key in CHECKED_KEYWORDS and not (key == "uniqueItems" and node[key] is not True)
-
-
-# Regexes `overlapping_patterns` compares at most, and their longest: past them it says nothing.
-MAX_COMPARED_PATTERNS, MAX_COMPARED_LENGTH = 16, 200
-
-
-def overlapping_patterns(patterns: Any) -> bool:
-    """Whether two `patternProperties` regexes may match one name (llguidance refuses them: a name
-    matching both must satisfy both subschemas); False where that is not decided here (then
-    llguidance decides)."""
-    if not isinstance(patterns, dict) or not 2 <= len(patterns) <= MAX_COMPARED_PATTERNS:
-        return False
-    return _overlapping(tuple(patterns))
-
-
-@functools.lru_cache(maxsize=256)
-def _overlapping(patterns: tuple[str, ...]) -> bool:
-    whole = {pattern: full for pattern in patterns if (full := _whole_name(pattern)) is not None}
-    if len(whole) < len(patterns):
-        return False
-    try:
-        from interegular import parse_pattern
-        from interegular.comparator import Comparator
-
-        return any(True for _ in Comparator({p: parse_pattern(full) for p, full in whole.items()}).check(list(whole)))
-    except Exception:  # noqa: BLE001 - a regex interegular does not read (lookarounds, classes): undecided
-        return False
-
-
-def _whole_name(pattern: str) -> str | None:
-    """A search pattern (JSON Schema's `pattern` semantics) as one matching the whole name, where its
-    only anchors are a leading `^` and a trailing `$`."""
-    start, end = pattern.startswith("^"), pattern.endswith("$") and not pattern.endswith("\\$")
-    body = pattern[int(start):len(pattern) - int(end)]
-    if len(pattern) > MAX_COMPARED_LENGTH or "^" in body.replace("[^", "[") or "$" in body or "\\b" in body:
-        return None
-    return ("" if start else ".*") + f"(?:{body})" + ("" if end else ".*")
 
 
 # Keywords through which other subschemas say what a typeless one holds.
@@ -141,6 +106,9 @@ def split_checks(schema: dict[str, Any]) -> Split:
                     sites.append(f"{key} at #{ptr or '/'}")
                 continue
             out[key] = map_subschemas(key, value, ptr, strip)
+        if _checked("pattern", node) if "pattern" in node else False:  # the grammar has what it can of it
+            relaxed = grammar_pattern(node["pattern"])
+            out.update({"pattern": relaxed} if relaxed else {})
         if overlapping_patterns(node.get("patternProperties")):  # a name may match several: any one's subschema
             stripped = map_subschemas("patternProperties", node["patternProperties"], ptr, strip)
             out["patternProperties"] = {"|".join(f"(?:{p})" for p in stripped): {"anyOf": list(stripped.values())}}
@@ -240,8 +208,7 @@ class ValueChecks:
                 if k in node and k not in ("uniqueItems", "propertyNames", *UNEVALUATED)]
         if not conditional:
             keys += self._evaluating(node)
-        if overlapping_patterns(node.get("patternProperties")):
-            keys.append("patternProperties")
+        keys += [k for k in ("pattern", "patternProperties") if k in node and _checked(k, node)]
         if "if" not in node:
             keys = [k for k in keys if k not in ("then", "else")]
         fragment = {k: node[k] for k in dict.fromkeys(keys)}
