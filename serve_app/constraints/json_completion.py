@@ -192,12 +192,25 @@ class JsonCloser(JsonScanner):
 
     def _object(self, s: dict[str, Any], depth: int) -> str | None:
         parts = []
-        for key in self.required_order(s):
+        for key in self._fewest_keys(s):
             text = self.minimal(self.property_schema(s, key), depth + 1)
             if text is None:
                 return None
             parts.append(f"{_dumps(key)}{self.key_sep}{text}")
         return "{" + self.item_sep.join(parts) + "}"
+
+    def _fewest_keys(self, s: dict[str, Any]) -> list[str]:
+        """The required keys and, short of `minProperties`, declared then fresh ones: in declared order
+        (as backends emit them), then the undeclared."""
+        keys, least = self.required_order(s), s.get("minProperties", 0)
+        optional = [k for k in s.get("properties", {}) if k not in keys]
+        while isinstance(least, int) and len(keys) < least:
+            key = optional.pop(0) if optional else self._fresh_key(s, tuple(keys))
+            if key is None:
+                break
+            keys.append(key)
+        declared = list(s.get("properties", {}))
+        return sorted(keys, key=lambda k: declared.index(k) if k in declared else len(declared))
 
     def required_order(self, s: dict[str, Any]) -> list[str]:
         """Required keys in declared order (llguidance emits properties in that order)."""
@@ -327,15 +340,13 @@ class JsonCloser(JsonScanner):
         best: str | None = None
         for branch in branches:
             missing = [k for k in self.required_order(branch) if k not in seen]
-            if not missing and len(seen) < int(branch.get("minProperties", 0)):
-                missing = [k for k in branch.get("properties", {}) if k not in seen][:1]
+            fresh = self._fresh_key(branch, seen)
+            if not missing and len(seen) < int(branch.get("minProperties", 0)):  # a declared one, else a fresh one
+                missing = [k for k in [*branch.get("properties", {}), fresh] if k is not None and k not in seen][:1]
             if not missing:
                 piece = None if phase == "key" else "}"
                 if piece is None:  # after a comma a member must follow: the cheapest declared one
-                    options = self.declared_after(branch, seen)
-                    fresh = next((k for k in ("", "0", "1") if k not in seen and k not in _declared((branch,))), None)
-                    if fresh is not None and self.property_schema(branch, fresh) is not False:
-                        options.append(fresh)  # or an additional property
+                    options = self.declared_after(branch, seen) + ([fresh] if fresh is not None else [])
                     members = [self._member(branch, k) for k in options]
                     piece = min((m for m in members if m), key=len, default=None)
             else:
@@ -345,6 +356,12 @@ class JsonCloser(JsonScanner):
             if piece is not None and (best is None or len(piece) < len(best)):
                 best = piece
         return best
+
+    def _fresh_key(self, branch: dict[str, Any], seen: tuple[str, ...]) -> str | None:
+        """A short name the object has not used and does not declare, where it allows one."""
+        used = {*seen, *_declared((branch,))}
+        fresh = next(k for k in ("", *map(str, range(len(used) + 1))) if k not in used)
+        return fresh if self.property_schema(branch, fresh) is not False else None
 
     def _member(self, branch: dict[str, Any], key: str) -> str | None:
         value = self.minimal(self.property_schema(branch, key))
@@ -447,13 +464,20 @@ def _merge(base: dict[str, Any], extra: Any) -> dict[str, Any]:
         return base
     merged = dict(base)
     for key, value in extra.items():
-        if key == "properties" and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
+        if key == "properties" and isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = {**merged[key], **{name: _both(merged[key].get(name), sub) for name, sub in value.items()}}
         elif key == "required" and isinstance(merged.get(key), list):
             merged[key] = list(dict.fromkeys([*merged[key], *value]))
         elif key not in merged:
             merged[key] = value
     return merged
+
+
+def _both(a: Any, b: Any) -> Any:
+    """A property's subschemas from two merged schemas: both apply."""
+    if a is None or a == {} or a is True:
+        return b
+    return a if b == {} or b is True else {"allOf": [a, b]}
 
 
 def _allows_type(s: dict[str, Any], json_type: str) -> bool:

@@ -46,6 +46,14 @@ SCHEMAS = {
             "type": "object", "properties": {"yy": {"type": "integer"}, "z": {"enum": ["on", "off"]}},
             "required": ["yy", "z"], "additionalProperties": False}},
          "required": ["name", "arguments"], "additionalProperties": False}]},
+    # minProperties met by additional properties only (an inventory map).
+    "counted_map": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                    "minProperties": 2, "maxProperties": 4},
+    # Branches that declare the object's properties again as {} (what the grammar closes them with).
+    "closed_branches": {"type": "object", "properties": {"at": {"type": "string", "format": "date"}},
+                        "required": ["at"], "anyOf": [
+                            {"properties": {"at": {}, "n": {"type": "integer"}}, "required": ["n"],
+                             "additionalProperties": False}]},
 }
 INSTANCES = {
     "person": {"name": "Molina \\\"x\\\" é", "age": 42, "email": "a@b.co"},
@@ -57,6 +65,8 @@ INSTANCES = {
     "free_text": {"story": "once upon a time", "ok": True},
     "invoice": {"number": "INV-2024", "lines": ["a", "b"]},
     "tagged": {"name": "zz_long", "arguments": {"x": "sunny"}},
+    "counted_map": {"hero": 12, "sidekick": 345},
+    "closed_branches": {"at": "2024-02-03", "n": 77},
 }
 
 
