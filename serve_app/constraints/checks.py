@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from serve_app.cache import BoundedCache
-from serve_app.constraints.evaluated import UNEVALUATED, EvaluatedKeys, grammar_closed, reaches_unevaluated
+from serve_app.constraints.evaluated import (
+    UNEVALUATED,
+    EvaluatedKeys,
+    grammar_closed,
+    items_closed,
+    reaches_unevaluated,
+)
 from serve_app.constraints.keywords import (
     CHECKED_KEYWORDS,
     COUNT_KEYWORDS,
@@ -117,9 +123,13 @@ def split_checks(schema: dict[str, Any]) -> Split:
             alternatives.append((node["oneOf"], [strip(b, f"{ptr}/oneOf/{i}") for i, b in enumerate(node["oneOf"])]))
         if {"if", "then", "else"} <= node.keys():
             alternatives.append(_then_or_else(node, ptr, strip, sites))
+        if any(k in node for k in UNEVALUATED) and isinstance(node.get("anyOf"), list) and "anyOf" in out:
+            alternatives.insert(0, (node["anyOf"], out.pop("anyOf")))
         if "unevaluatedProperties" in node:
             rest = strip(node["unevaluatedProperties"], f"{ptr}/unevaluatedProperties")
             out, alternatives = grammar_closed(out, node, schema, rest, alternatives)
+        if "unevaluatedItems" in node:
+            alternatives = items_closed(node, strip(node["unevaluatedItems"], f"{ptr}/unevaluatedItems"), alternatives)
         for _, branches in alternatives:
             if "anyOf" in out:
                 out["allOf"] = [*out.get("allOf", []), {"anyOf": branches}]

@@ -28,13 +28,17 @@ _IN_PLACE_VALUES = ("if", "then", "else")
 MAX_VISITS = 10_000
 
 
-def possibly_evaluated(node: dict[str, Any], root: Any) -> tuple[set[str], set[str], bool]:
+Evaluated = tuple[dict[str, list[Any]], set[str], bool]
+
+
+def possibly_evaluated(node: dict[str, Any], root: Any) -> Evaluated:
     """Every property some in-place subschema of `node` (itself, its applicators, conditional ones
     included, and their `$ref`s, resolved against `root`) may evaluate in an object: (names of
-    their `properties`, their `patternProperties`, whether one may evaluate any property through
-    `additionalProperties` or a nested `unevaluatedProperties`). A key outside it is unevaluated in
-    every instance, whichever branches hold. `not` evaluates nothing (its annotations are dropped)."""
-    names: set[str] = set()
+    their `properties`, each with the subschemas declaring it, their `patternProperties`, whether
+    one may evaluate any property through `additionalProperties` or a nested
+    `unevaluatedProperties`). A key outside it is unevaluated in every instance, whichever branches
+    hold. `not` evaluates nothing (its annotations are dropped)."""
+    names: dict[str, list[Any]] = {}
     patterns: set[str] = set()
     stack, seen = [node], set()
     while stack:
@@ -45,7 +49,8 @@ def possibly_evaluated(node: dict[str, Any], root: Any) -> tuple[set[str], set[s
         if len(seen) > MAX_VISITS or "additionalProperties" in sub or "$dynamicRef" in sub or \
                 (sub is not node and "unevaluatedProperties" in sub):
             return names, patterns, True
-        names.update(sub["properties"] if isinstance(sub.get("properties"), dict) else ())
+        for name, declared in (sub["properties"].items() if isinstance(sub.get("properties"), dict) else ()):
+            names.setdefault(name, []).append(declared)
         patterns.update(sub["patternProperties"] if isinstance(sub.get("patternProperties"), dict) else ())
         stack += [member for key in _IN_PLACE_LISTS if isinstance(sub.get(key), list) for member in sub[key]]
         stack += [sub[key] for key in _IN_PLACE_VALUES if key in sub]
@@ -88,8 +93,6 @@ def grammar_closed(out: dict[str, Any], node: dict[str, Any], root: Any, rest: A
     branches together evaluate is left out (as declared-only objects leave undeclared keys out), and
     a branch's key never takes a value its branch forbids. Otherwise the node is closed to what any
     branch may evaluate: a branch's key is allowed whether or not its branch holds."""
-    if isinstance(node.get("anyOf"), list) and isinstance(out.get("anyOf"), list):
-        alternatives = [(node["anyOf"], out.pop("anyOf")), *alternatives]
     around = possibly_evaluated({k: v for k, v in node.items() if k not in _BRANCHING}, root)
     if len(alternatives) == 1 and "dependentSchemas" not in node and not around[2]:
         sent, branches = alternatives[0]
@@ -100,27 +103,60 @@ def grammar_closed(out: dict[str, Any], node: dict[str, Any], root: Any, rest: A
 
 
 _BRANCHING = ("anyOf", "oneOf", "if", "then", "else", "dependentSchemas")
-_Evaluated = tuple[set[str], set[str], bool]
+# What may evaluate an array's items besides `prefixItems`.
+_ITEM_WORDS = frozenset({"items", "additionalItems", "contains", "unevaluatedItems", "$ref", "$dynamicRef", "allOf",
+                         "anyOf", "oneOf", "if", "then", "else", "dependentSchemas", "not"})
 
 
-def _joined(a: _Evaluated, b: _Evaluated) -> _Evaluated:
-    return a[0] | b[0], a[1] | b[1], a[2] or b[2]
+def items_closed(node: dict[str, Any], rest: Any,
+                 alternatives: list[tuple[list[Any], list[Any]]]) -> list[tuple[list[Any], list[Any]]]:
+    """`unevaluatedItems` (as `rest`, its grammar form) in the grammar where the node's branches are
+    one group, each evaluating only its `prefixItems`, and nothing around them evaluates items: the
+    items after each branch's `prefixItems` follow `rest`. Elsewhere the check alone decides."""
+    around = {k: v for k, v in node.items() if k not in _BRANCHING and k != "unevaluatedItems"}
+    if len(alternatives) != 1 or "dependentSchemas" in node or _ITEM_WORDS & around.keys():
+        return alternatives
+    sent, branches = alternatives[0]
+    if not all(isinstance(whole, dict) and not _ITEM_WORDS & whole.keys() for whole in sent):
+        return alternatives
+    return [(sent, [{**branch, "items": rest} if isinstance(branch, dict) else branch for branch in branches])]
 
 
-def _closed(schema: Any, evaluated: _Evaluated, rest: Any) -> Any:
-    """`schema` closed to the keys of `evaluated` (declared as `{}` where it does not declare them),
-    the others following `rest`; as it is where anything may be evaluated."""
+def _joined(a: Evaluated, b: Evaluated) -> Evaluated:
+    names = {name: [*a[0].get(name, []), *b[0].get(name, [])] for name in {*a[0], *b[0]}}
+    return names, a[1] | b[1], a[2] or b[2]
+
+
+def _closed(schema: Any, evaluated: Evaluated, rest: Any) -> Any:
+    """`schema` closed to the keys of `evaluated` (declared where it does not declare them: as what
+    the subschemas declaring them or `rest` allow), the others following `rest`; as it is where
+    anything may be evaluated."""
     names, patterns, everything = evaluated
     if everything or schema is False:
         return schema
     out = dict(schema) if isinstance(schema, dict) else {}
-    declared = {**{name: {} for name in sorted(names)}, **(out.get("properties") or {})}
+    declared = {**{name: _either(names[name], rest, name, patterns) for name in sorted(names)},
+                **(out.get("properties") or {})}
     matching = {**{pattern: {} for pattern in sorted(patterns)}, **(out.get("patternProperties") or {})}
     for key, value in (("properties", declared), ("patternProperties", matching)):
         if value:
             out[key] = value
     out["additionalProperties"] = rest
     return out
+
+
+def _either(declaring: list[Any], rest: Any, name: str, patterns: set[str]) -> Any:
+    """What a name's value may be when the subschemas `declaring` it may not apply: one of theirs, or
+    `rest`'s when none evaluates it; any value where a pattern may evaluate it or a subschema has
+    keywords the grammar cannot have."""
+    from serve_app.constraints.checks import has_checked_keywords  # (checks builds on this module)
+
+    if any(regex_search(p, name, PATTERN_TIMEOUT_S) is not False for p in patterns) or any(
+            not isinstance(s, dict) or not s or has_checked_keywords(s) for s in declaring):
+        return {}
+    options = [*declaring, *([] if rest is False else [rest])]
+    kept = [o for i, o in enumerate(options) if o not in options[:i]]
+    return kept[0] if len(kept) == 1 else {"anyOf": kept}
 
 
 class EvaluatedKeys:

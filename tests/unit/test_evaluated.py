@@ -136,3 +136,25 @@ def test_generated_answers_are_valid(tiny_engine: Any, name: str) -> None:
     for result in results:
         assert result.finish_reason == "stop" and result.valid is True, result
         jsonschema.validate(json.loads(result.text), SCHEMAS[name])
+
+
+def test_a_name_only_a_conditional_subschema_declares_gets_that_subschema_in_the_grammar() -> None:
+    plan = plan_schema(SCHEMAS["dependentSchemas"], ORDER)  # (b's subschema or the rest's, both strings: one)
+    assert plan.schema["properties"]["b"] == {"type": "string"}
+    assert plan.schema["additionalProperties"] == {"type": "string"}
+    mixed = plan_schema({**SCHEMAS["dependentSchemas"], "unevaluatedProperties": {"type": "boolean"}}, ORDER)
+    assert mixed.schema["properties"]["b"] == {"anyOf": [{"type": "string"}, {"type": "boolean"}]}
+    closed = plan_schema({**SCHEMAS["dependentSchemas"], "unevaluatedProperties": False}, ORDER)
+    assert closed.schema["properties"]["b"] == {"type": "string"} and closed.schema["additionalProperties"] is False
+
+
+def test_each_branch_of_an_array_evaluating_only_its_prefix_items_is_closed_after_them() -> None:
+    schema = {"type": "array", "anyOf": [{"prefixItems": [{"type": "integer"}]},
+                                         {"prefixItems": [{"type": "string"}, {"type": "string"}]}],
+              "unevaluatedItems": False}
+    plan = plan_schema(schema, ORDER)
+    assert [branch["items"] for branch in plan.schema["anyOf"]] == [False, False]
+    assert plan.checks == ("unevaluatedItems at #/",)
+    # An item keyword beside the branches: the grammar leaves the items open, the check decides.
+    beside = plan_schema({**schema, "contains": {"type": "integer"}}, ORDER)
+    assert all("items" not in branch for branch in beside.schema["anyOf"])
