@@ -4,7 +4,7 @@ grammar has, and `patternProperties` whose regexes may match one name.
 - `grammar_pattern`: the pattern without lookarounds and word boundaries (zero-width: dropping them
   only lets more strings through) and with each backreference as any text: what the grammar
   compiles; the check at the string's close applies the pattern as written.
-- `overlapping_patterns`: whether two `patternProperties` regexes may match one name (llguidance
+- `overlapping_patterns`: whether two `patternProperties` regexes match one name (llguidance
   refuses those; the grammar gets their union and the check makes a name satisfy each).
 No torch import: the router plans with this.
 """
@@ -12,20 +12,26 @@ No torch import: the router plans with this.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
+import time
 from typing import Any
+
+from serve_app.constraints.examples import regex_example
+from serve_app.constraints.validation import PATTERN_TIMEOUT_S, regex_search
 
 # Regex features no grammar has (lookarounds, backreferences, word boundaries): a `pattern` with one is
 # checked where its string closes (the `regex` module reads them), the string's other keywords compiled.
 GRAMMARLESS_REGEX = re.compile(r"\(\?[=!]|\(\?<[=!]|\\[1-9]|\(\?P=|\\[bB]")  # (not `\k<n>`: the regex module lacks it)
-# Regexes `overlapping_patterns` compares at most, and their longest: past them it says nothing.
-MAX_COMPARED_PATTERNS, MAX_COMPARED_LENGTH = 16, 200
+# Regexes `overlapping_patterns` compares at most, and the time it spends: past them it says nothing.
+MAX_COMPARED_PATTERNS, MAX_COMPARE_S = 16, 0.5
 
 
 def overlapping_patterns(patterns: Any) -> bool:
-    """Whether two `patternProperties` regexes may match one name (llguidance refuses them: a name
-    matching both must satisfy both subschemas); False where that is not decided here (then
-    llguidance decides)."""
+    """Whether two `patternProperties` regexes match one name (llguidance refuses them: a name
+    matching both must satisfy both subschemas), shown by a witness: a name built from their
+    shortest examples (each alone, or one after the other) that both match. Where none is found,
+    False: llguidance then decides (it refuses what overlaps). Bounded: no automaton is built."""
     if not isinstance(patterns, dict) or not 2 <= len(patterns) <= MAX_COMPARED_PATTERNS:
         return False
     return _overlapping(tuple(patterns))
@@ -33,26 +39,16 @@ def overlapping_patterns(patterns: Any) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _overlapping(patterns: tuple[str, ...]) -> bool:
-    whole = {pattern: full for pattern in patterns if (full := _whole_name(pattern)) is not None}
-    if len(whole) < len(patterns):
-        return False
-    try:
-        from interegular import parse_pattern
-        from interegular.comparator import Comparator
-
-        return any(True for _ in Comparator({p: parse_pattern(full) for p, full in whole.items()}).check(list(whole)))
-    except Exception:  # noqa: BLE001 - a regex interegular does not read (lookarounds, classes): undecided
-        return False
-
-
-def _whole_name(pattern: str) -> str | None:
-    """A search pattern (JSON Schema's `pattern` semantics) as one matching the whole name, where its
-    only anchors are a leading `^` and a trailing `$`."""
-    start, end = pattern.startswith("^"), pattern.endswith("$") and not pattern.endswith("\\$")
-    body = pattern[int(start):len(pattern) - int(end)]
-    if len(pattern) > MAX_COMPARED_LENGTH or "^" in body.replace("[^", "[") or "$" in body or "\\b" in body:
-        return None
-    return ("" if start else ".*") + f"(?:{body})" + ("" if end else ".*")
+    deadline = time.monotonic() + MAX_COMPARE_S
+    examples = {p: regex_example(p) for p in patterns}
+    for a, b in itertools.combinations(patterns, 2):
+        ea, eb = examples[a], examples[b]
+        for name in {n for n in (ea, eb, (ea or "") + (eb or ""), (eb or "") + (ea or "")) if n is not None}:
+            if time.monotonic() > deadline:
+                return False
+            if regex_search(a, name, PATTERN_TIMEOUT_S) and regex_search(b, name, PATTERN_TIMEOUT_S):
+                return True
+    return False
 
 
 def grammar_pattern(pattern: str) -> str:

@@ -266,12 +266,25 @@ def test_an_open_key_is_held_back_from_a_stream_until_it_closes():
     ({"^[a-z]+$": {}, "^[0-9]+$": {}}, False),
     ({"^[^/]+$": {}, "/": {}}, False),
     ({"^a": {}}, False),
-    ({"(?=a)": {}, "^a": {}}, False),  # not decided here: llguidance decides (it refuses lookarounds)
+    ({"(?=a)": {}, "^a": {}}, True),  # ("a" matches both; llguidance then refuses the lookaround)
+    ({"^a$": {}, "^b$": {}, "^c+$": {}}, False),
 ])
 def test_overlapping_pattern_properties_are_found(patterns, overlap):
     from serve_app.constraints.checks import overlapping_patterns
 
     assert overlapping_patterns(patterns) is overlap
+
+
+def test_finding_overlaps_builds_no_automaton_so_a_hostile_regex_costs_nothing():
+    """A DFA for `.*a[ab]{n}` has 2**n states (the first version built them: minutes at n = 12)."""
+    import time
+
+    from serve_app.constraints.checks import overlapping_patterns
+
+    started = time.monotonic()
+    hostile = {f".*a{'[ab]' * 40}": {}, f".*b{'[ab]' * 40}x": {}, "^(a+)+$": {}, "(x|x)*y": {}}
+    assert overlapping_patterns(hostile) is True
+    assert time.monotonic() - started < 5  # (milliseconds here; the bound is MAX_COMPARE_S)
 
 
 def test_overlapping_pattern_properties_leave_one_regex_in_the_grammar_and_a_check():
