@@ -112,7 +112,7 @@ def split_checks(schema: dict[str, Any]) -> Split:
                     sites.append(f"{key} at #{ptr or '/'}")
                 continue
             out[key] = map_subschemas(key, value, ptr, strip)
-        if _checked("pattern", node) if "pattern" in node else False:  # the grammar has what it can of it
+        if "pattern" in node and _checked("pattern", node):  # the grammar has what it can of it
             relaxed = grammar_pattern(node["pattern"])
             out.update({"pattern": relaxed} if relaxed else {})
         if overlapping_patterns(node.get("patternProperties")):  # a name may match several: any one's subschema
