@@ -20,6 +20,8 @@ from serve_app.models import BUILTIN_PREFIX, prepare
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
+# load_model runs in a thread of this name, and only there (its docstring says why).
+LOADER_THREAD = "load-model"
 
 
 @dataclass(frozen=True)
@@ -200,11 +202,13 @@ def load_model(model_cfg: ModelConfig, plan: PlacementPlan, source: ModelSource 
     """Load per the plan. If the GPU plan cannot work (no CUDA, does not fit, OOM while loading)
     and `cpu_fallback` is on, load on CPU and record why.
 
-    Never on the main thread: once the main thread has run torch's CPU kernels (loading does),
-    the decode loop's own thread ran SmolLM2's decode steps 1.2-1.45x slower on this machine
-    (OpenMP thread teams; 16 x 128 free tokens in-process: 235 against 340 tok/s)."""
-    if threading.current_thread() is threading.main_thread():
-        return off_main_thread(load_model, model_cfg, plan, source, hf_config)
+    Always in a thread of its own that ends with the load: a thread that has run torch's CPU
+    kernels keeps an OpenMP thread team while it lives, and with more team threads than cores
+    libgomp's threads stop spinning between parallel regions, so the decode loop's own team sleeps
+    and wakes at every op. The main thread (in-process, 16 x 128 free tokens: 235 against 340
+    tok/s) and a Ray replica's user-code thread (served: 243 against ~300) both outlive the load."""
+    if threading.current_thread().name != LOADER_THREAD:
+        return in_own_thread(load_model, model_cfg, plan, source, hf_config)
     source = source or resolve_source(model_cfg)
     started, planned = time.perf_counter(), plan
     tokenizer = load_tokenizer(source, model_cfg.loading.chat_template)
@@ -229,8 +233,9 @@ def load_model(model_cfg: ModelConfig, plan: PlacementPlan, source: ModelSource 
     return loaded
 
 
-def off_main_thread(fn: Callable[..., _T], *args: Any) -> _T:
-    """`fn(*args)` run in a thread of its own, waited for; its exception raised here."""
+def in_own_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """`fn(*args)` run in a thread of its own (named LOADER_THREAD) that ends with it, waited for;
+    its exception raised here."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -239,7 +244,7 @@ def off_main_thread(fn: Callable[..., _T], *args: Any) -> _T:
         except BaseException as error:  # noqa: BLE001 - handed to the caller
             box["error"] = error
 
-    thread = threading.Thread(target=run, name="load-model", daemon=True)  # Ctrl-C while loading still exits
+    thread = threading.Thread(target=run, name=LOADER_THREAD, daemon=True)  # Ctrl-C while loading still exits
     thread.start()
     thread.join()
     if "error" in box:

@@ -120,3 +120,33 @@ def test_a_pre_quantised_checkpoint_is_planned_by_its_real_bytes(tiny_model_dir)
         quantised.quantization_config = quantization
         assert quantized_bits(quantised) == bits
         assert weight_bytes(quantised, "float16") < weight_bytes(plain, "float16")
+
+
+def test_the_model_loads_in_a_thread_that_ends_with_the_load_from_any_caller(tiny_model_dir, monkeypatch):
+    """A Ray replica builds its engine in a user-code thread that lives on; a load run there left
+    that thread an OpenMP team beside the decode loop's, and the replica served ~20% slower."""
+    import threading
+
+    from serve_app.engine import loading
+
+    loaders: list[threading.Thread] = []
+    real = loading._from_pretrained
+
+    def recording(*args, **kwargs):
+        loaders.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "_from_pretrained", recording)
+    callers: list[threading.Thread] = []
+
+    def build() -> None:
+        callers.append(threading.current_thread())
+        create_engine(tiny(tiny_model_dir)).close()
+
+    build()  # the main thread
+    caller = threading.Thread(target=build, name="user-code")
+    caller.start()
+    caller.join()
+    assert len(loaders) == 2
+    for loader, calling in zip(loaders, callers, strict=True):
+        assert loader is not calling and loader.name == loading.LOADER_THREAD and not loader.is_alive()
