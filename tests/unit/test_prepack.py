@@ -53,3 +53,45 @@ def test_where_the_packed_op_disagrees_the_model_keeps_its_layers(monkeypatch):
     monkeypatch.undo()
     assert prepack_linears(model) == 2
     assert all(isinstance(m, PrepackedLinear) for m in model)
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, bias: tuple[bool, bool, bool]) -> None:
+        super().__init__()
+        widths = zip((16, 8, 8), bias, strict=True)
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(16, n, bias=b) for n, b in widths)
+
+
+@pytest.mark.parametrize("bias", [(False, False, False), (True, True, True), (True, False, True)])
+def test_siblings_reading_one_input_are_one_matmul_with_each_ones_numbers(bias):
+    torch.manual_seed(0)
+    stock = Attention(bias)
+    shared = Attention(bias)
+    shared.load_state_dict(stock.state_dict())
+    assert prepack.share_inputs(shared) == 3
+    group = shared.q_proj.shared
+    assert shared.k_proj.shared is group and shared.v_proj.shared is group
+    x, other = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    with torch.inference_mode():
+        for name in ("q_proj", "k_proj", "v_proj"):  # the call order of a decoder layer
+            torch.testing.assert_close(getattr(shared, name)(x), getattr(stock, name)(x), rtol=1e-4, atol=1e-4)
+        assert group._last is None  # let go once every sibling has its part
+        torch.testing.assert_close(shared.q_proj(x), stock.q_proj(x), rtol=1e-4, atol=1e-4)
+        # A sibling called on another input gets that input's numbers, not the held output's.
+        torch.testing.assert_close(shared.k_proj(other), stock.k_proj(other), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(shared.v_proj(x), stock.v_proj(x), rtol=1e-4, atol=1e-4)
+
+
+def test_unlike_siblings_stay_apart():
+    model = Attention((False, False, False))
+    model.v_proj = torch.nn.Linear(12, 8)  # another input width
+    assert prepack.share_inputs(model) == 0
+    assert all(type(m) is torch.nn.Linear for m in (model.q_proj, model.k_proj, model.v_proj))
+
+
+def test_the_loaded_models_attention_and_mlp_share_their_inputs(tiny_model_dir):
+    with create_engine(ModelConfig(name="tiny", source=tiny_model_dir)) as engine:
+        layer = engine.model.model.layers[0]
+        assert isinstance(layer.self_attn.q_proj, prepack.SharedInputSlice)
+        assert isinstance(layer.mlp.up_proj, prepack.SharedInputSlice)
+        assert type(layer.self_attn.o_proj) is PrepackedLinear
