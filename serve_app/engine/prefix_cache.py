@@ -6,6 +6,11 @@ bytes, least recently used evicted first.
 Keys and values are stored per layer as [1, heads, tokens, head_dim], after rotary embedding at
 positions 0..n-1: a prefix's cache does not depend on what follows it, nor on the column it
 lands in (every row carries its own position ids).
+
+Eviction is segmented: a prompt another row has mostly reused is hot, and the others go first
+(least recently used first), so a run of one-off prompts cannot push out the few that every
+request shares; hot ones go first only while they hold over HOT_SHARE of the bytes, so new
+prompts still get in.
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ from serve_app.cache import BoundedCache
 MIN_PREFIX_TOKENS = 16
 # Prompts kept at most (each lookup compares against all of them); bytes bound them first.
 MAX_PREFIXES = 256
+# A prompt is hot once a row has reused this share of its tokens (the same prompt again, the next
+# turn of its conversation); sharing its start (a system prompt all of them have) does not make it.
+HOT_REUSE = 0.9
+# The share of the bytes hot prompts may hold and still be evicted after the others.
+HOT_SHARE = 0.75
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 Hit = tuple[tuple[int, ...], int] | None  # (an entry's key, tokens of it reused)
@@ -48,6 +58,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.entries: BoundedCache[tuple[int, ...], Layers] = BoundedCache(MAX_PREFIXES, max_bytes, layers_bytes)
         self.tokens_reused = 0
+        self.hot: set[tuple[int, ...]] = set()  # keys of entries reused at least once
 
     def find(self, context: Sequence[int]) -> Hit:
         """The entry sharing the longest prefix with the context, and that length; the context
@@ -65,6 +76,8 @@ class PrefixCache:
             stats.misses += 1
             return None
         self.entries.touch(best[0])
+        if best[1] >= HOT_REUSE * len(best[0]):  # not a system prompt that every entry starts with
+            self.hot.add(best[0])
         stats.hits += 1
         self.tokens_reused += best[1]
         return best
@@ -92,12 +105,35 @@ class PrefixCache:
 
     def add(self, tokens: list[int], layers: Layers) -> None:
         key = tuple(tokens)
-        if key in self.entries or len(key) < MIN_PREFIX_TOKENS or layers_bytes(layers) > self.max_bytes:
+        size = layers_bytes(layers)
+        if key in self.entries or len(key) < MIN_PREFIX_TOKENS or size > self.max_bytes:
             return
+        self._make_room(size)
         self.entries.put(key, layers)
+
+    def _make_room(self, size: int) -> None:
+        """Evict until `size` more bytes and one more entry fit: the least recently used prompt
+        never reused, or the least recently used hot one where no other is left or hot ones hold
+        over HOT_SHARE of the bytes."""
+        stats = self.entries.stats
+        if stats.bytes + size <= self.max_bytes and len(self.entries) < MAX_PREFIXES:
+            return
+        sizes = {key: layers_bytes(layers) for key, layers in self.entries.items()}  # least recent first
+        hot_bytes = sum(sizes.get(key, 0) for key in self.hot)
+        while sizes and (stats.bytes + size > self.max_bytes or len(sizes) >= MAX_PREFIXES):
+            cold = next((key for key in sizes if key not in self.hot), None)
+            hot = next((key for key in sizes if key in self.hot), None)
+            victim = cold if hot is None or (cold is not None and hot_bytes <= HOT_SHARE * self.max_bytes) else hot
+            if victim in self.hot:
+                self.hot.discard(victim)
+                hot_bytes -= sizes[victim]
+            del sizes[victim]
+            self.entries.pop(victim)
+            stats.evictions += 1
 
     def clear(self) -> None:
         self.entries.clear()
+        self.hot.clear()
 
     def stats(self) -> dict[str, Any]:
         stats = self.entries.stats

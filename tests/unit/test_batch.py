@@ -94,8 +94,10 @@ def test_common_prefix_and_the_prefix_cache_bounds():
     [(keys, values)] = cache.rows(hits)  # left-padded to the longest; a row without a hit is padding
     assert keys.shape == (3, 2, 30, 4) and values.shape == (3, 2, 30, 4)
     assert keys[2].eq(1).all() and keys[1].eq(0).all() and keys[0, :, :5].eq(0).all()
-    cache.add(third, [layer])  # over the byte bound: the least recently used goes
-    assert list(cache.entries) == [tuple(second), tuple(third)] and cache.stats()["bytes"] == 2 * size
+    # Over the byte bound: the least recently used prompt goes, of those not reused whole before (the
+    # first one was, 39 of its 40 tokens; the second only in part).
+    cache.add(third, [layer])
+    assert list(cache.entries) == [tuple(first), tuple(third)] and cache.stats()["bytes"] == 2 * size
     assert cache.stats()["hits"] == 4 and cache.stats()["tokens_reused"] == 2 * 25 + 39 + 30
 
 
@@ -174,3 +176,30 @@ def test_where_a_cache_cannot_be_built_from_tensors_the_prefix_cache_turns_off_a
         [result] = engine.generate(requests[1:])
         assert result.usage.completion_tokens == 8
         assert engine.loop.prefixes is None and engine.status().model_dump()["prefix_cache"] is None
+
+
+def test_prompts_reused_before_outlive_a_run_of_one_off_prompts_within_their_share():
+    from serve_app.engine import prefix_cache
+    from serve_app.engine.prefix_cache import PrefixCache
+
+    def layers(tokens: int) -> list:
+        return [(torch.zeros(1, 1, tokens, 4), torch.zeros(1, 1, tokens, 4))]
+
+    size = prefix_cache.layers_bytes(layers(40))
+    cache = PrefixCache(max_bytes=4 * size)
+    shared = list(range(40))
+    cache.add(shared, layers(40))
+    assert cache.find(shared[:30] + [7]) == (tuple(shared), 30) and not cache.hot  # its start only: not hot
+    assert cache.find(shared + [7]) == (tuple(shared), 40) and cache.hot == {tuple(shared)}  # again: hot
+    for n in range(10):  # one-off prompts, each evicting the least recent one-off, never the hot one
+        cache.add(list(range(1000 * (n + 1), 1000 * (n + 1) + 40)), layers(40))
+    assert tuple(shared) in cache.entries and len(cache.entries) == 4
+    assert cache.find(shared + [8]) == (tuple(shared), 40)
+    # Hot prompts over their share of the bytes: the least recent hot one goes, so new ones get in.
+    others = [list(range(1000 * n, 1000 * n + 40)) for n in (8, 9, 10)]
+    for prompt in others:
+        assert cache.find(prompt + [1]) is not None
+    assert cache.hot == set(map(tuple, others)) | {tuple(shared)}
+    cache.add(list(range(50000, 50040)), layers(40))
+    assert tuple(shared) not in cache.entries and tuple(shared) not in cache.hot
+    assert cache.stats()["bytes"] == 4 * size
