@@ -39,6 +39,24 @@ def test_one_query_token_per_row_matches_transformers_sdpa(groups, as_bool):
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("tokens", [2, 4])
+@pytest.mark.parametrize("as_bool", [True, False])
+def test_a_few_tokens_per_row_with_a_causal_mask_match_transformers_sdpa(tokens, as_bool):
+    """Jump-forward feeds several tokens per row: each sees the cache and the tokens before it."""
+    torch.manual_seed(2)
+    batch, kv_heads, groups, dim, length = 3, 2, 3, 16, 11
+    query = torch.randn(batch, kv_heads * groups, tokens, dim)
+    key, value = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    keep = torch.ones(batch, 1, tokens, length, dtype=torch.bool)
+    keep[0, ..., :3] = False  # a left-padded row
+    keep[..., length - tokens:] = torch.ones(tokens, tokens, dtype=torch.bool).tril()  # causal among the new
+    mask = keep if as_bool else torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    ours, _ = packed_gqa_sdpa(Heads(groups), query, key, value, mask, scaling=dim ** -0.5)
+    theirs, _ = sdpa_attention_forward(Heads(groups), query, key, value, mask, scaling=dim ** -0.5)
+    assert ours.shape == theirs.shape == (batch, tokens, kv_heads * groups, dim)
+    torch.testing.assert_close(ours, theirs)
+
+
 def test_a_prefill_or_a_per_head_mask_goes_to_transformers_sdpa_unchanged():
     torch.manual_seed(1)
     query, key, value = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
