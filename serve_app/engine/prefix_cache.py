@@ -124,6 +124,7 @@ class PrefixCache:
             cold = next((key for key in sizes if key not in self.hot), None)
             hot = next((key for key in sizes if key in self.hot), None)
             victim = cold if hot is None or (cold is not None and hot_bytes <= HOT_SHARE * self.max_bytes) else hot
+            assert victim is not None  # sizes is not empty: one of them is a key
             if victim in self.hot:
                 self.hot.discard(victim)
                 hot_bytes -= sizes[victim]
