@@ -1,7 +1,7 @@
 """Prompt prefixes seen before, with their KV cache: a new row whose prompt starts the same way
 (a chat template's system prompt, a shared instruction, the same conversation one turn later) is
 prefilled from where the shared part ends; each row of a prefill finds its own entry. Bounded in
-bytes, least recently used evicted first.
+bytes and in entries (eviction below).
 
 Keys and values are stored per layer as [1, heads, tokens, head_dim], after rotary embedding at
 positions 0..n-1: a prefix's cache does not depend on what follows it, nor on the column it
@@ -58,7 +58,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.entries: BoundedCache[tuple[int, ...], Layers] = BoundedCache(MAX_PREFIXES, max_bytes, layers_bytes)
         self.tokens_reused = 0
-        self.hot: set[tuple[int, ...]] = set()  # keys of entries reused at least once
+        self.hot: set[tuple[int, ...]] = set()  # keys of entries a row has reused (HOT_REUSE of them)
 
     def find(self, context: Sequence[int]) -> Hit:
         """The entry sharing the longest prefix with the context, and that length; the context
