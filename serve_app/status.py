@@ -73,6 +73,9 @@ class ReplicaStatus(_Status):
     forced_tokens: int = 0  # appended by jump-forward (engine: transformers), not sampled
     checks: CheckTotals = CheckTotals()
     decode_steps: int = 0
+    # compile_decode: graphs compiled (the same after warm-up unless a step recompiled) and their seconds
+    decode_compiles: int | None = None
+    decode_compile_seconds: float | None = None
     mean_batch_size: float | None = None
     prefills: int = 0
     prefix_cache: dict[str, int] | None = None

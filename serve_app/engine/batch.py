@@ -129,7 +129,7 @@ class GrowableLayer(DynamicLayer):
             self._bufs[name], self._lengths[name] = None, 0
             return
         length = tensor.shape[2]
-        buf = tensor.new_empty((*tensor.shape[:2], length + _spare(length), tensor.shape[3]))
+        buf = tensor.new_zeros((*tensor.shape[:2], length + _spare(length), tensor.shape[3]))
         buf[:, :, :length] = tensor
         self._bufs[name], self._lengths[name] = buf, length
 
@@ -147,6 +147,19 @@ class GrowableLayer(DynamicLayer):
             self._bufs[name] = buf[:len(indices)]
             self._starts[name] = first + start
 
+    def drop_last(self, columns: int) -> None:
+        """Forget the last `columns` columns appended (a step that failed after appending them)."""
+        for name in ("keys", "values"):
+            self._lengths[name] -= columns
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+        """(keys, values, first, end): the whole buffers, whose columns first..end-1 are the cache
+        (those before `first` were dropped but hold finite numbers); None before the first update."""
+        keys, values = self._bufs["keys"], self._bufs["values"]
+        if keys is None or values is None or self._starts["keys"] != self._starts["values"]:
+            return None
+        return keys, values, self._starts["keys"], self._lengths["keys"]
+
     keys = property(lambda self: self._get("keys"), lambda self, t: self._set("keys", t))
     values = property(lambda self: self._get("values"), lambda self, t: self._set("values", t))
 
@@ -160,10 +173,12 @@ class GrowableLayer(DynamicLayer):
                 self._set(name, new)
                 continue
             end = start + new.shape[2]
-            if end > buf.shape[2]:  # full: move into a larger buffer, without the dropped columns
+            # Full (one column always stays free: compiled_step.py's graphs assume room beyond the
+            # cache): move into a larger buffer, without the dropped columns.
+            if end >= buf.shape[2]:
                 first = self._starts[name]
                 start, end = start - first, end - first
-                grown = buf.new_empty((*buf.shape[:2], end + _spare(end), buf.shape[3]))
+                grown = buf.new_zeros((*buf.shape[:2], end + _spare(end), buf.shape[3]))
                 grown[:, :, :start] = buf[:, :, first:first + start]
                 self._bufs[name] = buf = grown
                 self._starts[name] = 0

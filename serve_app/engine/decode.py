@@ -19,17 +19,28 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
-from serve_app.engine.batch import Batch, accepts_keyword, cache_keyword, joinable_cache, preallocate
+from serve_app.engine.batch import (
+    Batch,
+    GrowableLayer,
+    accepts_keyword,
+    cache_keyword,
+    joinable_cache,
+    preallocate,
+)
 from serve_app.engine.checked_steps import TAKEN_BACK, advance_checked, count_checks, roll_back_row
 from serve_app.engine.jump_forward import block, feed_width, forced_tokens, uncached
 from serve_app.engine.policies import CLOSED, TokenStep, advance_row, constraint_bitmask, row_policies
 from serve_app.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache
 from serve_app.engine.sampling import next_tokens, token_logprobs
 from serve_app.engine.stream import Row, RowOutput, Stream
+
+if TYPE_CHECKING:
+    from serve_app.engine.compiled_step import CompiledStep
 
 logger = logging.getLogger(__name__)
 # An idle loop rechecks for work this often; a submit wakes it at once.
@@ -43,7 +54,7 @@ class DecodeLoop:
 
     def __init__(self, model: Any, decode_text: Callable[[list[int]], str], pad_id: int, eos_ids: set[int],
                  vocab_size: int, max_batch_size: Callable[[], int], prefix_cache_bytes: int = 0,
-                 jump_forward: int = 0) -> None:
+                 jump_forward: int = 0, compiled: CompiledStep | None = None) -> None:
         self.model = model
         self.decode_text = decode_text
         self.pad_id = pad_id
@@ -55,6 +66,8 @@ class DecodeLoop:
         # Grammar-forced tokens: appended without sampling, at most this many fed per row and
         # forward pass (jump_forward.py); 0 = off.
         self.jump_forward = jump_forward
+        # The one-token step compiled (compiled_step.py; compile_decode), None: eager.
+        self.compiled = compiled
         # A prefill needs the logits of the last position only; the rest would cost a full
         # vocabulary projection per prompt token.
         self.last_logits_only = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
@@ -310,16 +323,45 @@ class DecodeLoop:
         # the model runs.
         pending = self._masker.submit(constraint_bitmask, [batch.streams[i] for i in sampling], self.vocab_size)
         batch.mask = torch.cat([batch.mask, columns.to(batch.mask.device)], dim=1)
-        out = self._forward(input_ids=ids.to(self.device), attention_mask=batch.mask,
-                            position_ids=positions.to(self.device), use_cache=True, **self.last_logits_only,
-                            **{self.cache_kw: batch.cache})
-        batch.cache = out[self.cache_kw]
+        logits = self._compiled_step(ids, positions) if width == 1 else None
+        if logits is None:
+            out = self._forward(input_ids=ids.to(self.device), attention_mask=batch.mask,
+                                position_ids=positions.to(self.device), use_cache=True, **self.last_logits_only,
+                                **{self.cache_kw: batch.cache})
+            batch.cache, logits = out[self.cache_kw], out.logits[:, -1, :]
         batch.positions = [p + n for p, n in zip(batch.positions, fed, strict=True)]
         self.steps += 1
         self.rows_stepped += len(batch)
         bitmask = pending.result()
         if sampling:
-            self._sample_and_advance(out.logits[sampling, -1, :].float(), bitmask, sampling)
+            self._sample_and_advance(logits[sampling].float(), bitmask, sampling)
+
+    def _compiled_step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The step's logits from the compiled step, where there is one and the cache is ours;
+        None: run the model eagerly. A compiled step that fails is dropped, logged, for good."""
+        layers = getattr(self.batch.cache, "layers", None)
+        if self.compiled is None or not layers or not all(isinstance(layer, GrowableLayer) for layer in layers):
+            return None
+        if self.fault_injector is not None:
+            self.fault_injector(int(ids.shape[0]))
+        appended: list[GrowableLayer] = []
+        try:
+            for layer in layers:  # a column each, which the compiled step fills
+                layer.update(*(torch.zeros_like(t[:, :, :1]) for t in (layer.keys, layer.values)))
+                appended.append(layer)
+            buffers = [layer.buffers() for layer in layers]
+            first, end = buffers[0][2:] if buffers[0] else (-1, -1)
+            assert self.batch.mask is not None and all(b and b[2:] == (first, end) for b in buffers)
+            # The columns dropped from the front of the buffers are hidden, as the padding is.
+            mask = F.pad(self.batch.mask != 0, (first, 0))[:, None, None, :]
+            return self.compiled.step(ids[:, 0], positions[:, 0], mask, [b[0] for b in buffers],
+                                      [b[1] for b in buffers])
+        except Exception:  # noqa: BLE001 - eager from now on
+            logger.warning("the compiled decode step failed; decoding eagerly from now on", exc_info=True)
+            for layer in appended:
+                layer.drop_last(1)
+            self.compiled = None
+            return None
 
     def _forward(self, **inputs: Any) -> Any:
         if self.fault_injector is not None:

@@ -16,12 +16,14 @@ from collections.abc import Sequence
 
 from serve_app.config import ModelConfig
 from serve_app.constraints import ChoiceConstraint, installed_backends
+from serve_app.engine.compiled_step import CompiledStep, unsupported_reason
 from serve_app.engine.compiler import CompilingFront, ConstraintCompiler
 from serve_app.engine.decode import DecodeLoop
 from serve_app.engine.loading import (
     LoadedModel,
     apply_torch_threads,
     eos_ids,
+    in_own_thread,
     load_hf_config,
     load_model,
     move_to_cpu,
@@ -50,7 +52,8 @@ class TransformersEngine(CompilingFront):
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.loop = DecodeLoop(self.model, self._decode, self.tokenizer.pad_token_id, self.eos_ids,
                                self.compiler.vocab_size, lambda: max(1, self.loaded.plan.max_batch_size),
-                               prefix_cache_bytes=config.prefix_cache_bytes, jump_forward=config.jump_forward)
+                               prefix_cache_bytes=config.prefix_cache_bytes, jump_forward=config.jump_forward,
+                               compiled=compiled_step(config, self.model))
         self.loop.on_oom = lambda: move_to_cpu(self.loaded, self.config, "out of memory during generation")
 
     @classmethod
@@ -101,10 +104,23 @@ class TransformersEngine(CompilingFront):
     def warmup(self) -> None:
         """Pay one-off costs (tokenizer conversion for the backend, first forward) at load."""
         started = time.perf_counter()
+        self._compile_decode_step()
         probe = GenerationRequest(prompt="ok", constraint=ChoiceConstraint(choices=["yes", "no"]),
                                   sampling=SamplingParams(max_new_tokens=8))
         self.generate([probe])
         logger.info("warmup took %.2f s", time.perf_counter() - started)
+
+    def _compile_decode_step(self) -> None:
+        """Compile the decode step's graphs now (compile_decode), in a thread that ends with it (no
+        OpenMP team left beside the decode loop's, loading.py); where that fails, decode eagerly."""
+        compiled = self.loop.compiled
+        if compiled is None:
+            return
+        try:
+            in_own_thread(compiled.warm_up)
+        except Exception:  # noqa: BLE001 - eager is slower to start with nothing, and as exact
+            logger.warning("compile_decode: compiling the decode step failed; it stays eager", exc_info=True)
+            self.loop.compiled = None
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -134,9 +150,22 @@ class TransformersEngine(CompilingFront):
             finished=dict(loop.finished), closed_early=loop.closed_early, forced_tokens=loop.forced_tokens,
             checks=CheckTotals(**loop.checks),
             decode_steps=loop.steps, prefills=loop.prefills,
+            decode_compiles=loop.compiled.compiles if loop.compiled else None,
+            decode_compile_seconds=round(loop.compiled.compile_seconds, 3) if loop.compiled else None,
             mean_batch_size=round(loop.rows_stepped / loop.steps, 2) if loop.steps else None,
             prefix_cache=loop.prefixes.stats() if loop.prefixes is not None else None,
             out_of_memory=dict(loop.oom_events), gpu_memory=GpuMemory.model_validate(gpu_memory()))
+
+
+def compiled_step(config: ModelConfig, model: object) -> CompiledStep | None:
+    """The compiled decode step where `compile_decode` asks for it and the model has Llama's layers."""
+    if not config.compile_decode:
+        return None
+    reason = unsupported_reason(model)
+    if reason is not None:
+        logger.warning("compile_decode: the decode step stays eager: %s", reason)
+        return None
+    return CompiledStep(model)
 
 
 def torch_threads() -> int:
