@@ -118,7 +118,7 @@ class TransformersEngine(CompilingFront):
             return
         try:
             in_own_thread(compiled.warm_up)
-        except Exception:  # noqa: BLE001 - eager is slower to start with nothing, and as exact
+        except Exception:  # noqa: BLE001 - eager decoding is as exact, only slower
             logger.warning("compile_decode: compiling the decode step failed; it stays eager", exc_info=True)
             self.loop.compiled = None
 

@@ -26,7 +26,10 @@ def test_the_environment_is_the_cpu_lock_to_the_version():
     if shutil.which("nvidia-smi"):
         pytest.skip("a CUDA machine installs requirements/cuda.lock")
     wanted = pins(LOCKS / "cpu.lock") | pins(LOCKS / "model.lock")
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed: dict[str, str] = {}
+    for dist in metadata.distributions():  # the first on sys.path is what imports (setuptools, once
+        # imported, as inductor's compiler does, appends its _vendor copies of packaging and others)
+        installed.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
     differ = {name: (version, installed.get(name)) for name, version in wanted.items()
               if installed.get(name) != version}
     assert differ == {}
