@@ -8,10 +8,11 @@ transformers' forward: that builds masks and caches in Python from every step's 
 recompiled to dynamo's limit when compiled whole. Here the batch size and the cache width are
 marked dynamic, so two graphs cover every step: one row, and two or more rows. Both are compiled
 by `warm_up`, before the replica reports ready; `compiles` counts every compilation, so a
-recompile in steady state shows in the replica's status. Steps that feed several tokens per row
-(jump-forward) and prefills stay eager. The graphs read each layer's whole cache buffer
-(batch.GrowableLayer, contiguous, always a column of room beyond the cache), write the new column
-in place and attend to the columns before it; the mask hides padding and the dropped front columns.
+recompile in steady state shows in the replica's status. Prefills stay eager; with the step
+compiled, the loop feeds jump-forward's forced tokens one per step (decode.py). The graphs read
+each layer's whole cache buffer (batch.GrowableLayer, contiguous, always a column of room beyond
+the cache), write the new column in place and attend to the columns before it; the mask hides
+padding and the dropped front columns.
 
 Measured on SmolLM2-135M in bfloat16 on a 2-core CPU (docs/benchmarks.md): in-process, 64 free
 requests at 16 rows, 310-330 -> 364-392 tokens/s (48-49 -> 40-43 ms a step); served, beside vLLM's
