@@ -12,6 +12,7 @@ from serve_app.constraints.budget import least_chars
 from serve_app.constraints.examples import regex_example
 from serve_app.constraints.json_completion import JsonCloser
 from serve_app.constraints.validation import ENFORCED_FORMATS
+from serve_app.engine.row_closing import REMEMBERED_CHARS, ShortestEncoder
 from serve_app.errors import InvalidRequestError
 from serve_app.generation import GenerationRequest, SamplingParams
 
@@ -111,6 +112,18 @@ def test_the_distance_is_the_token_count_of_the_shortest_completion():
     assert closer.min_text == '{"a":{"b":"000","c":"xx"}}'  # ties broken by text
     assert closer.min_tokens == len(closer.min_text)
     assert closer.completion(closer.feed(closer.start, '{"a":{"b":"hel')) == '","c":"xx"}}'
+
+
+def test_the_shortest_spelling_is_remembered_for_short_texts_and_handed_out_as_a_copy(tiny_engine):
+    encoder = ShortestEncoder(tiny_engine.compiler.tokenizer, tiny_engine.compiler.vocab_size)
+    text = '", "age": 0}'
+    first = encoder(text)
+    first.append(-1)  # the caller's list, not the remembered one
+    assert encoder(text) == encoder._shortest(text) == first[:-1]
+    assert encoder._spelled.cache_info().hits == 1
+    long = "y" * (REMEMBERED_CHARS + 1)
+    assert encoder(long) == encoder._shortest(long)
+    assert encoder._spelled.cache_info().currsize == 1  # too long to keep
 
 
 def test_patterns_get_a_shortest_example_and_a_completion_that_follows_their_layout():
