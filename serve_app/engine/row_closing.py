@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 # With the distance unknown (e.g. inside a string with a pattern), keep this many tokens spare
 # beyond the last known distance before closing.
 UNKNOWN_SLACK = 24
-# Texts whose shortest spelling an encoder remembers, each at most this long (under 4 MB in all).
+# Texts whose shortest spelling an encoder remembers, each at most this long (10 MB at most in all).
 ENCODED_TEXTS = 2048
 REMEMBERED_CHARS = 512
 # A character takes at most this many more byte tokens once its first byte is out (UTF-8).
