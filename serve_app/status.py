@@ -78,6 +78,7 @@ class ReplicaStatus(_Status):
     decode_compile_seconds: float | None = None
     mean_batch_size: float | None = None
     prefills: int = 0
+    admitted_without_prefill: int = 0  # rows whose prompt the prefix cache held all but a few tokens of
     prefix_cache: dict[str, int] | None = None
     out_of_memory: dict[str, int] = Field(default_factory=dict)
     gpu_memory: GpuMemory = GpuMemory()

@@ -1,4 +1,5 @@
-"""The running rows of a decode loop and their shared, left-padded KV cache."""
+"""The running rows of a decode loop and their shared, left-padded KV cache; how newly admitted
+rows are grouped to be prefilled."""
 
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ class Batch:
         self.streams, self.generators, self.positions = [], [], []
         self.cache, self.mask = None, None
 
-    def merge(self, streams: list[Stream], cache: Any, mask: torch.Tensor) -> None:
-        """Add prefilled rows: pad both caches on the left to a common width, then concatenate."""
+    def merge(self, streams: list[Stream], cache: Any, mask: torch.Tensor, cached: list[int] | None = None) -> None:
+        """Add rows: pad both caches on the left to a common width, then concatenate. `cached`: how
+        many of each row's context tokens the cache holds (default: all, as after a prefill)."""
         if self.cache is None:
             self.cache, self.mask = cache, mask
         else:
@@ -52,7 +54,7 @@ class Batch:
             self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
         self.streams += streams
         self.generators += [new_generator(s.row.seed) for s in streams]
-        self.positions += [len(s.context_ids()) for s in streams]
+        self.positions += cached if cached is not None else [len(s.context_ids()) for s in streams]
 
     def keep(self, indices: list[int]) -> None:
         """Drop finished rows, then the padding columns no remaining row needs."""
@@ -190,3 +192,25 @@ class GrowableLayer(DynamicLayer):
 def _spare(length: int) -> int:
     """Room to grow: half again, at least 64 columns (one reallocation per ~64+ steps)."""
     return max(64, length // 2)
+
+
+# A prefill left-pads its rows to the longest; padding beyond this share of the real tokens costs
+# more than the extra forward pass that prefilling the rows apart would.
+MAX_PADDING_SHARE = 0.25
+
+
+def prefill_groups(streams: list[Stream]) -> list[list[Stream]]:
+    """Split newly admitted rows into groups prefilled together: rows sorted by context length,
+    a group grows while its left padding stays within MAX_PADDING_SHARE of its tokens."""
+    ordered = sorted(streams, key=lambda s: len(s.row.prompt_ids) + len(s.output.token_ids))
+    groups: list[list[Stream]] = []
+    tokens = 0
+    for stream in ordered:
+        length = len(stream.row.prompt_ids) + len(stream.output.token_ids)
+        if groups and length * (len(groups[-1]) + 1) <= (1 + MAX_PADDING_SHARE) * (tokens + length):
+            groups[-1].append(stream)
+            tokens += length
+        else:
+            groups.append([stream])
+            tokens = length
+    return groups

@@ -65,12 +65,7 @@ class PrefixCache:
         keeps at least one token to prefill (its logits are needed)."""
         if not len(self.entries):
             return None
-        tokens, longest = tuple(context), len(context) - 1
-        best: Hit = None
-        for key in reversed(list(self.entries)):  # most recent first
-            length = min(longest, common_prefix(key, tokens))
-            if length >= MIN_PREFIX_TOKENS and (best is None or length > best[1]):
-                best = (key, length)
+        best = self.longest(context)
         stats = self.entries.stats
         if best is None:
             stats.misses += 1
@@ -80,6 +75,16 @@ class PrefixCache:
             self.hot.add(best[0])
         stats.hits += 1
         self.tokens_reused += best[1]
+        return best
+
+    def longest(self, context: Sequence[int]) -> Hit:
+        """What `find` would return, without counting it as a hit or a use."""
+        tokens, longest = tuple(context), len(context) - 1
+        best: Hit = None
+        for key in reversed(list(self.entries)):  # most recent first
+            length = min(longest, common_prefix(key, tokens))
+            if length >= MIN_PREFIX_TOKENS and (best is None or length > best[1]):
+                best = (key, length)
         return best
 
     def find_each(self, contexts: Sequence[Sequence[int]]) -> list[Hit]:

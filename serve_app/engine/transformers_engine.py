@@ -149,7 +149,7 @@ class TransformersEngine(CompilingFront):
             compile_cache=self.cache_status(), queue=QueueStatus(waiting=waiting, running=running),
             finished=dict(loop.finished), closed_early=loop.closed_early, forced_tokens=loop.forced_tokens,
             checks=CheckTotals(**loop.checks),
-            decode_steps=loop.steps, prefills=loop.prefills,
+            decode_steps=loop.steps, prefills=loop.prefills, admitted_without_prefill=loop.folded,
             decode_compiles=loop.compiled.compiles if loop.compiled else None,
             decode_compile_seconds=round(loop.compiled.compile_seconds, 3) if loop.compiled else None,
             mean_batch_size=round(loop.rows_stepped / loop.steps, 2) if loop.steps else None,

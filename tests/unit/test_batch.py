@@ -56,7 +56,7 @@ def test_a_cache_of_growable_layers_still_takes_new_rows():
 def test_rows_of_very_different_lengths_are_prefilled_apart_and_similar_ones_together():
     from types import SimpleNamespace
 
-    from serve_app.engine.decode import MAX_PADDING_SHARE, prefill_groups
+    from serve_app.engine.batch import MAX_PADDING_SHARE, prefill_groups
 
     def stream(length, generated=0):
         return SimpleNamespace(row=SimpleNamespace(prompt_ids=[1] * length),
@@ -203,3 +203,61 @@ def test_prompts_reused_before_outlive_a_run_of_one_off_prompts_within_their_sha
     cache.add(list(range(50000, 50040)), layers(40))
     assert tuple(shared) not in cache.entries and tuple(shared) not in cache.hot
     assert cache.stats()["bytes"] == 4 * size
+
+
+def test_prompts_the_prefix_cache_holds_all_but_a_few_tokens_of_join_without_a_prefill_and_generate_the_same(
+        tiny_config):
+    import json
+
+    from serve_app.constraints import parse_constraint
+    from serve_app.engine.decode import FOLD_TAIL
+    from serve_app.engine.factory import create_engine
+    from serve_app.generation import GenerationRequest, SamplingParams
+
+    prompt = "A long prompt about rivers, bridges, boats and the towns along them, told slowly. " * 2
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"]}
+    running = GenerationRequest(prompt="Keep going for a while.", sampling=SamplingParams(max_new_tokens=40))
+    requests = [GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=12, temperature=0)),
+                GenerationRequest(prompt=prompt + "So", sampling=SamplingParams(max_new_tokens=32, temperature=0),
+                                  constraint=parse_constraint({"type": "json_schema", "schema": schema})),
+                GenerationRequest(prompt="Else.",
+                                  sampling=SamplingParams(max_new_tokens=12, temperature=0.8, seed=3))]
+    outputs = {}
+    for size in (0, 64 * 1024 * 1024):
+        config = tiny_config.model_copy(update={"prefix_cache_bytes": size, "dtype": "float32"})
+        with create_engine(config) as engine:
+            alone = engine.generate(requests)  # fills the prefix cache (the third prompt is too short to)
+            tail = len(engine.prompt_ids(requests[1])) - len(engine.prompt_ids(requests[0])) + 1
+            assert 1 < tail <= FOLD_TAIL
+            engine.loop._start_counting()
+            outputs[size] = [r.text for r in alone + joining_a_running_row(engine, running, requests)]
+            status = engine.status()
+        # With the cache, the first two join the running batch from it, each fed the end of its
+        # prompt by the decode steps; the third is prefilled.
+        if size:
+            assert (status.prefills, status.admitted_without_prefill) == (2, 2)
+        else:  # the running row, then the two long prompts together, and the short one
+            assert status.prefills == 3 and status.admitted_without_prefill == 0
+    assert outputs[0] == outputs[64 * 1024 * 1024]
+    assert outputs[0][:3] == outputs[0][4:] and json.loads(outputs[0][1]).keys() == {"n", "ok"}
+
+
+def joining_a_running_row(engine, running, requests) -> list:
+    """Generate `running`, and `requests` admitted together while it runs: the loop holds at its
+    first forward pass until they are queued."""
+    import threading
+
+    reached, go = threading.Event(), threading.Event()
+
+    def hold(rows: int) -> None:
+        if engine.loop.steps == 0 and rows == 1 and not go.is_set():
+            reached.set()
+            assert go.wait(60)
+
+    engine.loop.fault_injector = hold
+    first = engine.submit_prepared(engine.prepare(running), deltas=False)
+    assert reached.wait(60)
+    rest = [engine.submit_prepared(engine.prepare(r), deltas=False) for r in requests]
+    go.set()
+    return [engine.result(s, s.stream.result()) for s in [first, *rest]]

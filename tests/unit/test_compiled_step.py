@@ -1,7 +1,8 @@
 """The compiled decode step (engine/compiled_step.py, `compile_decode`): on the tiny model it gives
 the tokens the eager step gives, in a batch that mixes constrained and free rows, rows that jump
-forward, rows that join and leave; it compiles its graphs during warm-up and never again; where it
-cannot run or fails, the loop decodes eagerly and the tokens are the same."""
+forward, rows that join and leave (some fed the end of their prompt by the steps); it compiles its
+graphs during warm-up and never again; where it cannot run or fails, the loop decodes eagerly and
+the tokens are the same."""
 
 import logging
 from types import SimpleNamespace
@@ -21,11 +22,15 @@ LOGPROB_TOLERANCE = 0.02
 
 
 def batches() -> list[list[GenerationRequest]]:
-    """A mixed batch (constrained, free, jump-forward), one row alone, then three rows."""
+    """A mixed batch (constrained, free, jump-forward), one row alone, three rows, then two of their
+    prompts again (they join from the prefix cache without a prefill) and a new one."""
     alone = [GenerationRequest(prompt="One row on its own.", sampling=SamplingParams(max_new_tokens=30))]
     three = [GenerationRequest(prompt="Short." * (1 + 7 * i), sampling=SamplingParams(max_new_tokens=20 + 9 * i))
              for i in range(3)]
-    return [requests(), alone, three, scored()]
+    again = [GenerationRequest(prompt="Short." * 15, sampling=SamplingParams(max_new_tokens=12)),
+             GenerationRequest(prompt="Short." * 8, sampling=SamplingParams(max_new_tokens=25)),
+             GenerationRequest(prompt="A new one.", sampling=SamplingParams(max_new_tokens=18))]
+    return [requests(), alone, three, again, scored()]
 
 
 def scored() -> list[GenerationRequest]:
@@ -47,7 +52,8 @@ def generate(tiny_model_dir: str, compile_decode: bool) -> tuple[list[list[int]]
         status = engine.status()
         return tokens, {"after_warm_up": after_warm_up, "compiles": status.decode_compiles,
                         "seconds": status.decode_compile_seconds, "calls": compiled.calls if compiled else 0,
-                        "steps": engine.loop.steps, "forced": engine.loop.forced_tokens, "logprobs": logprobs}
+                        "steps": engine.loop.steps, "forced": engine.loop.forced_tokens, "logprobs": logprobs,
+                        "folded": status.admitted_without_prefill}
 
 
 def test_the_compiled_step_gives_the_eager_tokens_and_compiles_only_during_warm_up(tiny_model_dir, monkeypatch):
@@ -64,6 +70,7 @@ def test_the_compiled_step_gives_the_eager_tokens_and_compiles_only_during_warm_
     assert eager_counts["compiles"] is None and not firsts
     compiled, counts = generate(tiny_model_dir, compile_decode=True)
     assert compiled == eager
+    assert eager_counts["folded"] == counts["folded"] == 2  # fed their last prompt token by a step
     assert len(counts["logprobs"]) == 30
     assert counts["logprobs"] == pytest.approx(eager_counts["logprobs"], abs=LOGPROB_TOLERANCE)
     assert counts["after_warm_up"] == counts["compiles"] == len(compiled_step.WARM_UP_SHAPES)  # no recompile
