@@ -140,14 +140,16 @@ def test_rows_prefilled_together_each_reuse_their_own_earlier_prompt(tiny_config
                "Quite another prompt: mountains, valleys and the weather on the high passes in winter. " * 2]
     requests = [GenerationRequest(prompt=p + tail, sampling=SamplingParams(max_new_tokens=12, temperature=0))
                 for p in prompts for tail in ("Go on.", "Now go on, please.")]
+    running = GenerationRequest(prompt="Meanwhile.", sampling=SamplingParams(max_new_tokens=8, temperature=0))
     outputs = {}
     for size in (0, 64 * 1024 * 1024):
         config = tiny_config.model_copy(update={"prefix_cache_bytes": size, "dtype": "float32"})
         with create_engine(config) as engine:
             first = [engine.generate([requests[0]])[0], engine.generate([requests[2]])[0]]  # one entry each
             prefills = engine.loop.prefills
-            together = engine.generate([requests[1], requests[3]])  # one prefill: two different entries
-            assert engine.loop.prefills == prefills + 1
+            # Admitted together while another row runs: one prefill, two different entries.
+            together = joining_a_running_row(engine, running, [requests[1], requests[3]])[1:]
+            assert engine.loop.prefills == prefills + 2  # the running row's, then theirs
             outputs[size] = [r.text for r in first + together]
             stats = engine.status().model_dump()["prefix_cache"]
         if size:
@@ -232,6 +234,7 @@ def test_prompts_the_prefix_cache_holds_all_but_a_few_tokens_of_join_without_a_p
             assert 1 < tail <= FOLD_TAIL
             engine.loop._start_counting()
             outputs[size] = [r.text for r in alone + joining_a_running_row(engine, running, requests)]
+            engine.loop.fault_injector = None
             status = engine.status()
         # With the cache, the first two join the running batch from it, each fed the end of its
         # prompt by the decode steps; the third is prefilled.
@@ -244,14 +247,14 @@ def test_prompts_the_prefix_cache_holds_all_but_a_few_tokens_of_join_without_a_p
 
 
 def joining_a_running_row(engine, running, requests) -> list:
-    """Generate `running`, and `requests` admitted together while it runs: the loop holds at its
-    first forward pass until they are queued."""
+    """Generate `running`, and `requests` admitted together while it runs: the loop holds in the
+    running row's prefill until they are queued."""
     import threading
 
     reached, go = threading.Event(), threading.Event()
 
     def hold(rows: int) -> None:
-        if engine.loop.steps == 0 and rows == 1 and not go.is_set():
+        if not reached.is_set():  # the running row's prefill
             reached.set()
             assert go.wait(60)
 
