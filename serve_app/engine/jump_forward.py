@@ -3,10 +3,12 @@ tokens go through one forward pass.
 
 After a row's sampled token, its matcher reports the tokens that must follow whatever the model
 prefers (llguidance's `compute_ff_tokens`: a key's text, `":`, the `","` between fields, an enum's
-tail; trimmed by llguidance where the tokenization of what follows could differ). They are
-appended at once, through the row's policies like any sampled token (closing, stop strings, the
-budget), and streamed as they are appended. Rows with checks while generating or logprobs take
-none: a refused or scored token needs the logits at its own position.
+tail; trimmed by llguidance where the tokenization of what follows could differ), or, once the
+closer has begun closing the row's JSON within its budget, the rest of the closer's completion
+(the row then ends without another forward pass). They are appended at once, through the row's
+policies like any sampled token (closing, stop strings, the budget), and streamed as they are
+appended. Rows with logprobs take none, and rows with checks while generating only the closer's:
+a refused or scored token needs the logits at its own position.
 
 The decode step then feeds each row the tokens of its context not yet in the KV cache: one for a
 row that sampled, more for a row that jumped. The block is as wide as `feed_width` decides
@@ -31,14 +33,15 @@ FIXED_COST_SLOTS = 48
 def forced_tokens(stream: Stream, limit: int) -> list[int]:
     """The tokens the row's grammar forces next (at most `limit`; none where the row cannot jump)."""
     row = stream.row
-    if limit <= 0 or row.matcher is None or row.checker is not None or row.logprobs is not None:
-        return []
-    if row.closer is not None and row.closer.closed_early:
-        return []  # the closer is writing its completion
-    forced = getattr(row.matcher, "forced_tokens", None)
-    if forced is None:
+    if limit <= 0 or row.matcher is None or row.logprobs is not None:
         return []
     room = row.max_new_tokens - len(stream.output.token_ids)
+    if row.closer is not None and row.closer.closed_early:
+        # The closer's completion: fixed when closing began, and no check runs while it is written.
+        return list(row.closer.forced)[:min(limit, room)]
+    forced = getattr(row.matcher, "forced_tokens", None)
+    if forced is None or row.checker is not None:
+        return []
     return list(forced())[:min(limit, room)]
 
 

@@ -137,3 +137,29 @@ def test_a_block_gives_the_logits_of_feeding_its_tokens_one_per_pass(tiny_model_
             narrow = model(input_ids=torch.tensor(rows), attention_mask=mask, position_ids=where, use_cache=True,
                            **{kw: cache}).logits[:, -1]
         torch.testing.assert_close(wide, narrow, rtol=1e-4, atol=1e-4)
+
+
+def test_the_closers_completion_is_appended_at_once_and_the_row_ends_without_feeding_it(tiny_model_dir,
+                                                                                        monkeypatch):
+    """Once closing begins, the rest of its completion is fixed: appended in one go, the row ends at
+    once, with the tokens that writing it one per step gives (seeded sampling before it alike)."""
+    from serve_app.engine import decode
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["note", "count"],
+              "properties": {"note": {"type": "string"}, "count": {"type": "integer"}}}
+    with create_engine(ModelConfig(name="tiny", source=tiny_model_dir)) as engine:
+        budget = engine.compile(parse_constraint({"type": "json_schema", "schema": schema})).min_tokens + 10
+    batch = [GenerationRequest(prompt="Answer in JSON.", constraint=parse_constraint(
+        {"type": "json_schema", "schema": schema}), sampling=SamplingParams(max_new_tokens=budget, temperature=1,
+                                                                          seed=seed)) for seed in range(4)]
+    at_once, forced, steps = run(tiny_model_dir, 8, batch)
+
+    def without_the_closers(stream, limit):
+        closer = stream.row.closer
+        return [] if closer is not None and closer.closed_early else jump_forward.forced_tokens(stream, limit)
+
+    monkeypatch.setattr(decode, "forced_tokens", without_the_closers)
+    one_per_step, forced_apart, steps_apart = run(tiny_model_dir, 8, batch)
+    assert [r.token_ids for r in at_once] == [r.token_ids for r in one_per_step]
+    assert sum(r.closed_early for r in at_once) >= 2 and all(r.valid for r in at_once)
+    assert forced > forced_apart and steps < steps_apart
