@@ -4,7 +4,7 @@
     make bench QUICK=1              # the tiny random model, fewer repeats (the test suite runs this)
 
 P1 served throughput, 16 concurrent clients / in-process engine on the same requests
-P2 constrained / unconstrained output tokens/s, at batch 1, 8 and 16
+P2 constrained / unconstrained output tokens/s, at batch 1, 8 and 16 (median of 5 paired rounds)
 P3 8 different schemas batched together / the same 8 one after another
 P4 time to first token with a precompiled schema / unconstrained time to first token
 P5 compile seconds for an unseen schema, median per backend (bench/data/schemas.json)
@@ -33,7 +33,7 @@ from serve_app.readiness import wait_until_ready
 
 HERE = Path(__file__).resolve().parent
 SCHEMAS: dict[str, Any] = json.loads((HERE / "data" / "schemas.json").read_text())["schemas"]
-TARGETS = {"P1": (">=", 0.90), "P2_b1": (">=", 0.95), "P2_b8": (">=", 0.95), "P2_b16": (">=", 0.90), "P3": (">=", 3.0),
+TARGETS = {"P1": (">=", 0.90), "P2_b1": (">=", 0.95), "P2_b8": (">=", 0.95), "P2_b16": (">=", 1.0), "P3": (">=", 3.0),
            "P4": ("<=", 1.10), "P5_llguidance": ("<=", 1.0), "P6_ms": ("<=", 5.0)}
 PROMPT = "Fill in a realistic example. Reply with JSON only."
 READY_TIMEOUT_S = 600
@@ -60,18 +60,28 @@ def within_budget(engine: TransformersEngine, requests: list[GenerationRequest])
 
 
 def tokens_per_s(engine: TransformersEngine, requests: list[GenerationRequest]) -> float:
-    """Output tokens/s of one batch; schemas are compiled beforehand (P5 measures compiling)."""
+    """Output tokens/s of one batch, run once before (schemas compiled, prompts in the prefix
+    cache: P5 measures compiling, and the 16 unconstrained prompts of P2 are one prompt, which
+    would be cached for that side alone)."""
     requests = within_budget(engine, requests)
+    engine.generate(requests)
+    return timed(engine, requests)
+
+
+def timed(engine: TransformersEngine, requests: list[GenerationRequest]) -> float:
     started = time.perf_counter()
     results = engine.generate(requests)
     return sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - started)
 
 
-def p2(engine: TransformersEngine, max_tokens: int, batch: int) -> float:
+def p2(engine: TransformersEngine, max_tokens: int, batch: int, rounds: int) -> float:
+    """The median over `rounds` of the ratio, each round timing both sides one after the other
+    (one batch of 16 rows takes about 1.5 s here: single timings swing by 15%)."""
     names = [list(SCHEMAS)[i % len(SCHEMAS)] for i in range(batch)]
-    constrained = tokens_per_s(engine, [request(n, max_tokens) for n in names])
-    free = tokens_per_s(engine, [request(None, max_tokens, seed=i) for i in range(batch)])
-    return constrained / free
+    constrained = within_budget(engine, [request(n, max_tokens) for n in names])
+    free = [request(None, max_tokens, seed=i) for i in range(batch)]
+    engine.generate(constrained + free)  # see tokens_per_s
+    return statistics.median(timed(engine, constrained) / timed(engine, free) for _ in range(rounds))
 
 
 def p3(engine: TransformersEngine, max_tokens: int) -> float:
@@ -213,9 +223,10 @@ def main() -> None:
     repeats = 3 if args.quick else 7
     results: dict[str, float] = {}
     with create_engine(config) as engine:
-        results["P2_b1"] = p2(engine, args.max_tokens, 1)
-        results["P2_b8"] = p2(engine, args.max_tokens, 8)
-        results["P2_b16"] = p2(engine, args.max_tokens, 16)
+        rounds = 1 if args.quick else 5
+        results["P2_b1"] = p2(engine, args.max_tokens, 1, rounds)
+        results["P2_b8"] = p2(engine, args.max_tokens, 8, rounds)
+        results["P2_b16"] = p2(engine, args.max_tokens, 16, rounds)
         results["P3"] = p3(engine, args.max_tokens)
         results["P4"], results["P4_ttft_s"] = p4(engine, repeats)
         results.update({f"P5_{k}": v for k, v in p5(engine).items()})
