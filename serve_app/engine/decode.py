@@ -36,9 +36,9 @@ from serve_app.engine.batch import (
     prefill_groups,
 )
 from serve_app.engine.checked_steps import TAKEN_BACK, advance_checked, count_checks, roll_back_row
-from serve_app.engine.jump_forward import block, feed_width, forced_tokens, uncached
+from serve_app.engine.jump_forward import MAX_FORCED_PER_TOKEN, block, feed_width, forced_tokens, uncached
 from serve_app.engine.policies import CLOSED, TokenStep, advance_row, constraint_bitmask, row_policies
-from serve_app.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache
+from serve_app.engine.prefix_cache import PrefixCache
 from serve_app.engine.sampling import next_tokens, token_logprobs
 from serve_app.engine.stream import Row, RowOutput, Stream
 
@@ -294,7 +294,7 @@ class DecodeLoop:
         self.joinable = joinable_cache(cache)
         preallocate(cache)
         if self.prefixes is not None and self.joinable:
-            self._remember_prompts(group, contexts, cache, mask, reused)
+            self._remember_prompts(group, contexts, cache, mask)
         first = len(self.batch)
         self.batch.merge(group, cache, mask)
         logits = out.logits[:, -1, :].float()
@@ -336,12 +336,12 @@ class DecodeLoop:
             self.prefixes = None
             return None
 
-    def _remember_prompts(self, group: list[Stream], contexts: list[list[int]], cache: Any, mask: torch.Tensor,
-                          reused: list[int]) -> None:
-        """Keep the KV cache of prompts seen for the first time (not of resumed rows)."""
+    def _remember_prompts(self, group: list[Stream], contexts: list[list[int]], cache: Any, mask: torch.Tensor) -> None:
+        """Keep the KV cache of prompts seen for the first time, not of resumed rows (also of those
+        a cached one covers all but a few tokens of: the same prompt again joins without a prefill)."""
         assert self.prefixes is not None
         for i, (stream, context) in enumerate(zip(group, contexts, strict=True)):
-            if stream.output.token_ids or len(context) - reused[i] < MIN_PREFIX_TOKENS:
+            if stream.output.token_ids:
                 continue
             columns = mask[i].nonzero(as_tuple=True)[0]
             self.prefixes.add(context, [(layer.keys[i:i + 1].index_select(2, columns),
@@ -475,9 +475,6 @@ class DecodeLoop:
         stream.emit_text(final=True)
         stream.emit("done", stream.output)
 
-
-# Forced tokens appended after one sampled token, at most (a long `const` is fed over several steps).
-MAX_FORCED_PER_TOKEN = 256
 
 # A row whose context the prefix cache holds all but this many tokens of joins a running batch and
 # is fed them by the decode steps rather than prefilled (`_fold`): each costs a row's share of a

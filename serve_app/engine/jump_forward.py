@@ -24,10 +24,15 @@ import torch
 
 from serve_app.engine.stream import Stream
 
-# A forward pass costs about this many token slots beyond the batch's rows x width: measured on
-# SmolLM2-135M in bfloat16 with 16 rows on 2 CPU cores (81 ms at width 1, 95 at 2, 165 at 4,
-# 227 at 8: ~60 ms fixed, ~1.3 ms per slot). On a GPU the fixed share is larger; wider blocks win.
-FIXED_COST_SLOTS = 48
+# A forward pass costs about this many token slots beyond the batch's rows x width. Measured on
+# SmolLM2-135M in bfloat16 on 2 CPU cores with a 60-column cache: 16 rows 63 ms at width 1, 75 at
+# 2, 121 at 4, 197 at 8 (~1.2 ms a slot, ~36 slots fixed); 2 rows 37 ms at width 1, 59 at 8 (~22
+# slots fixed). In make bench's batch of 16 constrained rows, 16 beat 48 (P2 0.94 against 0.90,
+# three runs each): a narrower block wastes fewer padding slots. On a GPU the fixed share is
+# larger; wider blocks win.
+FIXED_COST_SLOTS = 16
+# Forced tokens appended after one sampled token, at most (a long `const` is fed over several steps).
+MAX_FORCED_PER_TOKEN = 256
 
 
 def forced_tokens(stream: Stream, limit: int) -> list[int]:

@@ -229,7 +229,8 @@ def test_prompts_the_prefix_cache_holds_all_but_a_few_tokens_of_join_without_a_p
     for size in (0, 64 * 1024 * 1024):
         config = tiny_config.model_copy(update={"prefix_cache_bytes": size, "dtype": "float32"})
         with create_engine(config) as engine:
-            alone = engine.generate(requests)  # fills the prefix cache (the third prompt is too short to)
+            # The prefix cache holds the first prompt (the other is too short to be kept).
+            alone = engine.generate([requests[0], requests[2]])
             tail = len(engine.prompt_ids(requests[1])) - len(engine.prompt_ids(requests[0])) + 1
             assert 1 < tail <= FOLD_TAIL
             engine.loop._start_counting()
@@ -243,7 +244,26 @@ def test_prompts_the_prefix_cache_holds_all_but_a_few_tokens_of_join_without_a_p
         else:  # the running row, then the two long prompts together, and the short one
             assert status.prefills == 3 and status.admitted_without_prefill == 0
     assert outputs[0] == outputs[64 * 1024 * 1024]
-    assert outputs[0][:3] == outputs[0][4:] and json.loads(outputs[0][1]).keys() == {"n", "ok"}
+    assert outputs[0][:2] == [outputs[0][3], outputs[0][5]] and json.loads(outputs[0][4]).keys() == {"n", "ok"}
+
+
+def test_a_prompt_a_few_tokens_longer_than_a_cached_one_is_kept_and_its_repeat_joins_without_a_prefill(
+        tiny_config):
+    from serve_app.engine.factory import create_engine
+    from serve_app.generation import GenerationRequest, SamplingParams
+
+    prompt = "A long prompt about rivers, bridges, boats and the towns along them, told slowly. " * 2
+    first, longer = (GenerationRequest(prompt=p, sampling=SamplingParams(max_new_tokens=10, temperature=0))
+                     for p in (prompt, prompt + "Go on."))
+    config = tiny_config.model_copy(update={"prefix_cache_bytes": 64 * 1024 * 1024, "dtype": "float32"})
+    with create_engine(config) as engine:
+        engine.generate([first])
+        once = engine.generate([longer])[0]  # prefilled from the first prompt's cache, then kept
+        assert engine.loop.prefixes is not None and len(engine.loop.prefixes.entries) == 2
+        prefills = engine.loop.prefills
+        again = engine.generate([longer])[0]
+        assert (engine.loop.prefills, engine.loop.folded) == (prefills, 1)
+    assert again.text == once.text and again.usage.completion_tokens == 10
 
 
 def joining_a_running_row(engine, running, requests) -> list:
