@@ -238,8 +238,8 @@ class ModelConfig(_Strict):
     jump_forward: int = Field(
         8, ge=0, le=64, description="engine: transformers: tokens the grammar forces (keys, punctuation, enum "
         "tails) and the rest of closing's completion are appended without sampling, and up to this many of a "
-        "row's tokens go through one forward pass (one where compile_decode compiled the step; 0 = off: every "
-        "token sampled)")
+        "row's tokens go through one forward pass (with compile_decode only where few rows are left, eagerly: "
+        "a fuller batch takes the compiled one-token step; 0 = off: every token sampled)")
     compile_decode: bool = Field(
         False, description="engine: transformers, Llama-family models on CPU: the one-token decode step compiled "
         "with torch.compile (inductor, freezing) during warm-up, before the replica is ready (SmolLM2: about 3 "

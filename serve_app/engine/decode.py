@@ -36,7 +36,7 @@ from serve_app.engine.batch import (
     prefill_groups,
 )
 from serve_app.engine.checked_steps import TAKEN_BACK, advance_checked, count_checks, roll_back_row
-from serve_app.engine.jump_forward import MAX_FORCED_PER_TOKEN, block, feed_width, forced_tokens, uncached
+from serve_app.engine.jump_forward import MAX_FORCED_PER_TOKEN, block, forced_tokens, step_width, uncached
 from serve_app.engine.policies import CLOSED, TokenStep, advance_row, constraint_bitmask, row_policies
 from serve_app.engine.prefix_cache import PrefixCache
 from serve_app.engine.sampling import next_tokens, token_logprobs
@@ -67,9 +67,10 @@ class DecodeLoop:
         self.cache_kw = cache_keyword(model)
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         # Grammar-forced tokens: appended without sampling, at most this many fed per row and
-        # forward pass (jump_forward.py); 0 = off. With the step compiled, one per pass: compiled
-        # one-token steps beat eager wider ones (bench-peers' schemas in-process: 121-126 tok/s
-        # fed up to 8 wide, 141-144 one per pass).
+        # forward pass (jump_forward.py); 0 = off. With the step compiled, one per pass unless few
+        # rows are left (step_width): a full batch's compiled one-token steps beat eager wider
+        # passes (bench-peers' schemas in-process: 121-126 tok/s all fed up to 8 wide, 141-144 one
+        # per pass), a row alone does not (12 schemas one at a time: 49-54 tok/s, 43-46 one per pass).
         self.jump_forward = jump_forward
         # The one-token step compiled (compiled_step.py; compile_decode), None: eager.
         self.compiled = compiled
@@ -354,7 +355,7 @@ class DecodeLoop:
         # Each row's context not yet in the KV cache: its last token; more after a jump-forward; a
         # prompt token again where a check took all the output back.
         tails = [uncached(s, p) for s, p in zip(batch.streams, batch.positions, strict=True)]
-        width = feed_width([len(t) for t in tails], 1 if self.compiled is not None else self.jump_forward)
+        width = step_width([len(t) for t in tails], self.jump_forward, self.compiled is not None)
         ids, columns, positions, fed = block(tails, width, batch.positions, self.pad_id)
         sampling = [i for i, tail in enumerate(tails) if len(tail) <= width]  # the others have tokens left to feed
         # The masks for this step depend only on the tokens already appended: compute them while

@@ -31,6 +31,13 @@ from serve_app.engine.stream import Stream
 # three runs each): a narrower block wastes fewer padding slots. On a GPU the fixed share is
 # larger; wider blocks win.
 FIXED_COST_SLOTS = 16
+# With the step compiled (one token a row), an eager wider pass instead where it feeds more tokens
+# per cost: a compiled step costs about COMPILED_FIXED_SLOTS + rows / 2 slots, an eager pass about
+# EAGER_FIXED_SLOTS + rows x width. Measured as above: compiled 21 ms at 1-2 rows, 30 at 16; eager
+# 37 ms for 2 rows at width 1, 59 at 8. So it is the tail of a batch (a few rows left, one of them
+# jumped) that goes eager; a full batch stays compiled.
+COMPILED_FIXED_SLOTS = 17
+EAGER_FIXED_SLOTS = 30
 # Forced tokens appended after one sampled token, at most (a long `const` is fed over several steps).
 MAX_FORCED_PER_TOKEN = 256
 
@@ -68,6 +75,16 @@ def feed_width(lengths: list[int], cap: int) -> int:
         if score > best_score * (1 + 1e-9):
             best, best_score = width, score
     return best
+
+
+def step_width(lengths: list[int], cap: int, compiled: bool) -> int:
+    """`feed_width`, and with a compiled one-token step: 1 (that step) unless an eager pass that wide
+    feeds more tokens per cost."""
+    width = feed_width(lengths, cap)
+    if not compiled or width == 1:
+        return width
+    eager = sum(min(n, width) for n in lengths) / (EAGER_FIXED_SLOTS + len(lengths) * width)
+    return width if eager > len(lengths) / (COMPILED_FIXED_SLOTS + len(lengths) / 2) else 1
 
 
 def block(tails: list[list[int]], width: int, positions: list[int], pad_id: int

@@ -11,7 +11,7 @@ from serve_app.config import ModelConfig
 from serve_app.constraints import parse_constraint
 from serve_app.engine import jump_forward
 from serve_app.engine.factory import create_engine
-from serve_app.engine.jump_forward import block, feed_width, uncached
+from serve_app.engine.jump_forward import block, feed_width, step_width, uncached
 from serve_app.engine.stream import Row, Stream
 from serve_app.generation import GenerationRequest, SamplingParams
 
@@ -78,6 +78,14 @@ def test_the_width_is_one_unless_enough_rows_have_tokens_to_feed():
     assert feed_width([4] * 16, 8) == 4
     assert feed_width([6], 8) == 6  # one row: the pass costs about the same however wide
     assert feed_width([6], 1) == 1 and feed_width([6], 0) == 1
+
+
+def test_with_a_compiled_step_only_a_few_rows_with_tokens_to_feed_take_an_eager_wider_pass():
+    assert step_width([6], 8, compiled=True) == 6  # one eager pass rather than six compiled steps
+    assert step_width([4, 3], 8, compiled=True) == 4
+    assert step_width([4, 1, 1, 1], 8, compiled=True) == 1  # a compiled step feeds four rows for less
+    assert step_width([2] + [1] * 15, 8, compiled=True) == 1
+    assert step_width([4] + [1] * 15, 8, compiled=False) == 1 and step_width([6], 8, compiled=False) == 6
 
 
 def test_a_block_right_aligns_each_rows_tokens_with_their_own_positions():
