@@ -295,7 +295,7 @@ class DecodeLoop:
         self.joinable = joinable_cache(cache)
         preallocate(cache)
         if self.prefixes is not None and self.joinable:
-            self._remember_prompts(group, contexts, cache, mask)
+            self._remember_prompts(group, contexts, cache, mask, reused)
         first = len(self.batch)
         self.batch.merge(group, cache, mask)
         logits = out.logits[:, -1, :].float()
@@ -337,12 +337,13 @@ class DecodeLoop:
             self.prefixes = None
             return None
 
-    def _remember_prompts(self, group: list[Stream], contexts: list[list[int]], cache: Any, mask: torch.Tensor) -> None:
-        """Keep the KV cache of prompts seen for the first time, not of resumed rows (also of those
-        a cached one covers all but a few tokens of: the same prompt again joins without a prefill)."""
+    def _remember_prompts(self, group: list[Stream], contexts: list[list[int]], cache: Any, mask: torch.Tensor,
+                          reused: list[int]) -> None:
+        """Keep the KV cache of prompts seen for the first time (not of resumed rows), where the
+        prefix cache finds them worth it (PrefixCache.worth_keeping)."""
         assert self.prefixes is not None
         for i, (stream, context) in enumerate(zip(group, contexts, strict=True)):
-            if stream.output.token_ids:
+            if stream.output.token_ids or not self.prefixes.worth_keeping(context, reused[i]):
                 continue
             columns = mask[i].nonzero(as_tuple=True)[0]
             self.prefixes.add(context, [(layer.keys[i:i + 1].index_select(2, columns),
@@ -479,10 +480,8 @@ class DecodeLoop:
 
 # A row whose context the prefix cache holds all but this many tokens of joins a running batch and
 # is fed them by the decode steps rather than prefilled (`_fold`): each costs a row's share of a
-# step instead of a pass that holds every running row up, but keeps the row's slot a step longer.
-# Served on SmolLM2 (bench-peers, 16 clients), 12 wrote no more tokens/s than none: one-row
-# prefills share a pass with another row about half the time, and a tail of 10 holds the slot
-# 9 steps.
+# step, not a pass that holds every running row up, but keeps the row's slot a step longer. Served
+# (bench-peers, 16 clients), 12 wrote no more tokens/s than none: a tail of 10 holds a slot 9 steps.
 FOLD_TAIL = 4
 
 

@@ -101,6 +101,23 @@ def test_common_prefix_and_the_prefix_cache_bounds():
     assert cache.stats()["hits"] == 4 and cache.stats()["tokens_reused"] == 2 * 25 + 39 + 30
 
 
+def test_a_prompt_that_adds_a_few_tokens_is_worth_keeping_the_second_time_it_comes(monkeypatch):
+    from serve_app.engine import prefix_cache
+    from serve_app.engine.prefix_cache import PrefixCache
+
+    monkeypatch.setattr(prefix_cache, "SEEN_ONCE_KEPT", 2)
+    cache = PrefixCache(1 << 20)
+    base = list(range(40))
+    assert cache.worth_keeping(base + [1, 2], 0)  # 42 new tokens
+    assert not cache.worth_keeping(base + [1], 40)
+    assert cache.worth_keeping(base + [1], 40)  # the second time
+    assert not cache.worth_keeping(base + [1], 40)  # counted afresh
+    for other in ([2], [3], [4]):
+        assert not cache.worth_keeping(base + other, 40)
+    assert not cache.worth_keeping(base + [2], 40)  # forgotten: only the latest 2 are remembered
+    assert cache.worth_keeping(base + [4], 40)
+
+
 def test_prompts_that_share_a_prefix_generate_what_they_generate_without_the_prefix_cache(tiny_config):
     from serve_app.constraints import parse_constraint
     from serve_app.engine.factory import create_engine
@@ -247,7 +264,7 @@ def test_prompts_the_prefix_cache_holds_all_but_a_few_tokens_of_join_without_a_p
     assert outputs[0][:2] == [outputs[0][3], outputs[0][5]] and json.loads(outputs[0][4]).keys() == {"n", "ok"}
 
 
-def test_a_prompt_a_few_tokens_longer_than_a_cached_one_is_kept_and_its_repeat_joins_without_a_prefill(
+def test_a_prompt_a_few_tokens_longer_than_a_cached_one_is_kept_once_it_repeats_then_joins_without_a_prefill(
         tiny_config):
     from serve_app.engine.factory import create_engine
     from serve_app.generation import GenerationRequest, SamplingParams
@@ -258,12 +275,16 @@ def test_a_prompt_a_few_tokens_longer_than_a_cached_one_is_kept_and_its_repeat_j
     config = tiny_config.model_copy(update={"prefix_cache_bytes": 64 * 1024 * 1024, "dtype": "float32"})
     with create_engine(config) as engine:
         engine.generate([first])
-        once = engine.generate([longer])[0]  # prefilled from the first prompt's cache, then kept
-        assert engine.loop.prefixes is not None and len(engine.loop.prefixes.entries) == 2
+        prefixes = engine.loop.prefixes
+        assert prefixes is not None
+        once = engine.generate([longer])[0]  # prefilled from the first prompt's cache; once is not enough
+        assert list(prefixes.entries) == [tuple(engine.prompt_ids(first))]
+        twice = engine.generate([longer])[0]  # prefilled again, and kept
+        assert len(prefixes.entries) == 2 and engine.loop.folded == 0
         prefills = engine.loop.prefills
         again = engine.generate([longer])[0]
         assert (engine.loop.prefills, engine.loop.folded) == (prefills, 1)
-    assert again.text == once.text and again.usage.completion_tokens == 10
+    assert again.text == twice.text == once.text and again.usage.completion_tokens == 10
 
 
 def joining_a_running_row(engine, running, requests) -> list:
