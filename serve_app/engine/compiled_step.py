@@ -9,7 +9,8 @@ recompiled to dynamo's limit when compiled whole. Here the batch size and the ca
 marked dynamic, so two graphs cover every step: one row, and two or more rows. Both are compiled
 by `warm_up`, before the replica reports ready; `compiles` counts every compilation, so a
 recompile in steady state shows in the replica's status. Prefills stay eager; with the step
-compiled, the loop feeds jump-forward's forced tokens one per step (decode.py). The graphs read
+compiled, the loop feeds jump-forward's forced tokens one per step, except where a few rows are
+left and one jumped: one eager pass then feeds them (jump_forward.step_width). The graphs read
 each layer's whole cache buffer (batch.GrowableLayer, contiguous, always a column of room beyond
 the cache), write the new column in place and attend to the columns before it; the mask hides
 padding and the dropped front columns. The code that calls the graphs' kernels is C++ (inductor's
