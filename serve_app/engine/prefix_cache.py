@@ -1,7 +1,8 @@
 """Prompt prefixes seen before, with their KV cache: a new row whose prompt starts the same way
 (a chat template's system prompt, a shared instruction, the same conversation one turn later) is
-prefilled from where the shared part ends; each row of a prefill finds its own entry. Bounded in
-bytes and in entries (eviction below).
+prefilled from where the shared part ends; each row of a prefill finds its own entry. Each
+prefilled prompt becomes an entry, except one that adds only a few tokens to its entry, which
+waits until it comes again (`worth_keeping`). Bounded in bytes and in entries (eviction below).
 
 Keys and values are stored per layer as [1, heads, tokens, head_dim], after rotary embedding at
 positions 0..n-1: a prefix's cache does not depend on what follows it, nor on the column it
