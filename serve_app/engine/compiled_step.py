@@ -6,8 +6,8 @@ The step is the model's own modules called in Llama's order (norms, rotary embed
 projections of prepack.py, grouped-query attention over the batch's KV cache, MLP), not
 transformers' forward: that builds masks and caches in Python from every step's sizes and
 recompiled to dynamo's limit when compiled whole. Here the batch size and the cache width are
-marked dynamic, so two graphs cover every step: one row, and two or more rows. Both are compiled
-by `warm_up`, before the replica reports ready; `compiles` counts every compilation, so a
+dynamic, the batch size unbacked (no graph of its own for one row), so one graph covers every
+step. `warm_up` compiles it before the replica reports ready; `compiles` counts every compilation, so a
 recompile in steady state shows in the replica's status. Prefills stay eager; with the step
 compiled, the loop feeds jump-forward's forced tokens one per step, except where a few rows are
 left and one jumped: one eager pass then feeds them (jump_forward.step_width). The graphs read
@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 # Model types whose decoder layers are Llama's (pre-norm, rotary, SiLU-gated MLP, no sliding window).
 LLAMA_TYPES = ("llama",)
 # Warm-up shapes: (rows, cache columns), distinct values so that dynamo does not assume them equal.
-WARM_UP_SHAPES = ((1, 5), (2, 7))
+# One graph serves every batch size: a second, for one row (dynamo's own for a size of 1), cost
+# another 60-75 s of warm-up on 2 cores for 2-3 ms a one-row step (docs/benchmarks.md).
+WARM_UP_SHAPES = ((2, 7),)
 # The warm-up's caches have room beyond the columns attended, as the batch's have (batch.GrowableLayer).
 SPARE = 11
 
@@ -79,9 +81,8 @@ class CompiledStep:
     def step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
              values: list[torch.Tensor]) -> torch.Tensor:
         """ids, positions (rows,); mask (rows, 1, 1, columns) bool; keys/values per layer, contiguous."""
-        if ids.shape[0] > 1:
-            for tensor in (ids, positions, mask, *keys, *values):
-                torch._dynamo.mark_dynamic(tensor, 0)
+        for tensor in (ids, positions, mask, *keys, *values):  # one symbol for the batch size, 1 included
+            torch._dynamo.decorators.mark_unbacked(tensor, 0, shape_id="rows")
         torch._dynamo.mark_dynamic(mask, 3)
         for tensor in (*keys, *values):
             torch._dynamo.mark_dynamic(tensor, 2)
@@ -97,7 +98,7 @@ class CompiledStep:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile both graphs on dummy inputs."""
+        """Compile the graph on dummy inputs."""
         config, dtype = self.model.config, self.model.dtype
         kv_heads = config.num_key_value_heads
         head_dim = self.model.model.layers[0].self_attn.head_dim

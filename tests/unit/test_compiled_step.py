@@ -1,7 +1,7 @@
 """The compiled decode step (engine/compiled_step.py, `compile_decode`): on the tiny model it gives
 the tokens the eager step gives, in a batch that mixes constrained and free rows, rows that jump
 forward, rows that join and leave (some fed the end of their prompt by the steps); it compiles its
-graphs during warm-up and never again; where it cannot run or fails, the loop decodes eagerly and
+one graph during warm-up and never again; where it cannot run or fails, the loop decodes eagerly and
 the tokens are the same."""
 
 import logging
@@ -69,10 +69,13 @@ def test_the_compiled_step_gives_the_eager_tokens_and_compiles_only_during_warm_
     eager, eager_counts = generate(tiny_model_dir, compile_decode=False)
     assert eager_counts["compiles"] is None and not firsts
     widths: list[int] = []
+    rows: set[int] = set()
     chosen = decode.step_width
 
     def counted(lengths, cap, compiled):
         widths.append(chosen(lengths, cap, compiled))
+        if widths[-1] == 1:
+            rows.add(len(lengths))
         return widths[-1]
 
     monkeypatch.setattr(decode, "step_width", counted)
@@ -81,7 +84,9 @@ def test_the_compiled_step_gives_the_eager_tokens_and_compiles_only_during_warm_
     assert eager_counts["folded"] == counts["folded"] == 2  # fed their last prompt token by a step
     assert len(counts["logprobs"]) == 30
     assert counts["logprobs"] == pytest.approx(eager_counts["logprobs"], abs=LOGPROB_TOLERANCE)
-    assert counts["after_warm_up"] == counts["compiles"] == len(compiled_step.WARM_UP_SHAPES)  # no recompile
+    # One graph, compiled during warm-up, ran every one-token step, of one row as of several.
+    assert counts["after_warm_up"] == counts["compiles"] == len(compiled_step.WARM_UP_SHAPES) == 1
+    assert 1 in rows and max(rows) >= 4
     assert counts["seconds"] > 0
     assert counts["forced"] > 10  # jump-forward appended forced tokens
     # Every one-token step compiled; the wider ones ran eagerly (a few rows left, one of them jumped).
