@@ -242,7 +242,7 @@ class ModelConfig(_Strict):
         "a fuller batch takes the compiled one-token step; 0 = off: every token sampled)")
     compile_decode: bool = Field(
         False, description="engine: transformers, Llama-family models on CPU: the one-token decode step compiled "
-        "with torch.compile (inductor, freezing) during warm-up, before the replica is ready (SmolLM2: about 3 "
+        "with torch.compile (inductor, freezing) during warm-up, before the replica is ready (SmolLM2: about 1.5 "
         "minutes on 2 cores); eager where that fails. configs/local.yaml turns it on (docs/benchmarks.md)")
     health: HealthConfig = HealthConfig()
     reasoning: ReasoningConfig = ReasoningConfig()

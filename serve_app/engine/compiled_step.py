@@ -20,7 +20,7 @@ compiled steps took 9.7 s against 10.5 s, for about 20 s more warm-up.
 Measured on SmolLM2-135M in bfloat16 on a 2-core CPU (docs/benchmarks.md): in-process, 64 free
 requests at 16 rows, 310-330 -> 364-392 tokens/s (48-49 -> 40-43 ms a step); served, beside vLLM's
 CPU build, person 1.07x, schemas 0.93x, free 1.17x (eager: 0.84x, 0.71x, 0.94x). Warm-up compiles
-for 2-3 minutes on those 2 cores (10-20 s for the tiny test model). bfloat16 greedy tokens can
+for about 90 s on those 2 cores (10-20 s for the tiny test model). bfloat16 greedy tokens can
 differ from eager's where two logits nearly tie (8,050 against 8,077 tokens in that run).
 """
 
