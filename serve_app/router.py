@@ -32,6 +32,7 @@ from serve_app.model_queue import ModelQueue
 from serve_app.registry import get_registry
 from serve_app.relay import StreamFormat, relay
 from serve_app.status import read_statuses
+from serve_app.transport import Handles, too_large
 
 # Each route: method, path, the Router method that answers it.
 ROUTES = (
@@ -80,7 +81,7 @@ class Router:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
         under_serve_logger()
         self.config = AppConfig.model_validate(config)
-        self.handles = handles
+        self.handles = Handles(handles)
         self.app_name = serve.get_replica_context().app_name
         self.registry = get_registry()
         self.metrics = RouterMetrics()
@@ -122,24 +123,30 @@ class Router:
         results: list[GenerationResult] = []
         try:
             payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
-            results = [GenerationResult.model_validate(r) for r in await self.call_replica(model, payload)]
+            results = [GenerationResult.model_validate(r) for r in await self.call_replica(model, rows, payload)]
             return results
         finally:  # also when the client disconnected and Serve cancelled this request
             self.leave(model, queue, results, started, route)
 
-    async def call_replica(self, model: ModelConfig, payload: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def call_replica(self, model: ModelConfig, rows: list[GenerationRequest],
+                           payload: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A replica that dies under a request (killed, crashed) gets it retried on another, up to
-        `server.replica_attempts` tries; then a 503 with Retry-After (see api/errors.py)."""
+        `server.replica_attempts` tries; then a 503 with Retry-After (see api/errors.py). A call
+        gRPC refuses for its size is sent again by reference (transport.py), not counted as a try."""
         from ray.exceptions import RayActorError
 
-        attempts = self.config.server.replica_attempts
-        for attempt in range(1, attempts + 1):
+        handle, attempt = self.handles.for_call(model, rows, payload), 1
+        while True:
             try:
-                return await self.handles[model.name].generate.remote(payload)
+                return await handle.generate.remote(payload)
             except RayActorError:
-                if attempt == attempts:
+                if attempt == self.config.server.replica_attempts:
                     raise
-        raise AssertionError("unreachable")
+                attempt += 1
+            except Exception as error:
+                if not too_large(error) or handle is self.handles.by_reference[model.name]:
+                    raise
+                handle = self.handles.by_reference[model.name]
 
     async def stream(self, model: ModelConfig, rows: list[GenerationRequest], fmt: StreamFormat,
                      route: str = "") -> StreamingResponse:
@@ -147,7 +154,7 @@ class Router:
         token (prompt too long, a constraint that does not compile) still get a 4xx response."""
         queue, started = self.admit(model), time.perf_counter()
         payload = [row.model_dump(mode="json", by_alias=True) for row in rows]
-        stream = self.handles[model.name].options(stream=True).generate_stream.remote(payload)
+        stream = self.handles.by_reference[model.name].options(stream=True).generate_stream.remote(payload)
         try:
             first = await stream.__anext__()
         except BaseException:
