@@ -10,6 +10,7 @@ and stays small.
 # (a handler's `request: Request` must be the class, not a string, or it becomes a query parameter).
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.api import request_models, responses, responses_api, streaming
 from serve_app.api.errors import error_response
@@ -55,20 +57,36 @@ def build_api(router: "Router") -> FastAPI:
     for kind in (RequestValidationError, ServeAppError, StarletteHTTPException, Exception):
         api.add_exception_handler(kind, on_error)
 
-    @api.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        # The route's template, never the raw path: a client must not be able to add series.
-        route = getattr(request.scope.get("route"), "path", None) or UNKNOWN_ROUTE
-        model = getattr(request.state, "model", UNKNOWN_ROUTE)
-        router.metrics.requests.labels(model, route, str(response.status_code)).inc()
-        return response
-
-    # Keys and the body limit come before anything reads the request; counting wraps them (a 401 counts).
+    # Keys and the body limit come before anything reads the request; counting wraps them (a 401
+    # counts): Starlette puts the middleware added last outermost.
     api.add_middleware(GuardMiddleware, guard=router.guard, respond=error_response)
+    api.add_middleware(CountRequests, count=lambda model, route, code: router.metrics.requests.labels(
+        model, route, code).inc())
     for method, path, name in ROUTES:
         api.add_api_route(path, getattr(router, name), methods=[method], response_model=None)
     return api
+
+
+class CountRequests:
+    """Counts each answer by model, route template (never the raw path: a client must not be able
+    to add series) and status, as its response starts. Pure ASGI: Starlette's `@app.middleware`
+    runs every request through an extra task and memory streams."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[str, str, str], None]) -> None:
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", None) or UNKNOWN_ROUTE
+                self.count(scope.get("state", {}).get("model", UNKNOWN_ROUTE), route, str(message["status"]))
+            await send(message)
+
+        return await self.app(scope, receive, counted)
 
 
 def _model_card(model: ModelConfig) -> dict[str, Any]:

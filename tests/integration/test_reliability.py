@@ -237,6 +237,11 @@ def test_request_metrics_are_labelled_by_route_template_not_by_path(serve_cluste
               for line in text.splitlines() if line.startswith("serve_app_requests_total{")}
     assert not any("nope" in r or "random" in r for r in routes), routes
     assert "unknown" in routes
+    # The guard's 401s count too (counting wraps it), under the unknown route.
+    unauthorized = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("serve_app_requests_total{") and 'code="401"' in line
+                    and 'route="unknown"' in line]
+    assert unauthorized and unauthorized[0] >= 20, unauthorized
     assert routes <= {"unknown", "/v1/generate", "/v1/chat/completions", "/v1/completions", "/v1/responses",
                       "/v1/models", "/v1/models/{model_id}", "/v1/replicas", "/healthz", "/health", "/readyz",
                       "/metrics"}, routes
